@@ -1,0 +1,3 @@
+from samsum_qlora.cli import main
+
+main()

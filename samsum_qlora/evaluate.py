@@ -1,0 +1,162 @@
+"""Batched greedy generation and scoring: writes metrics.json and predictions.jsonl.
+
+Predictions are appended to `predictions.partial.jsonl` batch by batch, so an interrupted
+evaluation resumes where it stopped instead of generating everything again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from samsum_qlora import files
+from samsum_qlora.config import Config
+from samsum_qlora.errors import UserError
+from samsum_qlora.metrics import results_table, rouge
+
+PARTIAL = "predictions.partial.jsonl"
+KIND_BASE, KIND_QLORA = "base", "QLoRA adapters"
+
+
+@dataclass
+class EvalPlan:
+    """What one evaluation scores, resolved from config and command line."""
+
+    model: str
+    kind: str
+    adapters: Path | None
+    split: str
+    limit: int | None
+    output_dir: Path
+
+    def fingerprint(self, cfg: Config) -> dict:
+        """Everything that changes the predictions: a folder holding another plan's is not reused."""
+        return {
+            "model": self.model, "adapters": str(self.adapters) if self.adapters else None,
+            "data": cfg.data.source, "split": self.split, "limit": self.limit,
+            "task_instruction": cfg.data.task_instruction, "max_length": cfg.data.max_length,
+            "max_new_tokens": cfg.eval.max_new_tokens, "date_string": cfg.data.date_string,
+        }
+
+
+def plan_eval(cfg: Config, *, adapters: str | None, base_only: bool, split: str | None,
+              limit: int | None, output_dir: str | None) -> EvalPlan:
+    train_dir = Path(cfg.train.output_dir)
+    if base_only and adapters:
+        raise UserError("--base-only and --adapters contradict each other: give one")
+    adapter_dir = None if base_only else Path(adapters) if adapters else train_dir / "lora_adapters"
+    if adapter_dir is not None and not adapter_dir.is_dir():
+        raise UserError(f"adapters not found: {adapter_dir} (train first, pass --adapters DIR, or use --base-only)")
+    default_out = train_dir / ("eval-base" if base_only else "eval")
+    limit = limit if limit is not None else cfg.eval.limit
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    return EvalPlan(
+        model=cfg.model.name, kind=KIND_BASE if base_only else KIND_QLORA, adapters=adapter_dir,
+        split=split or cfg.eval.split, limit=limit,
+        output_dir=Path(output_dir or cfg.eval.output_dir or default_out),
+    )
+
+
+def generate(
+    model, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int, pad_id: int,
+    stop_ids: list[int], decode: Callable[[list[int]], str], on_batch: Callable[[list[int], list[str]], None],
+) -> None:
+    """Greedy generation in batches of similar length, left-padded so every prompt ends where
+    generation starts; stops each row at end-of-turn. Calls `on_batch(indices, texts)` per batch."""
+    import torch
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: OOM shows at once
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch"):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            input_ids[row, width - len(prompts[i]) :] = torch.as_tensor(prompts[i])
+            attention_mask[row, width - len(prompts[i]) :] = 1
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                eos_token_id=stop_ids, pad_token_id=pad_id,
+            )
+        on_batch(idx, [decode(seq[width:].tolist()) for seq in out])
+
+
+def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False) -> dict:
+    from samsum_qlora import data, model as modeling
+
+    # --- data ---
+    examples = data.rows(data.load_split(cfg.data.source, plan.split, cfg.data.revision))
+    examples = [r for r in examples if data.clean(r["dialogue"])]
+    if plan.limit:
+        examples = examples[: plan.limit]
+
+    # --- resume or refuse: never mix predictions of two different evaluations ---
+    out = files.ensure_writable_dir(plan.output_dir)
+    fingerprint = plan.fingerprint(cfg)
+    plan_file = out / "eval_plan.json"
+    partial = out / PARTIAL
+    if plan_file.is_file() and json.loads(plan_file.read_text()) != fingerprint:
+        if not overwrite:
+            raise UserError(f"{out} holds another evaluation ({plan_file}); pass --output-dir or --overwrite")
+        for stale in (partial, out / "predictions.jsonl", out / "metrics.json"):
+            stale.unlink(missing_ok=True)
+    files.write_json(plan_file, fingerprint)
+    done = {}  # id -> record, from a finished run (predictions.jsonl) or an interrupted one (partial)
+    for saved in (out / "predictions.jsonl", partial):
+        if saved.is_file():
+            done.update({r["id"]: r for r in files.read_jsonl(saved)})
+    todo = [r for r in examples if r["id"] not in done]
+    if done:
+        print(f"resuming: {len(examples) - len(todo)} of {len(examples)} predictions already in {partial}")
+
+    # --- model: only when something is left to generate ---
+    started = time.perf_counter()
+    if todo:
+        tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.revision)
+        model = modeling.load_model(cfg, training=False)
+        if plan.adapters is not None:
+            model = modeling.attach_saved_adapters(model, plan.adapters, cfg.model.name)
+        model.eval()
+        prompts = [
+            data.encode_prompt(tokenizer, r["dialogue"], instruction=cfg.data.task_instruction,
+                               max_length=cfg.data.max_length, date_string=cfg.data.date_string)
+            for r in todo
+        ]
+        with partial.open("a", encoding="utf-8") as sink:
+
+            def save(indices: list[int], texts: list[str]) -> None:
+                for i, text in zip(indices, texts):
+                    rec = {"id": todo[i]["id"], "reference": data.clean(todo[i]["summary"]), "prediction": text}
+                    done[rec["id"]] = rec
+                    sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                sink.flush()
+
+            generate(
+                model, prompts, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                pad_id=data.pad_token_id(tokenizer), stop_ids=data.end_of_turn_ids(tokenizer),
+                decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip(), on_batch=save,
+            )
+    seconds = time.perf_counter() - started
+
+    # --- score and publish, in dataset order ---
+    predictions = [done[r["id"]] for r in examples]
+    scores = rouge([p["prediction"] for p in predictions], [p["reference"] for p in predictions])
+    metrics = {
+        **scores, "n_examples": len(predictions), "model": plan.model, "type": plan.kind,
+        "adapters": str(plan.adapters) if plan.adapters else None, "split": plan.split,
+        "generation_seconds": round(seconds, 2), "config": cfg.to_dict(),
+    }
+    files.write_jsonl(out / "predictions.jsonl", predictions)
+    files.write_json(out / "metrics.json", metrics)
+    partial.unlink(missing_ok=True)
+    print(results_table([(plan.model, plan.kind, scores)]))
+    print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")
+    return metrics

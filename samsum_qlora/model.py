@@ -1,0 +1,152 @@
+"""Library config objects from ours (pure), and `load_model`: the one place that puts a model on
+a device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from samsum_qlora.config import Config, LoraArgs, QuantArgs
+from samsum_qlora.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def quantization_config(q: QuantArgs):
+    """transformers.BitsAndBytesConfig from our QuantArgs; None when 4-bit is off."""
+    if not q.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(q.bnb_4bit_compute_dtype),
+    )
+
+
+def lora_config(lora: LoraArgs):
+    """peft.LoraConfig from our LoraArgs."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=lora.lora_r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def lora_parameter_count(hidden: int, kv_dim: int, layers: int, lora: LoraArgs) -> int:
+    """Trainable LoRA parameters for q/k/v/o of a Llama: r x (in + out) per adapted matrix."""
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv_dim), "v_proj": (hidden, kv_dim), "o_proj": (hidden, hidden)}
+    return layers * sum(lora.lora_r * sum(shapes[m]) for m in lora.target_modules if m in shapes)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_device_settings(cfg: Config, cuda: bool, cpu_bf16: bool) -> None:
+    """Settings that need a GPU, refused early with the --set that fixes them."""
+    if cuda:
+        return
+    if cfg.train.fp16:
+        raise UserError("train.fp16 needs a CUDA GPU and none was found; use --set train.fp16=false")
+    if cfg.train.bf16 and not cpu_bf16:
+        raise UserError("train.bf16 is not supported by this CPU and no CUDA GPU was found; use --set train.bf16=false")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        raise UserError("flash_attention_2 needs a CUDA GPU; use --set model.attn_implementation=sdpa")
+
+
+def load_tokenizer(name: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    except OSError as e:
+        raise UserError(f"could not load a tokenizer from {name}: {str(e).splitlines()[0]}") from None
+    if tokenizer.chat_template is None:
+        raise UserError(f"the tokenizer of {name} has no chat template; use an Instruct model")
+    return tokenizer
+
+
+def load_model(cfg: Config, *, training: bool):
+    """The base model, 4-bit when configured, on the GPU if there is one (else the CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    compute = torch_dtype(cfg.quantization.bnb_4bit_compute_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.name,
+            revision=cfg.model.revision,
+            quantization_config=quantization_config(cfg.quantization),
+            dtype=compute if cfg.quantization.load_in_4bit else (torch.bfloat16 if cfg.train.bf16 else torch.float32),
+            attn_implementation=cfg.model.attn_implementation,
+            # one process = one GPU; under torchrun each rank takes its own
+            device_map={"": torch.cuda.current_device()} if cuda else {"": "cpu"},
+        )
+    except OSError as e:
+        raise UserError(f"could not load model {cfg.model.name}: {str(e).splitlines()[0]}") from None
+    if training:
+        model.config.use_cache = False  # the KV cache is useless in training and breaks packed masks
+    return model
+
+
+def attach_new_adapters(model, cfg: Config):
+    """prepare_model_for_kbit_training + fresh LoRA adapters (the QLoRA recipe)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(cfg.lora))
+
+
+def check_adapters_fit(adapters: Path, base_name: str, base_config) -> None:
+    """Refuse adapters trained on another architecture or size, naming both."""
+    cfg_file = adapters / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{adapters} holds no LoRA adapters (no adapter_config.json)")
+    trained_on = json.loads(cfg_file.read_text()).get("base_model_name_or_path") or "unknown base"
+    run_file = adapters.parent / "run.json"  # written by train beside lora_adapters/
+    shape = json.loads(run_file.read_text()).get("model_shape") if run_file.is_file() else None
+    here = model_shape(base_config)
+    if shape and shape != here:
+        raise UserError(f"adapters in {adapters} were trained on {trained_on} {shape}, not on {base_name} {here}")
+
+
+def model_shape(model_config) -> dict:
+    return {k: getattr(model_config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+
+
+def attach_saved_adapters(model, adapters: Path, base_name: str):
+    from peft import PeftModel
+
+    check_adapters_fit(adapters, base_name, model.config)
+    try:
+        return PeftModel.from_pretrained(model, str(adapters))
+    except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, unknown modules
+        raise UserError(
+            f"adapters in {adapters} do not fit base model {base_name}: {str(e).splitlines()[0][:200]}"
+        ) from None

@@ -1,0 +1,210 @@
+"""`samsum-qlora train`: the tutorial's recipe, top to bottom.
+
+seed -> data -> tokenizer and 4-bit model -> LoRA -> Trainer -> train (resuming if a checkpoint
+exists) -> save adapters, config and metrics atomically.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from samsum_qlora import checkpoints, files
+from samsum_qlora.config import Config, dump_config
+from samsum_qlora.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+ADAPTERS = "lora_adapters"
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved. The CLI exits non-zero so a managed job restarts."""
+
+
+def _callbacks(config_tree: dict):
+    from transformers import TrainerCallback
+
+    class ManifestCallback(TrainerCallback):
+        """Marks each checkpoint complete once the Trainer has written all of it."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if args.should_save:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    checkpoints.write_manifest(ckpt, config_tree)
+
+    class SigtermCallback(TrainerCallback):
+        """Clouds send SIGTERM before taking a spot machine: finish the step, save, stop."""
+
+        def __init__(self):
+            self.received = False
+            signal.signal(signal.SIGTERM, self._handle)
+
+        def _handle(self, signum, frame):
+            print("SIGTERM received: saving a checkpoint after this step", flush=True)
+            self.received = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.received:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return ManifestCallback(), SigtermCallback()
+
+
+def training_arguments(cfg: Config, output_dir: Path, cuda: bool):
+    """transformers.TrainingArguments from our TrainArgs (same field names)."""
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        optim=t.optim,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=t.report_to,
+        run_name=t.run_name,
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=not cuda,
+    )
+
+
+def run(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer, set_seed
+
+    from samsum_qlora import data, model as modeling
+
+    out = Path(cfg.train.output_dir)
+    final = out / ADAPTERS
+    if final.exists() and not overwrite:
+        raise UserError(f"{final} already holds a finished run; pass --overwrite or set another train.output_dir")
+    cuda = torch.cuda.is_available()
+    from transformers.utils import is_torch_bf16_available_on_device
+
+    modeling.check_device_settings(cfg, cuda, cpu_bf16=is_torch_bf16_available_on_device("cpu"))
+    config_tree = cfg.to_dict()
+
+    # Resume point: --resume PATH, else the newest complete checkpoint in this output dir.
+    ckpt_dir = out / CHECKPOINTS
+    if resume:
+        resume_from = Path(resume)
+        if not resume_from.is_dir():
+            raise UserError(f"--resume {resume} is not a checkpoint directory")
+    else:
+        resume_from = None if overwrite else checkpoints.newest_complete(ckpt_dir)
+    if resume_from is not None:
+        checkpoints.check_resumable(resume_from, config_tree)
+    files.ensure_writable_dir(out)
+
+    # --- seed ---
+    set_seed(cfg.train.seed)
+
+    # --- data ---
+    tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.revision)
+    examples = data.rows(data.load_split(cfg.data.source, cfg.data.train_split, cfg.data.revision))
+    if cfg.data.max_train_samples:
+        examples = examples[: cfg.data.max_train_samples]
+    columns, stats = data.encode_rows(
+        tokenizer, examples, instruction=cfg.data.task_instruction,
+        max_length=cfg.data.max_length, date_string=cfg.data.date_string,
+    )
+    print(
+        f"data: {stats.kept} training rows from {cfg.data.source} ({stats.trained_tokens:,} trained of "
+        f"{stats.tokens:,} tokens); skipped {stats.skipped_empty} with an empty dialogue or summary, "
+        f"dropped {stats.dropped_too_long} whose summary cannot fit {cfg.data.max_length} tokens, "
+        f"shortened {stats.truncated} dialogues"
+    )
+    if stats.kept == 0:
+        raise UserError(f"no usable training rows in {cfg.data.source} ({cfg.data.train_split})")
+    train_set = Dataset.from_dict({"input_ids": columns["input_ids"], "labels": columns["labels"]})
+
+    # --- model: 4-bit base + LoRA ---
+    model = modeling.load_model(cfg, training=True)
+    model = modeling.attach_new_adapters(model, cfg)
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    # --- trainer ---
+    manifest_cb, sigterm_cb = _callbacks(config_tree)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, ckpt_dir, cuda),
+        train_dataset=train_set,
+        data_collator=data.PadToLongest(data.pad_token_id(tokenizer)),
+        callbacks=[manifest_cb, sigterm_cb],
+    )
+
+    # --- train ---
+    if resume_from is not None:
+        print(f"resuming from {resume_from} (step {resume_from.name.split('-')[-1]})")
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - started
+    if sigterm_cb.received:
+        raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}; rerun the same command to resume")
+
+    # --- save: stage everything, then rename into place ---
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "global_step": result.global_step,
+        "train_seconds": round(seconds, 2),
+        "trainable_parameters": trainable,
+        "rows": stats.kept, "skipped_empty": stats.skipped_empty,
+        "dropped_too_long": stats.dropped_too_long, "truncated": stats.truncated,
+        "tokens": stats.tokens, "trained_tokens": stats.trained_tokens,
+        "resumed_from": str(resume_from) if resume_from else None,
+    }
+    if trainer.is_world_process_zero():
+        staging = out / f".{ADAPTERS}.staging"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        files.write_text(out / "config.yaml", dump_config(cfg))
+        files.write_json(out / "run.json", run_info(model))
+        files.write_json(out / "train_metrics.json", metrics)
+        files.publish_dir(staging, final)
+        print(f"saved adapters to {final}; train loss {result.training_loss:.4f}")
+    return metrics
+
+
+def run_info(model) -> dict:
+    """What a later eval or a person needs to trust these adapters: base shape, library versions."""
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    from samsum_qlora import __version__, model as modeling
+
+    return {
+        "model_shape": modeling.model_shape(model.get_base_model().config),
+        "versions": {
+            "samsum_qlora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
+        },
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }

@@ -1,0 +1,60 @@
+"""Shared fixtures: the shipped tiny model and sample data, and the optional real reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ROOT / "samsum_qlora" / "assets" / "tiny-llama"
+SAMPLE_DATA = ROOT / "samsum_qlora" / "assets" / "samsum-sample"
+SMOKE_CONFIG = ROOT / "configs" / "smoke.yaml"
+REFERENCE = ROOT.parent / "shared" / "reference"  # beside the checkout on dev machines and CI only
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def reference_tokenizer():
+    path = REFERENCE / "llama-3.2-1b-instruct-shape"
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip("../shared/reference is not here")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def smoke_overrides(tmp_path: Path, **extra) -> dict:
+    """The smoke config's paths made absolute, its output under tmp_path."""
+    values = {
+        "model.name": str(TINY_MODEL),
+        "data.source": str(SAMPLE_DATA),
+        "train.output_dir": str(tmp_path / "run"),
+    }
+    values.update(extra)
+    return values
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path):
+    from samsum_qlora.config import load_config
+
+    return load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+
+
+def set_args(overrides: dict) -> list[str]:
+    args = ["--config", str(SMOKE_CONFIG)]
+    for k, v in overrides.items():
+        args += ["--set", f"{k}={v}"]
+    return args

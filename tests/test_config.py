@@ -1,0 +1,115 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from samsum_qlora.config import Config, load_config, parse_overrides
+from samsum_qlora.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_shipped_llama_config_equals_the_builtin_defaults():
+    # `samsum-qlora train` without --config must train exactly the documented recipe.
+    assert load_config(ROOT / "configs" / "llama32-1b-samsum.yaml") == Config()
+
+
+def test_defaults_are_the_seed_recipe():
+    cfg = Config()
+    assert cfg.model.name == "meta-llama/Llama-3.2-1B-Instruct"
+    assert (cfg.quantization.bnb_4bit_quant_type, cfg.quantization.bnb_4bit_use_double_quant) == ("nf4", True)
+    assert cfg.quantization.bnb_4bit_compute_dtype == "bfloat16"
+    assert (cfg.lora.lora_r, cfg.lora.lora_alpha) == (8, 16)
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert (cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps) == (4, 4)
+    assert cfg.train.learning_rate == 2e-4 and cfg.train.bf16 and cfg.train.optim == "paged_adamw_8bit"
+    assert cfg.train.output_dir == "outputs/lora_samsum"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_loads_and_starts_with_its_command(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert path.read_text().startswith("# samsum-qlora ")
+
+
+def test_precedence_set_beats_yaml_beats_defaults(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("train:\n  learning_rate: 0.001\n  max_steps: 50\n")
+    cfg = load_config(yaml_file, parse_overrides(["train.max_steps=7"]))
+    assert cfg.train.max_steps == 7  # --set wins
+    assert cfg.train.learning_rate == 0.001  # YAML beats the default
+    assert cfg.train.seed == 42  # default where neither speaks
+
+
+def test_false_and_zero_overrides_are_kept():
+    cfg = load_config(None, parse_overrides(["train.bf16=false", "train.weight_decay=0", "lora.lora_dropout=0"]))
+    assert cfg.train.bf16 is False and cfg.train.weight_decay == 0.0 and cfg.lora.lora_dropout == 0.0
+
+
+def test_list_override_from_comma_string():
+    cfg = load_config(None, parse_overrides(["lora.target_modules=q_proj,v_proj"]))
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_key_names_it_and_suggests_the_nearest():
+    with pytest.raises(UserError, match=r"unknown config key 'train.learnig_rate'; did you mean 'train.learning_rate'"):
+        load_config(None, {"train.learnig_rate": 1e-4})
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  lora_rank: 16\n")
+    with pytest.raises(UserError, match=r"'lora.lora_rank'; did you mean 'lora.lora_r'"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rate=abc", "train.learning_rate must be a number, got 'abc'"),
+        ("train.max_steps=1.5", "train.max_steps must be a whole number"),
+        ("train.bf16=maybe", "train.bf16 must be true or false"),
+        ("quantization.bnb_4bit_quant_type=int3", "must be nf4 or fp4"),
+        ("noequals", "--set expects KEY=VALUE"),
+    ],
+)
+def test_bad_values_are_user_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, parse_overrides([override]))
+
+
+def test_contradiction_fails_with_the_fix():
+    with pytest.raises(UserError, match="pick one"):
+        load_config(None, {"train.fp16": True})  # bf16 is on by default
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_config(bad)
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_flat_tutorial_config_loads(tmp_path):
+    flat = tmp_path / "config.yaml"
+    flat.write_text(
+        "model_name: my/model\nload_in_4bit: true\nbnb_4bit_quant_type: fp4\nlora_r: 16\nlora_alpha: 32\n"
+        "target_modules: [q_proj, v_proj]\nlearning_rate: 0.0001\noutput_dir: out/x\nper_device_train_batch_size: 2\n"
+    )
+    cfg = load_config(flat)
+    assert cfg.model.name == "my/model"
+    assert cfg.quantization.bnb_4bit_quant_type == "fp4"
+    assert (cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.lora.target_modules) == (16, 32, ["q_proj", "v_proj"])
+    assert cfg.train.learning_rate == 1e-4 and cfg.train.output_dir == "out/x"
+    assert cfg.train.per_device_train_batch_size == 2
+
+
+def test_required_dotted_keys_exist():
+    cfg = Config()
+    for dotted in ("model.name", "data.source", "data.max_length", "train.output_dir", "train.max_steps"):
+        section, name = dotted.split(".")
+        assert name in {f.name for f in dataclasses.fields(getattr(cfg, section))}
