@@ -89,8 +89,36 @@ def generate(
         on_batch(idx, [decode(seq[width:].tolist()) for seq in out])
 
 
-def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False) -> dict:
+Save = Callable[[list[int], list[str]], None]
+# A predictor writes a summary for each row of `todo` (any order, any batching) and reports each
+# finished batch through `save(indices into todo, texts)`; it may return extra metrics (e.g. usage).
+Predict = Callable[[Config, EvalPlan, list[dict], Save], "dict | None"]
+
+
+def predict_local(cfg: Config, plan: EvalPlan, todo: list[dict], save: Save) -> None:
+    """Our own model: the 4-bit base, with the adapters attached unless --base-only."""
     from samsum_qlora import data, model as modeling
+
+    tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.revision)
+    model = modeling.load_model(cfg, training=False)
+    if plan.adapters is not None:
+        model = modeling.attach_saved_adapters(model, plan.adapters, cfg.model.name)
+    model.eval()
+    prompts = [
+        data.encode_prompt(tokenizer, r["dialogue"], instruction=cfg.data.task_instruction,
+                           max_length=cfg.data.max_length, date_string=cfg.data.date_string)
+        for r in todo
+    ]
+    generate(
+        model, prompts, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+        pad_id=data.pad_token_id(tokenizer), stop_ids=data.end_of_turn_ids(tokenizer),
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip(), on_batch=save,
+    )
+
+
+def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False, predict: Predict | None = None) -> dict:
+    """Score `plan`: load the split, reuse saved predictions, generate the rest, write results."""
+    from samsum_qlora import data
 
     # --- data ---
     examples = data.rows(data.load_split(cfg.data.source, plan.split, cfg.data.revision))
@@ -115,21 +143,12 @@ def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False) -> dict:
             done.update({r["id"]: r for r in files.read_jsonl(saved)})
     todo = [r for r in examples if r["id"] not in done]
     if done:
-        print(f"resuming: {len(examples) - len(todo)} of {len(examples)} predictions already in {partial}")
+        print(f"resuming: {len(examples) - len(todo)} of {len(examples)} predictions already in {out}")
 
-    # --- model: only when something is left to generate ---
+    # --- generate what is missing; each finished batch is appended to the partial file ---
     started = time.perf_counter()
+    extra: dict = {}
     if todo:
-        tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.revision)
-        model = modeling.load_model(cfg, training=False)
-        if plan.adapters is not None:
-            model = modeling.attach_saved_adapters(model, plan.adapters, cfg.model.name)
-        model.eval()
-        prompts = [
-            data.encode_prompt(tokenizer, r["dialogue"], instruction=cfg.data.task_instruction,
-                               max_length=cfg.data.max_length, date_string=cfg.data.date_string)
-            for r in todo
-        ]
         with partial.open("a", encoding="utf-8") as sink:
 
             def save(indices: list[int], texts: list[str]) -> None:
@@ -139,11 +158,7 @@ def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False) -> dict:
                     sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 sink.flush()
 
-            generate(
-                model, prompts, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                pad_id=data.pad_token_id(tokenizer), stop_ids=data.end_of_turn_ids(tokenizer),
-                decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip(), on_batch=save,
-            )
+            extra = (predict or predict_local)(cfg, plan, todo, save) or {}
     seconds = time.perf_counter() - started
 
     # --- score and publish, in dataset order ---
@@ -152,7 +167,7 @@ def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False) -> dict:
     metrics = {
         **scores, "n_examples": len(predictions), "model": plan.model, "type": plan.kind,
         "adapters": str(plan.adapters) if plan.adapters else None, "split": plan.split,
-        "generation_seconds": round(seconds, 2), "config": cfg.to_dict(),
+        "generation_seconds": round(seconds, 2), **extra, "config": cfg.to_dict(),
     }
     files.write_jsonl(out / "predictions.jsonl", predictions)
     files.write_json(out / "metrics.json", metrics)
