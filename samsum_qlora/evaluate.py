@@ -7,6 +7,7 @@ evaluation resumes where it stopped instead of generating everything again.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from samsum_qlora.errors import UserError
 from samsum_qlora.metrics import results_table, rouge
 
 PARTIAL = "predictions.partial.jsonl"
-KIND_BASE, KIND_QLORA = "base", "QLoRA adapters"
+KIND_BASE, KIND_QLORA, KIND_API = "base", "QLoRA adapters", "API"
 
 
 @dataclass
@@ -31,20 +32,28 @@ class EvalPlan:
     split: str
     limit: int | None
     output_dir: Path
+    api_base: str | None = None  # set for an API model: `model` is then the API's model name
 
     def fingerprint(self, cfg: Config) -> dict:
         """Everything that changes the predictions: a folder holding another plan's is not reused."""
-        return {
+        fingerprint = {
             "model": self.model, "adapters": str(self.adapters) if self.adapters else None,
             "data": cfg.data.source, "split": self.split, "limit": self.limit,
             "task_instruction": cfg.data.task_instruction, "max_length": cfg.data.max_length,
             "max_new_tokens": cfg.eval.max_new_tokens, "date_string": cfg.data.date_string,
         }
+        if self.api_base:  # only for API plans, so folders of earlier local evals still match
+            fingerprint["api_base"] = self.api_base
+        return fingerprint
 
 
 def plan_eval(cfg: Config, *, adapters: str | None, base_only: bool, split: str | None,
-              limit: int | None, output_dir: str | None) -> EvalPlan:
+              limit: int | None, output_dir: str | None, api_model: str | None = None,
+              api_base: str | None = None) -> EvalPlan:
     train_dir = Path(cfg.train.output_dir)
+    if api_model is not None or api_base is not None:
+        return _plan_api_eval(cfg, api_model, api_base, adapters=adapters, base_only=base_only, split=split,
+                              limit=limit, output_dir=output_dir)
     if base_only and adapters:
         raise UserError("--base-only and --adapters contradict each other: give one")
     adapter_dir = None if base_only else Path(adapters) if adapters else train_dir / "lora_adapters"
@@ -58,6 +67,26 @@ def plan_eval(cfg: Config, *, adapters: str | None, base_only: bool, split: str 
         model=cfg.model.name, kind=KIND_BASE if base_only else KIND_QLORA, adapters=adapter_dir,
         split=split or cfg.eval.split, limit=limit,
         output_dir=Path(output_dir or cfg.eval.output_dir or default_out),
+    )
+
+
+def _plan_api_eval(cfg: Config, api_model: str | None, api_base: str | None, *, adapters: str | None,
+                   base_only: bool, split: str | None, limit: int | None, output_dir: str | None) -> EvalPlan:
+    """An OpenAI-compatible endpoint as the model; default folder <train.output_dir>/eval-api-<name>."""
+    from samsum_qlora import api
+
+    if not api_model or not api_model.strip():
+        raise UserError("--api-base needs --api-model NAME (the model the endpoint serves)")
+    if adapters or base_only:
+        raise UserError("--api-model scores a remote model: drop --adapters/--base-only")
+    limit = limit if limit is not None else cfg.eval.limit
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    folder = "eval-api-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", api_model).strip("-.") or "model")
+    return EvalPlan(
+        model=api_model.strip(), kind=KIND_API, adapters=None, split=split or cfg.eval.split, limit=limit,
+        output_dir=Path(output_dir or cfg.eval.output_dir or Path(cfg.train.output_dir) / folder),
+        api_base=api.normalise_base(api_base or api.DEFAULT_BASE),
     )
 
 

@@ -1,0 +1,248 @@
+"""Any OpenAI-compatible Chat Completions endpoint as the model under evaluation.
+
+`predictor(...)` returns an `evaluate.Predict`, so loading the split, resuming, scoring and the
+output files are the local evaluation's own. The requests carry the same system instruction and
+dialogue our models see (`data.build_messages`), greedy (temperature 0), capped at
+`eval.max_new_tokens`. Standard library only: a few threads and urllib are all this needs.
+
+Money rules: each answer is saved the moment it arrives, so a rerun after a crash or Ctrl-C asks
+only for what is missing; on a failure or Ctrl-C, queued requests are dropped and the few already
+in flight are awaited and saved. The key is sent in a header and nowhere else: never logged,
+written or echoed back from an error message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import random
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import TYPE_CHECKING
+
+from samsum_qlora.errors import UserError
+
+if TYPE_CHECKING:
+    from samsum_qlora.config import Config
+    from samsum_qlora.evaluate import EvalPlan, Predict, Save
+
+DEFAULT_BASE = "https://api.openai.com/v1"
+KEY_ENV = "OPENAI_API_KEY"
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}  # what the OpenAI clients retry; other 4xx are our fault
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+# --- pure helpers --------------------------------------------------------------------------------
+
+
+def normalise_base(base: str) -> str:
+    """`http(s)://host[:port]/path` without a trailing slash; anything else is refused."""
+    base = base.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UserError(f"--api-base must be an http(s) URL such as {DEFAULT_BASE}, got {base!r}")
+    if base.endswith("/chat/completions"):
+        raise UserError(f"--api-base is the API root, e.g. {DEFAULT_BASE}; drop the /chat/completions")
+    return base
+
+
+def needs_key(base: str) -> bool:
+    """OpenAI itself always wants a key; local servers (vLLM, Ollama, LiteLLM) often do not."""
+    return urllib.parse.urlsplit(base).hostname == "api.openai.com"
+
+
+def request_body(model: str, messages: list[dict[str, str]], max_tokens: int) -> dict:
+    """Greedy and capped like our own generation, so the comparison is like for like."""
+    return {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+
+
+def parse_answer(payload: dict) -> tuple[str, dict[str, int]]:
+    """(summary text, token usage) from a Chat Completions response; ValueError if it is not one."""
+    try:
+        content = payload["choices"][0]["message"].get("content")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise ValueError("no choices[0].message in the response") from None
+    usage = payload.get("usage") or {}
+    return (content or "").strip(), {k: int(usage.get(k) or 0) for k in USAGE_KEYS}
+
+
+def retry_delay(attempt: int, retry_after: str | None = None, retry_after_ms: str | None = None, *,
+                backoff: float, max_wait: float, jitter: float = 0.0) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based).
+
+    The server's own `retry-after-ms` or `Retry-After` (seconds or an HTTP date) wins; else
+    `backoff` doubles per attempt, stretched by `jitter` (0-1) so parallel requests do not retry in
+    lockstep. Never more than `max_wait`, never negative."""
+    if retry_after_ms:
+        try:
+            return min(max(float(retry_after_ms) / 1000, 0.0), max_wait)
+        except ValueError:
+            pass
+    if retry_after:
+        try:
+            return min(max(float(retry_after), 0.0), max_wait)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(retry_after).timestamp()
+                return min(max(when - time.time(), 0.0), max_wait)
+            except (TypeError, ValueError, IndexError):
+                pass  # unparseable: fall back to our own backoff
+    return min(backoff * 2 ** (attempt - 1) * (1 + jitter), max_wait)
+
+
+def redact(text: str, key: str | None) -> str:
+    return text.replace(key, "***") if key else text
+
+
+# --- one request, with retries -------------------------------------------------------------------
+
+
+class _Transient(Exception):
+    """Worth another attempt: 429, 5xx, timeouts, dropped connections."""
+
+    def __init__(self, reason: str, retry_after: str | None = None, retry_after_ms: str | None = None):
+        super().__init__(reason)
+        self.retry_after, self.retry_after_ms = retry_after, retry_after_ms
+
+
+def _error_message(body: bytes) -> str:
+    """The `error.message` of an OpenAI-style error body, else its first 200 characters."""
+    text = body.decode("utf-8", "replace")
+    try:
+        err = json.loads(text).get("error")
+        text = err.get("message", text) if isinstance(err, dict) else str(err or text)
+    except (ValueError, AttributeError):
+        pass
+    return " ".join(text.split())[:200]
+
+
+def _post_once(url: str, body: bytes, key: str | None, timeout: float) -> dict:
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as e:
+        message = _error_message(e.read() or b"")
+        if e.code in RETRY_STATUS:
+            raise _Transient(f"HTTP {e.code}: {message}", e.headers.get("Retry-After"),
+                             e.headers.get("retry-after-ms")) from None
+        hint = {401: " (check $OPENAI_API_KEY)", 403: " (check $OPENAI_API_KEY)",
+                404: " (check --api-base and --api-model)"}.get(e.code, "")
+        raise UserError(f"{url} answered HTTP {e.code}{hint}: {message}") from None
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
+        raise _Transient(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
+    except urllib.error.URLError as e:  # connection refused, DNS, a timeout while connecting
+        raise _Transient(f"cannot reach {url}: {e.reason}") from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise UserError(f"{url} did not answer JSON: {raw[:200]!r}") from None
+
+
+def complete(url: str, body: dict, *, key: str | None, timeout: float, max_attempts: int, backoff: float,
+             max_wait: float) -> tuple[str, dict[str, int], int]:
+    """One chat completion -> (text, usage, retries), retrying transient failures with backoff."""
+    data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+    for attempt in range(1, max_attempts + 1):
+        try:
+            payload = _post_once(url, data, key, timeout)
+            break
+        except _Transient as e:
+            reason = redact(str(e), key)
+            if attempt == max_attempts:
+                raise UserError(
+                    f"{url}: gave up after {max_attempts} attempts ({reason}); rerun the same command "
+                    "to resume, finished answers are kept"
+                ) from None
+            wait = retry_delay(attempt, e.retry_after, e.retry_after_ms, backoff=backoff, max_wait=max_wait,
+                               jitter=random.random() * 0.25)
+            print(f"api: {reason}; retry {attempt}/{max_attempts - 1} in {wait:.1f}s", file=sys.stderr, flush=True)
+            time.sleep(wait)
+        except UserError as e:
+            raise UserError(redact(str(e), key)) from None
+    try:
+        text, usage = parse_answer(payload)
+    except ValueError as e:
+        raise UserError(f"{url} answered something that is not a chat completion: {e}") from None
+    return text, usage, attempt - 1
+
+
+# --- the predictor -------------------------------------------------------------------------------
+
+
+def predictor(base: str, *, key: str | None, concurrency: int = 8, timeout: float = 60.0,
+              max_attempts: int = 6, backoff: float = 1.0, max_wait: float = 60.0) -> "Predict":
+    """An `evaluate.Predict` that asks `base`/chat/completions for every row, `concurrency` at a time.
+
+    Checks everything it can before returning, so a bad option fails before any file is written.
+    Returns, for metrics.json, `api_base` and `api_usage`: the token usage of the requests this run
+    made (a resumed run counts only its own), the answers received and the retries it took."""
+    from samsum_qlora import data
+
+    base = normalise_base(base)
+    if needs_key(base) and not key:
+        raise UserError(f"{base} needs an API key: export {KEY_ENV}=... (or point --api-base at your own server)")
+    if concurrency < 1:
+        raise UserError(f"--api-concurrency must be at least 1, got {concurrency}")
+    if timeout <= 0:
+        raise UserError(f"--api-timeout must be more than 0 seconds, got {timeout}")
+    if max_attempts < 1:
+        raise UserError(f"max_attempts must be at least 1, got {max_attempts}")
+    url = f"{base}/chat/completions"
+
+    def predict(cfg: "Config", plan: "EvalPlan", todo: list[dict], save: "Save") -> dict:
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        from tqdm.auto import tqdm
+
+        bodies = [
+            request_body(plan.model, data.build_messages(r["dialogue"], cfg.data.task_instruction),
+                         cfg.eval.max_new_tokens)
+            for r in todo
+        ]
+        usage = {k: 0 for k in USAGE_KEYS} | {"answers": 0, "retries": 0}
+        saved: set = set()
+
+        def keep(future, i: int) -> None:
+            """Runs on this thread only, so `save` and the sums need no lock."""
+            text, used, retries = future.result()
+            save([i], [text])
+            saved.add(future)
+            for k in USAGE_KEYS:
+                usage[k] += used[k]
+            usage["answers"] += 1
+            usage["retries"] += retries
+
+        # The pool's size is the bound on requests in flight; the rest wait in its queue.
+        pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="api")
+        futures = {
+            pool.submit(complete, url, body, key=key, timeout=timeout, max_attempts=max_attempts,
+                        backoff=backoff, max_wait=max_wait): i
+            for i, body in enumerate(bodies)
+        }
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc=f"asking {plan.model}", unit="row"):
+                keep(future, futures[future])
+        except BaseException:
+            # A failed row or Ctrl-C: drop what has not started, keep what was already paid for.
+            for future in futures:
+                future.cancel()
+            for future, i in futures.items():
+                if future not in saved and not future.cancelled():
+                    try:
+                        keep(future, i)
+                    except Exception:
+                        pass
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return {"api_base": base, "api_usage": usage}
+
+    return predict

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+import torch
+
+from samsum_qlora import model as modeling
+from samsum_qlora.config import Config, LoraArgs, load_config
+from samsum_qlora.errors import UserError
+
+from conftest import REFERENCE, SMOKE_CONFIG, TINY_MODEL, smoke_overrides
+
+
+def test_library_configs_from_ours():
+    cfg = Config()
+    bnb = modeling.quantization_config(cfg.quantization)
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    lora = modeling.lora_config(cfg.lora)
+    assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (8, 16, {"q_proj", "k_proj", "v_proj", "o_proj"})
+
+
+def test_real_llama_shape_has_1_7m_lora_parameters():
+    path = REFERENCE / "llama-3.2-1b-instruct-shape" / "config.json"
+    if not path.is_file():
+        pytest.skip("../shared/reference is not here")
+    c = json.loads(path.read_text())
+    kv = c["num_key_value_heads"] * c["head_dim"]
+    assert modeling.lora_parameter_count(c["hidden_size"], kv, c["num_hidden_layers"], LoraArgs()) == 1_703_936
+
+
+def test_4bit_load_and_lora_count_on_tiny_model(tmp_path):
+    import bitsandbytes as bnb
+
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    model = modeling.attach_new_adapters(modeling.load_model(cfg, training=True), cfg)
+    base = model.get_base_model()
+    assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.quant_type == "nf4"
+    c = base.config
+    expected = modeling.lora_parameter_count(c.hidden_size, c.num_key_value_heads * c.head_dim,
+                                             c.num_hidden_layers, cfg.lora)
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == expected == 7168
+
+
+def test_cuda_only_settings_without_cuda_say_what_to_set():
+    with pytest.raises(UserError, match="--set train.fp16=false"):
+        modeling.check_device_settings(load_config(None, {"train.bf16": False, "train.fp16": True}), cuda=False, cpu_bf16=True)
+    with pytest.raises(UserError, match="--set train.bf16=false"):
+        modeling.check_device_settings(Config(), cuda=False, cpu_bf16=False)
+    modeling.check_device_settings(Config(), cuda=True, cpu_bf16=False)  # fine on a GPU
+
+
+def test_missing_model_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="could not load a tokenizer"):
+        modeling.load_tokenizer(str(tmp_path / "no-model"))

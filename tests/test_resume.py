@@ -1,0 +1,116 @@
+"""Preemption and crashes: a killed or SIGTERMed run resumes to the same adapters."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from samsum_qlora import checkpoints, train
+from samsum_qlora.config import load_config
+from samsum_qlora.errors import UserError
+
+from conftest import ROOT, SMOKE_CONFIG, set_args, smoke_overrides
+
+STEPS = 120  # long enough (several seconds) to interrupt between checkpoints
+
+
+def command(out: Path, **extra) -> list[str]:
+    overrides = smoke_overrides(out, **{"train.max_steps": STEPS, "train.save_steps": 10, "train.save_total_limit": 3,
+                                        "train.logging_steps": 10, **extra})
+    return [sys.executable, "-m", "samsum_qlora", "train", *set_args(overrides)]
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start_and_signal(out: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start training, send `sig` as soon as the first complete checkpoint exists."""
+    proc = subprocess.Popen(command(out), env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "run" / "checkpoints" / "checkpoint-10" / checkpoints.MANIFEST).exists():
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    stdout, _ = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout)
+
+
+def finish(out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command(out), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "run" / "lora_adapters" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    done = finish(out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return adapter(out)
+
+
+def assert_same_adapters(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_to_the_same_adapters(tmp_path, uninterrupted):
+    killed = start_and_signal(tmp_path, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run" / "lora_adapters").exists()
+    rerun = finish(tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resuming from" in rerun.stdout and "(step " in rerun.stdout
+    assert '"global_step": %d' % STEPS in (tmp_path / "run" / "train_metrics.json").read_text()
+    assert_same_adapters(adapter(tmp_path), uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_nonzero_and_resumes(tmp_path, uninterrupted):
+    stopped = start_and_signal(tmp_path, signal.SIGTERM)
+    assert stopped.returncode == 143, stopped.stdout
+    assert "SIGTERM received" in stopped.stdout
+    saved = checkpoints.newest_complete(tmp_path / "run" / "checkpoints")
+    assert saved is not None and int(saved.name.split("-")[1]) >= 10
+    rerun = finish(tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resuming from {saved}" in rerun.stdout
+    assert_same_adapters(adapter(tmp_path), uninterrupted)
+
+
+def short_run(tmp_path, **extra):
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.max_steps": 20, "train.save_steps": 10, **extra}))
+    train.run(cfg)
+    return tmp_path / "run" / "checkpoints"
+
+
+def test_truncated_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys):
+    ckpts = short_run(tmp_path, **{"train.save_total_limit": 3})
+    newest = ckpts / "checkpoint-20"
+    victim = newest / "adapter_model.safetensors"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a file cut in half
+    assert checkpoints.newest_complete(ckpts) == ckpts / "checkpoint-10"
+    assert "skipping" in capsys.readouterr().out
+    (ckpts / "checkpoint-30").mkdir()  # cut off before its manifest was written
+    assert checkpoints.newest_complete(ckpts) == ckpts / "checkpoint-10"
+
+
+def test_resume_with_changed_config_names_the_difference(tmp_path):
+    ckpts = short_run(tmp_path)
+    (tmp_path / "run" / "lora_adapters").rename(tmp_path / "run" / "old")  # pretend it was interrupted
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"lora.lora_r": 16, "train.max_steps": 30}))
+    with pytest.raises(UserError, match=r"lora.lora_r: 8 -> 16"):
+        train.run(cfg)
+    assert checkpoints.newest_complete(ckpts) is not None
