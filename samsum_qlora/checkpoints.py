@@ -23,6 +23,7 @@ RESUME_KEYS = (
     "lora.lora_r", "lora.lora_alpha", "lora.target_modules", "data.source", "data.revision",
     "data.train_split", "data.task_instruction", "data.max_length", "data.date_string",
     "data.max_train_samples", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
+    "train.max_tokens_per_batch",
     "train.seed",
 )
 

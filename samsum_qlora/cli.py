@@ -3,6 +3,7 @@ happen inside the commands so `--help` answers at once."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,9 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @click.version_option(package_name="samsum-qlora")
 def main():
     """QLoRA fine-tuning of Llama 3.2 1B-Instruct on SAMSum, and ROUGE evaluation."""
+    # Batches change shape from step to step; expandable segments stop the CUDA allocator from
+    # fragmenting (and syncing on new allocations). Set before torch is imported by a command.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 @main.command()
@@ -70,14 +74,36 @@ def train(config_path, overrides, overwrite, resume):
 @click.option("--limit", type=int, default=None, help="Score only the first N examples.")
 @click.option("--output-dir", type=click.Path(), help="Where metrics.json and predictions.jsonl go.")
 @click.option("--overwrite", is_flag=True, help="Replace an output dir that holds another evaluation.")
-def evaluate_cmd(config_path, overrides, adapters, base_only, split, limit, output_dir, overwrite):
-    """Generate summaries in batches and score them with ROUGE."""
+@click.option("--api-model", default=None, metavar="NAME",
+              help="Score this model of an OpenAI-compatible API instead (key from $OPENAI_API_KEY).")
+@click.option("--api-base", default=None, metavar="URL",
+              help="API root for --api-model, e.g. http://localhost:8000/v1 (default: https://api.openai.com/v1).")
+@click.option("--api-concurrency", type=int, default=None, help="Requests in flight at once (default: 8).")
+@click.option("--api-timeout", type=float, default=None, help="Seconds to wait for one answer before retrying (default: 60).")
+def evaluate_cmd(config_path, overrides, adapters, base_only, split, limit, output_dir, overwrite,
+                 api_model, api_base, api_concurrency, api_timeout):
+    """Generate summaries in batches and score them with ROUGE.
+
+    With --api-model, the summaries come from a Chat Completions endpoint (OpenAI, vLLM, Ollama,
+    LiteLLM), asked with the same instruction and dialogue; results go to
+    <train.output_dir>/eval-api-NAME."""
+    import os
+
     from samsum_qlora import evaluate
 
     cfg = _config(config_path, overrides)
     plan = evaluate.plan_eval(cfg, adapters=adapters, base_only=base_only, split=split, limit=limit,
-                              output_dir=output_dir)
-    evaluate.run_eval(cfg, plan, overwrite=overwrite)
+                              output_dir=output_dir, api_model=api_model, api_base=api_base)
+    predict = None
+    if plan.api_base is not None:
+        from samsum_qlora import api
+
+        predict = api.predictor(plan.api_base, key=os.environ.get(api.KEY_ENV),
+                                concurrency=8 if api_concurrency is None else api_concurrency,
+                                timeout=60.0 if api_timeout is None else api_timeout)
+    elif api_concurrency is not None or api_timeout is not None:
+        raise UserError("--api-concurrency and --api-timeout need --api-model")
+    evaluate.run_eval(cfg, plan, overwrite=overwrite, predict=predict)
 
 
 @main.command()
@@ -95,6 +121,67 @@ def preprocess(config_path, overrides, split, out_dir, show):
 
     cfg = _config(config_path, overrides)
     prep.run(cfg, split=split, out_dir=Path(out_dir), show=show)
+
+
+@main.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="RUN_OR_EVAL_DIR...")
+@click.option("--out", "out_dir", default="report", show_default=True, type=click.Path(path_type=Path),
+              help="Where report.md and report.png go.")
+def report(dirs, out_dir):
+    """Compare evaluations: the ROUGE table with bootstrap 95% intervals, as Markdown and a chart.
+
+    Each argument is an eval folder (metrics.json + predictions.jsonl) or a training run folder,
+    whose eval*/ folders are all used."""
+    from samsum_qlora import report as reporting
+
+    click.echo(reporting.run(list(dirs), out_dir), nl=False)
+    click.echo(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.png'}", err=True)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML config naming the base model (default: the adapters' adapter_config.json).")
+@set_option
+@click.option("--adapters", required=True, type=click.Path(path_type=Path), help="LoRA adapters folder.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="New folder for the merged model.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Dtype to store the merged weights in (default: the base checkpoint's own). The merge and "
+                   "its check always run in float32.")
+def merge(config_path, overrides, adapters, out_dir, dtype):
+    """Merge LoRA adapters into the base weights and save a plain model.
+
+    The merged model's logits must match base + adapters on probe prompts, else nothing is written."""
+    from samsum_qlora import merge as merging
+
+    cfg = _config(config_path, overrides) if config_path or overrides else None
+    merging.run(adapters, out_dir, cfg=cfg, dtype=dtype)
+
+
+@main.command()
+@config_option
+@set_option
+@click.option("--split", default=None, help="Split whose lengths are timed (default: data.train_split).")
+@click.option("--steps", type=int, default=20, show_default=True, help="Timed optimizer steps, after warm-up.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed steps first (allocation, kernels).")
+@click.option("--compare", type=click.Choice(["seed"]), help="Also time the seed tutorial's recipe, same process.")
+@click.option("--eval", "with_eval", is_flag=True, help="Also time batched generation against the per-example loop.")
+@click.option("--loop-sample", type=int, default=16, show_default=True, help="Examples the slow loop times.")
+@click.option("--epoch-tokens", type=int, default=None, help="Tokens in one epoch for the projection (default: the split's).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the figures as JSON here.")
+@click.option("--random-model-dir", type=click.Path(file_okay=False), help="Keep the random model here and reuse it.")
+def bench(config_path, overrides, split, steps, warmup, compare, with_eval, loop_sample, epoch_tokens, json_path,
+          random_model_dir):
+    """Time training (real tokens/s, padding, peak memory, MFU, epoch time) and generation on
+    model.name's architecture with random weights: no weight download needed."""
+    from samsum_qlora import bench as benchmark
+
+    cfg = _config(config_path, overrides)
+    if steps < 1 or warmup < 1:
+        raise UserError("--steps and --warmup must be at least 1")
+    benchmark.run(cfg, split=split or cfg.data.train_split, steps=steps, warmup=warmup, compare_seed=compare == "seed",
+                  with_eval=with_eval, loop_sample=loop_sample, epoch_tokens=epoch_tokens,
+                  json_path=Path(json_path) if json_path else None,
+                  model_dir=Path(random_model_dir) if random_model_dir else None)
 
 
 if __name__ == "__main__":

@@ -256,16 +256,58 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def token_budget_batches(lengths: list[int], max_tokens: int, seed: int, pool: int = 1024,
+                         multiple: int = 1) -> list[list[int]]:
+    """Row indices grouped into batches whose padded size (rows x longest, rounded up to
+    `multiple`) stays within `max_tokens`.
+
+    Rows are shuffled, then sorted by length inside pools of `pool` rows, so each batch holds rows
+    of similar length (little padding) while batches still mix the data; the Trainer shuffles the
+    batch order. A row longer than the budget gets a batch of its own."""
+    import random
+
+    lengths = [round_up(n, multiple) for n in lengths]
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        batch: list[int] = []
+        for i in chunk:  # ascending length: the newest row is always the longest
+            if batch and (len(batch) + 1) * lengths[i] > max_tokens:
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            batches.append(batch)
+    return batches
+
+
+def group_rows(columns: dict[str, list[Any]], batches: list[list[int]]) -> dict[str, list[Any]]:
+    """One dataset item per batch: the Trainer then draws (and on resume skips) whole batches."""
+    return {key: [[columns[key][i] for i in batch] for batch in batches] for key in ("input_ids", "labels")}
+
+
 @dataclass
 class PadToLongest:
-    """Collator: right-pads a batch to its longest row; padded labels are -100."""
+    """Collator: right-pads a batch to its longest row (rounded up to `multiple`); padded labels
+    are -100. Accepts plain rows, or items that are themselves pre-formed batches (`group_rows`)."""
 
     pad_id: int
+    multiple: int = 1
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, "torch.Tensor"]:
         import torch
 
-        longest = max(len(f["input_ids"]) for f in features)
+        if features and features[0]["input_ids"] and isinstance(features[0]["input_ids"][0], list):
+            features = [{"input_ids": ids, "labels": labels}
+                        for f in features for ids, labels in zip(f["input_ids"], f["labels"])]
+
+        longest = round_up(max(len(f["input_ids"]) for f in features), self.multiple)
         input_ids = torch.full((len(features), longest), self.pad_id, dtype=torch.long)
         labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), longest), dtype=torch.long)

@@ -93,15 +93,17 @@ def _plan_api_eval(cfg: Config, api_model: str | None, api_base: str | None, *, 
 def generate(
     model, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int, pad_id: int,
     stop_ids: list[int], decode: Callable[[list[int]], str], on_batch: Callable[[list[int], list[str]], None],
+    min_new_tokens: int = 0, progress: bool = True,
 ) -> None:
     """Greedy generation in batches of similar length, left-padded so every prompt ends where
-    generation starts; stops each row at end-of-turn. Calls `on_batch(indices, texts)` per batch."""
+    generation starts; stops each row at end-of-turn. Calls `on_batch(indices, texts)` per batch.
+    (`min_new_tokens` forces a fixed length: the benchmark's ceiling.)"""
     import torch
     from tqdm.auto import tqdm
 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: OOM shows at once
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch"):
+    for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", disable=not progress):
         idx = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in idx)
         input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
@@ -113,7 +115,7 @@ def generate(
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                 max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                eos_token_id=stop_ids, pad_token_id=pad_id,
+                eos_token_id=stop_ids, pad_token_id=pad_id, min_new_tokens=min_new_tokens or None,
             )
         on_batch(idx, [decode(seq[width:].tolist()) for seq in out])
 
@@ -129,10 +131,7 @@ def predict_local(cfg: Config, plan: EvalPlan, todo: list[dict], save: Save) -> 
     from samsum_qlora import data, model as modeling
 
     tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.revision)
-    model = modeling.load_model(cfg, training=False)
-    if plan.adapters is not None:
-        model = modeling.attach_saved_adapters(model, plan.adapters, cfg.model.name)
-    model.eval()
+    model = modeling.load_generation_model(cfg, plan.adapters)
     prompts = [
         data.encode_prompt(tokenizer, r["dialogue"], instruction=cfg.data.task_instruction,
                            max_length=cfg.data.max_length, date_string=cfg.data.date_string)
@@ -173,6 +172,14 @@ def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False, predict: P
     todo = [r for r in examples if r["id"] not in done]
     if done:
         print(f"resuming: {len(examples) - len(todo)} of {len(examples)} predictions already in {out}")
+    if not todo and (out / "metrics.json").is_file() and (out / "predictions.jsonl").is_file():
+        # Finished before: keep its metrics.json, which alone records what that run measured
+        # (an API's token usage); rewriting it would drop that and say generation took 0 s.
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        partial.unlink(missing_ok=True)
+        print(results_table([(metrics["model"], metrics["type"], metrics)]))
+        print(f"already complete: {out / 'metrics.json'}")
+        return metrics
 
     # --- generate what is missing; each finished batch is appended to the partial file ---
     started = time.perf_counter()

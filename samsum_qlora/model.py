@@ -4,6 +4,7 @@ a device."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,7 @@ def load_model(cfg: Config, *, training: bool):
             dtype=compute if cfg.quantization.load_in_4bit else (torch.bfloat16 if cfg.train.bf16 else torch.float32),
             attn_implementation=cfg.model.attn_implementation,
             # one process = one GPU; under torchrun each rank takes its own
-            device_map={"": torch.cuda.current_device()} if cuda else {"": "cpu"},
+            device_map={"": int(os.environ.get("LOCAL_RANK", 0))} if cuda else {"": "cpu"},
         )
     except OSError as e:
         raise UserError(f"could not load model {cfg.model.name}: {str(e).splitlines()[0]}") from None
@@ -108,11 +109,43 @@ def load_model(cfg: Config, *, training: bool):
     return model
 
 
+def dequantize_base(model, dtype_name: str):
+    """Swap every 4-bit linear layer for a frozen plain one holding its dequantised NF4 weights.
+
+    The weights are the very numbers the 4-bit layer multiplies by (bitsandbytes dequantises to
+    the compute dtype before each matmul); doing it once instead of on every call is what makes
+    the fast path fast. Adapters trained or merged on this copy belong to the NF4 base."""
+    import bitsandbytes as bnb
+    import torch
+
+    dtype = torch_dtype(dtype_name)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
+                plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                        device=weight.device, dtype=dtype)
+                plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+                if child.bias is not None:
+                    plain.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+                setattr(parent, name, plain)
+    model.is_loaded_in_4bit = False  # peft and the Trainer now treat it as a plain model
+    return model
+
+
 def attach_new_adapters(model, cfg: Config):
-    """prepare_model_for_kbit_training + fresh LoRA adapters (the QLoRA recipe)."""
+    """Fresh LoRA adapters on the base: the QLoRA recipe (prepare_model_for_kbit_training on the
+    4-bit model), or on the dequantised copy for the fast path."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.quantization.load_in_4bit:
+    if cfg.quantization.load_in_4bit and cfg.quantization.dequantize_for_training:
+        model = dequantize_base(model, cfg.quantization.bnb_4bit_compute_dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    elif cfg.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -140,13 +173,27 @@ def model_shape(model_config) -> dict:
     return {k: getattr(model_config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
 
 
-def attach_saved_adapters(model, adapters: Path, base_name: str):
+def attach_saved_adapters(model, adapters: Path, base_name: str, merge: bool = False):
+    """The base with trained adapters; with `merge`, folded into its (dequantised) weights."""
     from peft import PeftModel
 
     check_adapters_fit(adapters, base_name, model.config)
     try:
-        return PeftModel.from_pretrained(model, str(adapters))
+        model = PeftModel.from_pretrained(model, str(adapters))
     except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, unknown modules
         raise UserError(
             f"adapters in {adapters} do not fit base model {base_name}: {str(e).splitlines()[0][:200]}"
         ) from None
+    return model.merge_and_unload() if merge else model
+
+
+def load_generation_model(cfg: Config, adapters: Path | None):
+    """The model eval generates with: the 4-bit base, dequantised when merging adapters, adapters
+    attached (and merged) unless scoring the base alone."""
+    model = load_model(cfg, training=False)
+    merge = cfg.eval.merge_adapters and adapters is not None
+    if merge and cfg.quantization.load_in_4bit:
+        model = dequantize_base(model, cfg.quantization.bnb_4bit_compute_dtype)
+    if adapters is not None:
+        model = attach_saved_adapters(model, adapters, cfg.model.name, merge=merge)
+    return model.eval()

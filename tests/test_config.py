@@ -15,16 +15,27 @@ def test_shipped_llama_config_equals_the_builtin_defaults():
     assert load_config(ROOT / "configs" / "llama32-1b-samsum.yaml") == Config()
 
 
-def test_defaults_are_the_seed_recipe():
+def test_defaults_learn_what_the_seed_learns():
     cfg = Config()
     assert cfg.model.name == "meta-llama/Llama-3.2-1B-Instruct"
     assert (cfg.quantization.bnb_4bit_quant_type, cfg.quantization.bnb_4bit_use_double_quant) == ("nf4", True)
     assert cfg.quantization.bnb_4bit_compute_dtype == "bfloat16"
     assert (cfg.lora.lora_r, cfg.lora.lora_alpha) == (8, 16)
     assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert (cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps) == (4, 4)
-    assert cfg.train.learning_rate == 2e-4 and cfg.train.bf16 and cfg.train.optim == "paged_adamw_8bit"
+    assert cfg.train.learning_rate == 2e-4 and cfg.train.bf16
     assert cfg.train.output_dir == "outputs/lora_samsum"
+    # ~16 rows per optimizer step, as the seed's 4 x 4: SAMSum rows average ~210 tokens
+    assert 14 <= cfg.train.max_tokens_per_batch * cfg.train.gradient_accumulation_steps / 210 <= 24
+
+
+def test_seed_recipe_overrides_give_the_tutorials_exact_settings():
+    from samsum_qlora.bench import SEED_RECIPE, with_overrides
+
+    seed = with_overrides(Config(), SEED_RECIPE)
+    assert (seed.train.per_device_train_batch_size, seed.train.gradient_accumulation_steps) == (4, 4)
+    assert seed.train.max_tokens_per_batch is None and seed.train.gradient_checkpointing
+    assert seed.train.optim == "paged_adamw_8bit" and not seed.train.trained_logits_only
+    assert not seed.quantization.dequantize_for_training
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])

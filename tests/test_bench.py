@@ -1,0 +1,40 @@
+"""`samsum-qlora bench` on the CPU with the tiny model: the figures exist and add up."""
+
+import json
+
+import pytest
+
+from samsum_qlora import bench
+
+from conftest import set_args, smoke_overrides
+
+
+def test_summarise_arithmetic():
+    f = bench.summarise(real_tokens=9_000, padded_tokens=10_000, seconds=3.0, n_params=1_000_000_000,
+                        device="NVIDIA H100 80GB HBM3", peak_bytes=2 * 1024**3, epoch_tokens=1_800_000)
+    assert f["tokens_per_s"] == 3000.0 and f["padding_fraction"] == 0.1 and f["peak_memory_gib"] == 2.0
+    assert f["mfu"] == pytest.approx(3000 * 4e9 / 989e12, abs=1e-4)
+    assert f["epoch_minutes"] == 10.0
+    assert bench.summarise(1, 1, 1.0, 1, None, None, 60)["mfu"] is None
+
+
+@pytest.mark.slow
+def test_bench_cli_writes_json_with_seed_comparison_and_eval(tmp_path):
+    from click.testing import CliRunner
+
+    from samsum_qlora.cli import main
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", *set_args(smoke_overrides(tmp_path)), "--steps", "2", "--warmup", "1",
+                                       "--compare", "seed", "--eval", "--loop-sample", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    for figures in (r, r["seed"]):
+        assert figures["tokens_per_s"] > 0 and 0 <= figures["padding_fraction"] < 1
+        assert figures["peak_memory_gib"] is None and figures["mfu"] is None  # no GPU here
+    assert r["ratio"] == pytest.approx(r["tokens_per_s"] / r["seed"]["tokens_per_s"], rel=0.01)
+    # token-budget batches of similar lengths waste less than the seed's random rows of 4
+    assert r["padding_fraction"] < r["seed"]["padding_fraction"]
+    e = r["eval"]
+    assert e["examples"] == 60 and e["loop_sample"] == 2 and 0 <= e["same_outputs_as_loop"] <= 1
+    assert "speed-up over the seed recipe" in result.output
