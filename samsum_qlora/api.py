@@ -6,9 +6,9 @@ dialogue our models see (`data.build_messages`), greedy (temperature 0), capped 
 `eval.max_new_tokens`. Standard library only: a few threads and urllib are all this needs.
 
 Money rules: each answer is saved the moment it arrives, so a rerun after a crash or Ctrl-C asks
-only for what is missing; on a failure or Ctrl-C, queued requests are dropped and the few already
-in flight are awaited and saved. The key is sent in a header and nowhere else: never logged,
-written or echoed back from an error message.
+only for what is missing; on a failure or Ctrl-C, queued requests are dropped, the few already in
+flight finish their current attempt (no more retries) and what they bring back is saved. The key
+goes in a header and nowhere else: never logged, written, or echoed back from an error message.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import http.client
 import json
 import random
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -101,6 +102,10 @@ def redact(text: str, key: str | None) -> str:
 # --- one request, with retries -------------------------------------------------------------------
 
 
+class _Stopped(Exception):
+    """Another row failed or Ctrl-C was pressed: no further attempts."""
+
+
 class _Transient(Exception):
     """Worth another attempt: 429, 5xx, timeouts, dropped connections."""
 
@@ -129,7 +134,10 @@ def _post_once(url: str, body: bytes, key: str | None, timeout: float) -> dict:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read()
     except urllib.error.HTTPError as e:
-        message = _error_message(e.read() or b"")
+        try:
+            message = _error_message(e.read() or b"")
+        except (OSError, http.client.HTTPException):  # the error body itself did not arrive
+            message = e.reason or "no details"
         if e.code in RETRY_STATUS:
             raise _Transient(f"HTTP {e.code}: {message}", e.headers.get("Retry-After"),
                              e.headers.get("retry-after-ms")) from None
@@ -139,7 +147,7 @@ def _post_once(url: str, body: bytes, key: str | None, timeout: float) -> dict:
     except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
         raise _Transient(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
     except urllib.error.URLError as e:  # connection refused, DNS, a timeout while connecting
-        raise _Transient(f"cannot reach {url}: {e.reason}") from None
+        raise _Transient(f"cannot connect: {e.reason}") from None
     try:
         return json.loads(raw)
     except ValueError:
@@ -147,8 +155,10 @@ def _post_once(url: str, body: bytes, key: str | None, timeout: float) -> dict:
 
 
 def complete(url: str, body: dict, *, key: str | None, timeout: float, max_attempts: int, backoff: float,
-             max_wait: float) -> tuple[str, dict[str, int], int]:
-    """One chat completion -> (text, usage, retries), retrying transient failures with backoff."""
+             max_wait: float, stop: threading.Event | None = None) -> tuple[str, dict[str, int], int]:
+    """One chat completion -> (text, usage, retries), retrying transient failures with backoff
+    until `stop` is set."""
+    stop = stop or threading.Event()
     data = json.dumps(body, ensure_ascii=False).encode("utf-8")
     for attempt in range(1, max_attempts + 1):
         try:
@@ -161,10 +171,13 @@ def complete(url: str, body: dict, *, key: str | None, timeout: float, max_attem
                     f"{url}: gave up after {max_attempts} attempts ({reason}); rerun the same command "
                     "to resume, finished answers are kept"
                 ) from None
+            if stop.is_set():
+                raise _Stopped(reason) from None
             wait = retry_delay(attempt, e.retry_after, e.retry_after_ms, backoff=backoff, max_wait=max_wait,
                                jitter=random.random() * 0.25)
             print(f"api: {reason}; retry {attempt}/{max_attempts - 1} in {wait:.1f}s", file=sys.stderr, flush=True)
-            time.sleep(wait)
+            if stop.wait(wait):
+                raise _Stopped(reason) from None
         except UserError as e:
             raise UserError(redact(str(e), key)) from None
     try:
@@ -222,16 +235,18 @@ def predictor(base: str, *, key: str | None, concurrency: int = 8, timeout: floa
 
         # The pool's size is the bound on requests in flight; the rest wait in its queue.
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="api")
+        stop = threading.Event()
         futures = {
             pool.submit(complete, url, body, key=key, timeout=timeout, max_attempts=max_attempts,
-                        backoff=backoff, max_wait=max_wait): i
+                        backoff=backoff, max_wait=max_wait, stop=stop): i
             for i, body in enumerate(bodies)
         }
         try:
             for future in tqdm(as_completed(futures), total=len(futures), desc=f"asking {plan.model}", unit="row"):
                 keep(future, futures[future])
         except BaseException:
-            # A failed row or Ctrl-C: drop what has not started, keep what was already paid for.
+            # A failed row or Ctrl-C: drop what has not started, retry nothing, keep what was paid for.
+            stop.set()
             for future in futures:
                 future.cancel()
             for future, i in futures.items():

@@ -1,0 +1,202 @@
+"""`samsum-qlora report`: the seed's comparison table over several evaluations, with bootstrap
+confidence intervals and a bar chart.
+
+Scores are recomputed from each folder's predictions.jsonl, so the table and its intervals come
+from the same per-example numbers; metrics.json supplies the model name and type.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from samsum_qlora import files
+from samsum_qlora.errors import UserError
+from samsum_qlora.metrics import results_table, rouge_per_example
+
+SHOWN = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))  # the seed's columns
+RESAMPLES = 1000
+SEED = 0
+LEVEL = 0.95
+KIND_ORDER = ("base", "API", "QLoRA adapters")  # the tutorial's row order within one run folder
+
+
+@dataclass
+class Scored:
+    """One evaluation folder, re-scored."""
+
+    folder: Path
+    model: str
+    kind: str
+    ids: list[str]
+    per_example: dict[str, list[float]]  # metric -> F-measure per example, fractions 0-1
+
+    def mean(self, metric: str) -> float:
+        values = self.per_example[metric]
+        return sum(values) / len(values)
+
+
+# --- finding and reading evaluations -------------------------------------------------------------
+
+
+def is_eval_dir(path: Path) -> bool:
+    return (path / "metrics.json").is_file()
+
+
+def eval_dirs(paths: list[Path]) -> list[Path]:
+    """Each path is an eval folder, or a training run folder whose eval*/ folders are used.
+    Argument order is kept; duplicates (the same folder twice) are dropped."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"{path} does not exist")
+        if not path.is_dir():
+            raise UserError(f"{path} is not a folder: give an eval folder or a training run folder")
+        if is_eval_dir(path):
+            found.append(path)
+            continue
+        inside = [p for p in path.glob("eval*") if p.is_dir() and is_eval_dir(p)]
+        if not inside:
+            raise UserError(f"{path} holds no metrics.json and no eval*/ folder with one: run `samsum-qlora eval` first")
+        found += sorted(inside, key=lambda p: (_kind_rank(p), p.name))
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def _kind_rank(folder: Path) -> int:
+    try:
+        kind = json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("type")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    return KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+
+
+def load_scored(folder: Path) -> Scored:
+    """metrics.json (model, type) and per-example ROUGE recomputed from predictions.jsonl."""
+    try:
+        meta = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"{folder / 'metrics.json'} is not valid JSON") from None
+    if not isinstance(meta, dict) or not meta.get("model") or not meta.get("type"):
+        raise UserError(f"{folder / 'metrics.json'} has no 'model' and 'type': was it written by samsum-qlora eval?")
+    predictions_file = folder / "predictions.jsonl"
+    if not predictions_file.is_file():
+        raise UserError(f"{folder} has metrics.json but no predictions.jsonl: rerun its eval to finish it")
+    records = files.read_jsonl(predictions_file)
+    if not records:
+        raise UserError(f"{predictions_file} holds no predictions")
+    if any(not isinstance(r, dict) or not {"id", "prediction", "reference"} <= set(r) for r in records):
+        raise UserError(f"{predictions_file} has a row without id, prediction and reference")
+    per_example = rouge_per_example([str(r["prediction"]) for r in records], [str(r["reference"]) for r in records])
+    scored = Scored(folder=folder, model=str(meta["model"]), kind=str(meta["type"]),
+                    ids=[str(r["id"]) for r in records], per_example=per_example)
+    for metric, _ in SHOWN:  # a hand-edited or stale folder would make the table disagree with its eval
+        if metric in meta and abs(float(meta[metric]) - scored.mean(metric)) > 5e-5:
+            print(f"warning: {folder}: {metric} in metrics.json is {meta[metric]:.4f}, predictions.jsonl gives "
+                  f"{scored.mean(metric):.4f}; the report uses the latter", file=sys.stderr)
+    return scored
+
+
+# --- statistics (pure) ---------------------------------------------------------------------------
+
+
+def bootstrap_interval(values: list[float], *, resamples: int = RESAMPLES, seed: int = SEED,
+                       level: float = LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean: resample the examples with replacement.
+
+    The same seed draws the same example indices for every evaluation of the same size, so rows
+    scored on the same examples are compared on the same resamples."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("no values to resample")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def intervals(scored: Scored, **kwargs) -> dict[str, tuple[float, float]]:
+    return {metric: bootstrap_interval(scored.per_example[metric], **kwargs) for metric, _ in SHOWN}
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def interval_table(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]) -> str:
+    """Percent, 2 decimals, like the seed's table; n = examples scored."""
+    lines = ["| Model | Type | n | " + " | ".join(f"{label} 95% CI" for _, label in SHOWN) + " |",
+             "|---|---|---|" + "---|" * len(SHOWN)]
+    for row, ci in zip(rows, cis):
+        cells = [f"{100 * ci[m][0]:.2f} – {100 * ci[m][1]:.2f}" for m, _ in SHOWN]
+        lines.append(f"| {row.model} | {row.kind} | {len(row.ids)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]) -> str:
+    table = results_table([(r.model, r.kind, {m: r.mean(m) for m, _ in SHOWN}) for r in rows])
+    parts = [
+        "## ROUGE on SAMSum", "", table, "",
+        f"{int(LEVEL * 100)}% bootstrap confidence intervals ({RESAMPLES} resamples of the examples, seed {SEED}):",
+        "", interval_table(rows, cis), "",
+    ]
+    if len({tuple(r.ids) for r in rows}) > 1:
+        parts += ["Note: these evaluations did not score the same examples, so their rows are not directly comparable.", ""]
+    parts += ["Sources: " + ", ".join(f"`{r.folder}`" for r in rows), ""]
+    return "\n".join(parts)
+
+
+def render_chart(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]) -> bytes:
+    """Grouped bars (one group per metric, one bar per evaluation) with the intervals as error bars.
+    The object API with the Agg canvas: no global backend switch, no display needed."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.0 + 0.25 * len(rows)), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(rows)
+    x = np.arange(len(SHOWN))
+    top = 0.0
+    for k, (row, ci) in enumerate(zip(rows, cis)):
+        means = np.array([100 * row.mean(m) for m, _ in SHOWN])
+        lo = np.array([100 * ci[m][0] for m, _ in SHOWN])
+        hi = np.array([100 * ci[m][1] for m, _ in SHOWN])
+        # clip at 0: percentile interpolation can leave a bound a hair past the mean
+        yerr = np.clip(np.vstack([means - lo, hi - means]), 0, None)
+        ax.bar(x + (k - (len(rows) - 1) / 2) * width, means, width, yerr=yerr, capsize=3,
+               label=f"{row.model} ({row.kind})")
+        top = max(top, float(hi.max()))
+    ax.set_xticks(x, [label for _, label in SHOWN])
+    ax.set_ylabel("F-measure (%)")
+    ax.set_ylim(0, min(105.0, max(10.0, top * 1.1)))
+    ax.set_title(f"ROUGE on SAMSum, with {int(LEVEL * 100)}% bootstrap intervals")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    # below the axes, so no bar or interval is hidden behind it
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def run(paths: list[Path], out_dir: Path) -> str:
+    """Report on every evaluation under `paths`; writes <out>/report.md and report.png, returns the Markdown."""
+    folders = eval_dirs(paths)
+    rows = [load_scored(f) for f in folders]  # every folder is read before anything is written
+    cis = [intervals(r) for r in rows]
+    markdown = render_markdown(rows, cis)
+    png = render_chart(rows, cis)
+    out = files.ensure_writable_dir(out_dir)
+    files.write_text(out / "report.md", markdown)
+    files.write_bytes(out / "report.png", png)
+    return markdown

@@ -1,0 +1,330 @@
+"""API evaluation against a real HTTP server on 127.0.0.1 that speaks /v1/chat/completions and
+misbehaves on cue: 429 with Retry-After, 500, an answer slower than the client's timeout, 401."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from samsum_qlora import api, data, evaluate
+from samsum_qlora.config import load_config
+from samsum_qlora.errors import UserError
+from samsum_qlora.metrics import rouge
+
+from conftest import SAMPLE_DATA, SMOKE_CONFIG, set_args, smoke_overrides
+from test_cli import one_line_error, run_cli
+
+KEY = "sk-test-secret-123"
+TEST_ROWS = data.rows(data.load_split(str(SAMPLE_DATA), "test"))
+ID_OF = {data.clean(r["dialogue"]): r["id"] for r in TEST_ROWS}
+
+
+def answer_for(dialogue: str) -> str:
+    """What the fake model 'summarises': the first line of the dialogue, speaker dropped."""
+    return dialogue.splitlines()[0].partition(":")[2].strip()
+
+
+class FakeApi:
+    """The server's script and log. `script[row id]` lists what attempts 1, 2, ... get: "ok",
+    (status, headers) for an error, ("slow", seconds) for a late answer; after the list, "ok"."""
+
+    def __init__(self, script=None, delay=0.0, error_message="server trouble"):
+        self.script, self.delay, self.error_message = script or {}, delay, error_message
+        self.lock = threading.Lock()
+        self.requests = []  # (row id, time, headers, body) of every request
+        self.served = {}  # row id -> text of the 200 answer
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        self.in_flight = self.max_in_flight = 0
+
+    def count(self, row_id=None):
+        return sum(1 for r in self.requests if row_id is None or r[0] == row_id)
+
+    def handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def reply(self, status, payload, headers=()):
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in dict(headers).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/v1/chat/completions":
+                    return self.reply(404, {"error": {"message": f"no route {self.path}"}})
+                dialogue = body["messages"][-1]["content"]
+                row_id = ID_OF[dialogue]
+                with fake.lock:
+                    fake.requests.append((row_id, time.monotonic(), dict(self.headers), body))
+                    attempt = fake.count(row_id)
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    status, payload, headers = self.answer(row_id, attempt, dialogue, body)
+                finally:
+                    with fake.lock:  # before replying: the client may ask again the moment it reads it
+                        fake.in_flight -= 1
+                try:
+                    self.reply(status, payload, headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def answer(self, row_id, attempt, dialogue, body):
+                steps = fake.script.get(row_id, [])
+                step = steps[attempt - 1] if attempt <= len(steps) else "ok"
+                time.sleep(fake.delay)
+                if isinstance(step, tuple) and step[0] == "slow":
+                    # The client has hung up by now; nobody reads this answer (a real API would
+                    # still bill it: hence a generous default timeout), so it is not logged as served.
+                    time.sleep(step[1])
+                    return 200, {"choices": [{"message": {"content": "too late"}}]}, {}
+                if isinstance(step, tuple):
+                    status, headers = step
+                    return status, {"error": {"message": fake.error_message}}, headers
+                text = answer_for(dialogue)
+                used = {"prompt_tokens": sum(len(m["content"].split()) for m in body["messages"]),
+                        "completion_tokens": len(text.split())}
+                used["total_tokens"] = used["prompt_tokens"] + used["completion_tokens"]
+                with fake.lock:
+                    fake.served[row_id] = text
+                    for k, v in used.items():
+                        fake.usage[k] += v
+                return 200, {"id": "x", "object": "chat.completion", "model": body["model"],
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": "stop"}], "usage": used}, {}
+
+        return Handler
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    """Start a FakeApi on a random port; yields a function(fake) -> base URL."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    servers = []
+
+    def start(fake):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), fake.handler())
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def api_plan(cfg, base, **kw):
+    args = {"adapters": None, "base_only": False, "split": None, "limit": None, "output_dir": None} | kw
+    return evaluate.plan_eval(cfg, api_model="fake-model", api_base=base, **args)
+
+
+def fast(base, **kw):
+    """A predictor with test-sized waits."""
+    return api.predictor(base, **({"key": KEY, "concurrency": 4, "timeout": 0.3, "backoff": 0.02} | kw))
+
+
+def test_api_eval_retries_then_scores_what_was_served(tmp_path, serve):
+    fake = FakeApi(script={
+        "smp-test-002": [(429, {"Retry-After": "0.4"})],
+        "smp-test-003": [(500, {})],
+        "smp-test-004": [("slow", 1.0)],
+    })
+    base = serve(fake)
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    plan = api_plan(cfg, base)
+    assert plan.output_dir == tmp_path / "run" / "eval-api-fake-model"
+    metrics = evaluate.run_eval(cfg, plan, predict=fast(base))
+
+    # every failure was retried exactly once; the rest asked once
+    assert {r["id"]: fake.count(r["id"]) for r in TEST_ROWS} == {
+        r["id"]: 2 if r["id"] in ("smp-test-002", "smp-test-003", "smp-test-004") else 1 for r in TEST_ROWS}
+    times = [t for row, t, _, _ in fake.requests if row == "smp-test-002"]
+    assert times[1] - times[0] >= 0.4  # Retry-After honoured (our own backoff would be 0.02 s)
+
+    # the request is the one our models see, greedy and capped
+    for row_id, _, headers, body in fake.requests:
+        dialogue = next(r["dialogue"] for r in TEST_ROWS if r["id"] == row_id)
+        assert body["messages"] == data.build_messages(dialogue, cfg.data.task_instruction)
+        assert body["messages"][0] == {"role": "system", "content": cfg.data.task_instruction}
+        assert body["temperature"] == 0 and body["max_tokens"] == cfg.eval.max_new_tokens == 32
+        assert body["model"] == "fake-model" and headers["Authorization"] == f"Bearer {KEY}"
+
+    # scores are rouge-score's on exactly the served texts; usage sums the 200 answers
+    served = [fake.served[r["id"]] for r in TEST_ROWS]
+    expected = rouge(served, [data.clean(r["summary"]) for r in TEST_ROWS])
+    saved = json.loads((plan.output_dir / "metrics.json").read_text())
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        assert saved[key] == pytest.approx(expected[key]) and saved[key] > 0
+    assert saved["type"] == "API" and saved["model"] == "fake-model" and saved["api_base"] == base
+    assert saved["api_usage"] == {**fake.usage, "answers": 12, "retries": 3} == metrics["api_usage"]
+    prompt_words = sum(len(cfg.data.task_instruction.split()) + len(r["dialogue"].split()) for r in TEST_ROWS)
+    answer_words = sum(len(t.split()) for t in served)
+    assert fake.usage == {"prompt_tokens": prompt_words, "completion_tokens": answer_words,
+                          "total_tokens": prompt_words + answer_words}  # each answer counted once
+    predictions = [json.loads(line) for line in (plan.output_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in predictions] == served
+
+    # the key is sent, never written
+    for f in plan.output_dir.rglob("*"):
+        assert KEY not in f.read_text()
+
+    # a second run pays for nothing, and keeps the record of what the first one paid
+    before = fake.count()
+    again = evaluate.run_eval(cfg, plan, predict=fast(base))
+    assert fake.count() == before == 15
+    assert again == saved == json.loads((plan.output_dir / "metrics.json").read_text())
+
+
+def test_requests_in_flight_are_bounded(tmp_path, serve):
+    fake = FakeApi(delay=0.05)
+    base = serve(fake)
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    evaluate.run_eval(cfg, api_plan(cfg, base), predict=fast(base, concurrency=3, timeout=5))
+    assert fake.max_in_flight == 3 and fake.count() == 12
+
+
+def test_gives_up_after_bounded_attempts_and_keeps_every_paid_answer(tmp_path, serve):
+    fake = FakeApi(script={"smp-test-005": [(503, {})] * 10, "smp-test-006": [(429, {"Retry-After": "5"})] * 10})
+    base = serve(fake)
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    plan = api_plan(cfg, base)
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"gave up after 3 attempts \(HTTP 503: server trouble\); rerun"):
+        evaluate.run_eval(cfg, plan, predict=fast(base, max_attempts=3))
+    assert fake.count("smp-test-005") == 3
+    # row 6, waiting out its 5 s Retry-After, is not retried once row 5 has failed the run
+    assert fake.count("smp-test-006") == 1 and time.monotonic() - started < 3
+    partial = [json.loads(line) for line in (plan.output_dir / evaluate.PARTIAL).read_text().splitlines()]
+    assert {p["id"] for p in partial} == set(fake.served)  # every answer paid for is on disk
+    assert not (plan.output_dir / "metrics.json").exists()
+
+    # the server recovers: the rerun asks only for what is missing
+    fake.script.clear()
+    asked_before = {r["id"]: fake.count(r["id"]) for r in TEST_ROWS}
+    metrics = evaluate.run_eval(cfg, plan, predict=fast(base))
+    assert metrics["n_examples"] == 12 and metrics["api_usage"]["answers"] == 12 - len(partial)
+    for row_id, n in asked_before.items():
+        assert fake.count(row_id) == n + (0 if row_id in {p["id"] for p in partial} else 1)
+
+
+def test_ctrl_c_keeps_the_answers_in_flight_and_asks_nothing_new(tmp_path, serve):
+    import signal
+
+    fake = FakeApi(delay=0.3)
+    base = serve(fake)
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    plan = api_plan(cfg, base)
+    main = threading.main_thread().ident
+    threading.Timer(0.45, lambda: signal.pthread_kill(main, signal.SIGINT)).start()  # mid second wave
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run_eval(cfg, plan, predict=fast(base, concurrency=2, timeout=5))
+    time.sleep(0.4)  # anything still running would reach the server by now
+    partial = [json.loads(line) for line in (plan.output_dir / evaluate.PARTIAL).read_text().splitlines()]
+    # every request made was answered and saved (the two in flight were awaited), none started after
+    # the interrupt; 4 when on time (two waves of two), a slow machine may shift it by a wave
+    asked = fake.count()
+    assert asked == len(partial) == len(fake.served) and 2 <= asked <= 6
+    metrics = evaluate.run_eval(cfg, plan, predict=fast(base, timeout=5))
+    assert fake.count() == 12 and metrics["api_usage"]["answers"] == 12 - asked
+
+
+def test_rejected_key_fails_at_once_without_echoing_it(tmp_path, serve):
+    fake = FakeApi(script={r["id"]: [(401, {})] for r in TEST_ROWS},
+                   error_message=f"Incorrect API key provided: {KEY}")
+    base = serve(fake)
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    with pytest.raises(UserError, match=r"HTTP 401 \(check \$OPENAI_API_KEY\)") as e:
+        evaluate.run_eval(cfg, api_plan(cfg, base), predict=fast(base))
+    assert KEY not in str(e.value) and "***" in str(e.value)
+    assert max(fake.count(r["id"]) for r in TEST_ROWS) == 1  # a 401 is never retried
+
+
+def test_cli_api_eval_without_a_key_on_a_custom_base(tmp_path, serve, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    fake = FakeApi()
+    base = serve(fake)
+    args = set_args(smoke_overrides(tmp_path))
+    result = run_cli(["eval", *args, "--api-model", "fake-model", "--api-base", base + "/", "--limit", "3",
+                      "--api-concurrency", "2", "--api-timeout", "5"])
+    assert result.exit_code == 0, result.output
+    assert "| fake-model | API |" in result.output
+    saved = json.loads((tmp_path / "run" / "eval-api-fake-model" / "metrics.json").read_text())
+    assert saved["n_examples"] == 3 and saved["api_base"] == base  # trailing slash normalised
+    assert fake.count() == 3 and all("Authorization" not in h for _, _, h, _ in fake.requests)
+
+
+def test_cli_openai_without_a_key_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    result = run_cli(["eval", *set_args(smoke_overrides(tmp_path)), "--api-model", "gpt-4o-mini"])
+    one_line_error(result, "https://api.openai.com/v1 needs an API key: export OPENAI_API_KEY=")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--api-base", "http://localhost:8000/v1"], "--api-base needs --api-model"),
+    (["--api-model", "m", "--base-only"], "drop --adapters/--base-only"),
+    (["--api-model", "m", "--api-base", "localhost:8000"], "--api-base must be an http(s) URL"),
+    (["--api-model", "m", "--api-base", "http://h/v1/chat/completions"], "drop the /chat/completions"),
+    (["--api-model", "m", "--api-base", "http://h/v1", "--api-concurrency", "0"], "--api-concurrency must be at least 1"),
+    (["--api-model", "m", "--api-base", "http://h/v1", "--api-timeout", "0"], "--api-timeout must be more than 0"),
+    (["--base-only", "--api-timeout", "3"], "--api-concurrency and --api-timeout need --api-model"),
+])
+def test_cli_bad_api_options(tmp_path, extra, needle):
+    one_line_error(run_cli(["eval", *set_args(smoke_overrides(tmp_path)), *extra]), needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_folder_name_and_fingerprint(smoke_cfg):
+    plan = evaluate.plan_eval(smoke_cfg, adapters=None, base_only=False, split=None, limit=None, output_dir=None,
+                              api_model="meta-llama/Llama-3.2-1B-Instruct", api_base="http://gpu:8000/v1")
+    assert plan.output_dir.name == "eval-api-meta-llama-Llama-3.2-1B-Instruct" and plan.kind == "API"
+    other = evaluate.plan_eval(smoke_cfg, adapters=None, base_only=False, split=None, limit=None, output_dir=None,
+                               api_model="meta-llama/Llama-3.2-1B-Instruct", api_base="http://other:8000/v1")
+    assert plan.fingerprint(smoke_cfg)["api_base"] == "http://gpu:8000/v1"
+    assert plan.fingerprint(smoke_cfg) != other.fingerprint(smoke_cfg)  # same name, another server
+    default = evaluate.plan_eval(smoke_cfg, adapters=None, base_only=False, split=None, limit=None,
+                                 output_dir=None, api_model="gpt-4o-mini")
+    assert default.api_base == "https://api.openai.com/v1"
+    local = evaluate.plan_eval(smoke_cfg, adapters=None, base_only=True, split=None, limit=None, output_dir=None)
+    assert "api_base" not in local.fingerprint(smoke_cfg)  # folders of earlier local evals still match
+
+
+@pytest.mark.parametrize("attempt, after, after_ms, expected", [
+    (1, None, None, 1.0), (2, None, None, 2.0), (4, None, None, 8.0), (10, None, None, 30.0),  # doubling, capped
+    (1, "3", None, 3.0), (3, "0.5", None, 0.5), (1, "120", None, 30.0),  # the server's word, capped
+    (1, "2", "250", 0.25),  # OpenAI's millisecond header is the more precise one
+    (2, "soon", None, 2.0), (1, "-5", None, 0.0),  # nonsense falls back or floors at 0
+])
+def test_retry_delay(attempt, after, after_ms, expected):
+    assert api.retry_delay(attempt, after, after_ms, backoff=1.0, max_wait=30.0) == pytest.approx(expected)
+
+
+def test_retry_delay_http_date_and_jitter():
+    import email.utils
+
+    when = email.utils.formatdate(time.time() + 5, usegmt=True)
+    assert 3.0 <= api.retry_delay(1, when, backoff=1.0, max_wait=30.0) <= 5.0
+    assert api.retry_delay(3, backoff=1.0, max_wait=30.0, jitter=0.25) == 5.0
+
+
+def test_parse_answer():
+    payload = {"choices": [{"message": {"role": "assistant", "content": "  A and B meet.\n"}}],
+               "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+    assert api.parse_answer(payload) == ("A and B meet.", {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
+    # a refusal (content null) and a server without usage still count as an answer
+    assert api.parse_answer({"choices": [{"message": {"content": None}}]}) == (
+        "", {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+    with pytest.raises(ValueError):
+        api.parse_answer({"error": "nope"})

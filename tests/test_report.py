@@ -1,0 +1,169 @@
+"""`report` on three hand-made eval folders whose ROUGE is known by hand."""
+
+import json
+
+import pytest
+
+from samsum_qlora import files, report
+from samsum_qlora.errors import UserError
+from samsum_qlora.metrics import rouge
+
+from test_cli import one_line_error, run_cli
+
+REFS = ["alpha beta gamma delta", "epsilon zeta eta theta", "iota kappa lambda mu", "nu xi omicron pi"]
+
+
+def exact(ref):  # ROUGE-1, -2, -L = 1, 1, 1
+    return ref
+
+
+def swapped(ref):  # last two words swapped: ROUGE-1 = 1, ROUGE-2 = 1/3, ROUGE-L = 3/4
+    words = ref.split()
+    return " ".join(words[:2] + words[:1:-1])
+
+
+def wrong(ref):  # 0, 0, 0
+    return "red"
+
+
+ROWS = {  # folder -> (model, type, how each of the four references is answered)
+    "eval-base": ("Llama-3.2-1B-Instruct", "base", (exact, swapped, wrong, wrong)),
+    "eval-api-gpt-4o-mini": ("gpt-4o-mini", "API", (exact, exact, swapped, wrong)),
+    "eval": ("Llama-3.2-1B-Instruct", "QLoRA adapters", (exact, exact, exact, swapped)),
+}
+# By hand: base (1+1+0+0)/4, (1+1/3)/4, (1+3/4)/4; API (3, 2+1/3, 2+3/4)/4; QLoRA (4, 3+1/3, 3+3/4)/4
+TABLE = """\
+| Model | Type | ROUGE-1 | ROUGE-2 | ROUGE-L |
+|---|---|---|---|---|
+| Llama-3.2-1B-Instruct | base | 50.00 | 33.33 | 43.75 |
+| gpt-4o-mini | API | 75.00 | 58.33 | 68.75 |
+| Llama-3.2-1B-Instruct | QLoRA adapters | 100.00 | 83.33 | 93.75 |"""
+# Golden values of the fixed seed (numpy's PCG64 stream). With four examples the resampled means
+# take few distinct values and both percentiles fall well inside a run of equal ones, so float
+# details cannot move them; QLoRA's ROUGE-1 is 1 on every example, hence an interval of width 0.
+INTERVALS = """\
+| Model | Type | n | ROUGE-1 95% CI | ROUGE-2 95% CI | ROUGE-L 95% CI |
+|---|---|---|---|---|---|
+| Llama-3.2-1B-Instruct | base | 4 | 0.00 – 100.00 | 0.00 – 75.00 | 0.00 – 87.50 |
+| gpt-4o-mini | API | 4 | 25.00 – 100.00 | 16.67 – 100.00 | 25.00 – 100.00 |
+| Llama-3.2-1B-Instruct | QLoRA adapters | 4 | 100.00 – 100.00 | 50.00 – 100.00 | 81.25 – 100.00 |"""
+
+
+def write_eval(folder, model, kind, answers):
+    folder.mkdir(parents=True)
+    preds = [how(ref) for how, ref in zip(answers, REFS)]
+    records = [{"id": f"t{i}", "reference": ref, "prediction": p} for i, (ref, p) in enumerate(zip(REFS, preds))]
+    files.write_jsonl(folder / "predictions.jsonl", records)
+    files.write_json(folder / "metrics.json", {**rouge(preds, REFS), "n_examples": 4, "model": model, "type": kind,
+                                              "split": "test"})
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    for name, (model, kind, answers) in ROWS.items():
+        write_eval(tmp_path / "run" / name, model, kind, answers)
+    (tmp_path / "run" / "lora_adapters").mkdir()  # a training run's other folders are ignored
+    return tmp_path / "run"
+
+
+def test_report_markdown_is_exact(run_dir, tmp_path):
+    markdown = report.run([run_dir], tmp_path / "out")
+    assert (tmp_path / "out" / "report.md").read_text() == markdown
+    assert TABLE in markdown  # the seed's table, rows in the tutorial's order: base, API, QLoRA
+    assert markdown == (
+        "## ROUGE on SAMSum\n\n" + TABLE + "\n\n"
+        "95% bootstrap confidence intervals (1000 resamples of the examples, seed 0):\n\n" + INTERVALS + "\n\n"
+        f"Sources: `{run_dir / 'eval-base'}`, `{run_dir / 'eval-api-gpt-4o-mini'}`, `{run_dir / 'eval'}`\n"
+    )
+
+
+def test_chart_is_a_png(run_dir, tmp_path):
+    report.run([run_dir], tmp_path / "out")
+    png = (tmp_path / "out" / "report.png").read_bytes()
+    assert len(png) > 10_000 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_intervals_contain_the_point_estimates(run_dir):
+    for folder in report.eval_dirs([run_dir]):
+        scored = report.load_scored(folder)
+        for metric, (lo, hi) in report.intervals(scored).items():
+            assert lo <= scored.mean(metric) <= hi
+            assert 0 <= lo <= hi <= 1
+
+
+def test_bootstrap_is_deterministic_given_the_seed(run_dir, tmp_path):
+    values = [0.1, 0.5, 0.2, 0.9, 0.4, 0.3, 0.8, 0.0]
+    first = report.bootstrap_interval(values, seed=0)
+    assert report.bootstrap_interval(values, seed=0) == first
+    assert report.bootstrap_interval(values, seed=1) != first
+    assert report.run([run_dir], tmp_path / "a") == report.run([run_dir], tmp_path / "b")
+    assert (tmp_path / "a" / "report.png").read_bytes() == (tmp_path / "b" / "report.png").read_bytes()
+
+
+def test_bootstrap_of_a_constant_is_that_constant():
+    assert report.bootstrap_interval([0.25] * 7) == pytest.approx((0.25, 0.25))
+
+
+def test_eval_dirs_keep_argument_order_and_drop_duplicates(run_dir):
+    qlora, base = run_dir / "eval", run_dir / "eval-base"
+    assert report.eval_dirs([qlora, base, run_dir / "eval" / "."]) == [qlora, base]
+
+
+def test_cli_prints_the_markdown_and_writes_both_files(run_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["report", str(run_dir)])
+    assert result.exit_code == 0, result.stderr
+    assert TABLE in result.stdout and INTERVALS in result.stdout
+    assert (tmp_path / "report" / "report.md").read_text() == result.stdout  # default --out ./report
+    assert (tmp_path / "report" / "report.png").is_file()
+
+
+def test_stale_metrics_warn_and_the_predictions_win(run_dir, tmp_path, capsys):
+    meta = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    files.write_json(run_dir / "eval" / "metrics.json", {**meta, "rouge1": 0.5})
+    markdown = report.run([run_dir / "eval"], tmp_path / "out")
+    assert "| 100.00 | 83.33 | 93.75 |" in markdown
+    assert "rouge1 in metrics.json is 0.5000, predictions.jsonl gives 1.0000" in capsys.readouterr().err
+
+
+def test_different_examples_are_flagged(run_dir, tmp_path):
+    records = files.read_jsonl(run_dir / "eval" / "predictions.jsonl")[:3]
+    files.write_jsonl(run_dir / "eval" / "predictions.jsonl", records)
+    assert "did not score the same examples" in report.run([run_dir], tmp_path / "out")
+
+
+@pytest.mark.parametrize("breakage, needle", [
+    ("missing", "does not exist"),
+    ("file", "is not a folder"),
+    ("empty-run", "holds no metrics.json and no eval"),
+    ("no-predictions", "has metrics.json but no predictions.jsonl"),
+    ("bad-json", "metrics.json is not valid JSON"),
+    ("no-type", "has no 'model' and 'type'"),
+    ("bad-row", "has a row without id, prediction and reference"),
+    ("no-rows", "holds no predictions"),
+])
+def test_bad_folders_are_one_line_errors_and_write_nothing(run_dir, tmp_path, breakage, needle):
+    target = run_dir / "eval"
+    if breakage == "missing":
+        target = tmp_path / "nope"
+    elif breakage == "file":
+        target = tmp_path / "a-file"
+        target.write_text("x")
+    elif breakage == "empty-run":
+        target = tmp_path / "empty-run"
+        target.mkdir()
+    elif breakage == "no-predictions":
+        (target / "predictions.jsonl").unlink()
+    elif breakage == "bad-json":
+        (target / "metrics.json").write_text("{not json")
+    elif breakage == "no-type":
+        (target / "metrics.json").write_text('{"rouge1": 0.5}')
+    elif breakage == "bad-row":
+        (target / "predictions.jsonl").write_text('{"id": "t0", "prediction": "x"}\n')
+    elif breakage == "no-rows":
+        (target / "predictions.jsonl").write_text("")
+    with pytest.raises(UserError, match=needle):
+        report.run([run_dir / "eval-base", target], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # every folder is read before anything is written
+    one_line_error(run_cli(["report", str(target), "--out", str(tmp_path / "out")]), needle)
