@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from samsum_qlora import files
+from samsum_qlora import files, tracking
 from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
 from samsum_qlora.metrics import results_table, rouge
@@ -42,8 +42,11 @@ class EvalPlan:
             "task_instruction": cfg.data.task_instruction, "max_length": cfg.data.max_length,
             "max_new_tokens": cfg.eval.max_new_tokens, "date_string": cfg.data.date_string,
         }
-        if self.api_base:  # only for API plans, so folders of earlier local evals still match
+        if self.api_base:
             fingerprint["api_base"] = self.api_base
+        else:  # our own model: how its numbers are computed changes greedy outputs slightly
+            fingerprint["merge_adapters"] = cfg.eval.merge_adapters
+            fingerprint["dequantize_once"] = cfg.quantization.dequantize_once
         return fingerprint
 
 
@@ -210,4 +213,6 @@ def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False, predict: P
     partial.unlink(missing_ok=True)
     print(results_table([(plan.model, plan.kind, scores)]))
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")
+    if tracking.log_eval_to_wandb(metrics, predictions, Path(cfg.train.output_dir)):
+        print("logged the scores and sample predictions to the training run's W&B run")
     return metrics

@@ -91,6 +91,11 @@ def load_model(cfg: Config, *, training: bool):
     from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
+    if cuda:
+        # cuDNN's attention builds a plan for every new shape; our batches change shape every step
+        # and generation grows the KV cache every token, so planning costs more than it saves
+        # (measured on an H100: generation 3.3x and training 1.2x faster without it).
+        torch.backends.cuda.enable_cudnn_sdp(False)
     compute = torch_dtype(cfg.quantization.bnb_4bit_compute_dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -106,7 +111,25 @@ def load_model(cfg: Config, *, training: bool):
         raise UserError(f"could not load model {cfg.model.name}: {str(e).splitlines()[0]}") from None
     if training:
         model.config.use_cache = False  # the KV cache is useless in training and breaks packed masks
+    if cuda and cfg.model.liger_kernels:
+        apply_fused_kernels(model)
     return model
+
+
+def apply_fused_kernels(model) -> bool:
+    """liger-kernel's RMSNorm, SwiGLU and RoPE for a Llama (measured on an H100: with 8192-token
+    batches, 47.6K instead of ~30K tokens/s and less memory). Off the GPU, or without the package,
+    the model is left as it is."""
+    if model.config.model_type != "llama":
+        return False
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError:
+        print("note: pip install liger-kernel for fused kernels (faster training, less memory)")
+        return False
+    apply_liger_kernel_to_llama(model=model, rope=True, rms_norm=True, swiglu=True,
+                                cross_entropy=False, fused_linear_cross_entropy=False)
+    return True
 
 
 def dequantize_base(model, dtype_name: str):
@@ -138,14 +161,22 @@ def attach_new_adapters(model, cfg: Config):
     4-bit model), or on the dequantised copy for the fast path."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.quantization.load_in_4bit and cfg.quantization.dequantize_for_training:
+    if cfg.quantization.load_in_4bit and cfg.quantization.dequantize_once:
         model = dequantize_base(model, cfg.quantization.bnb_4bit_compute_dtype)
         for p in model.parameters():
             p.requires_grad_(False)
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-    elif cfg.quantization.load_in_4bit:
+        model = get_peft_model(model, lora_config(cfg.lora))
+        if cfg.train.bf16 or cfg.train.fp16:
+            # Autocast already runs the adapter matmuls in half precision; peft's own cast of
+            # every adapter input to float32 only adds copies (kept for backward) and kernels.
+            for module in model.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = False
+        return model
+    if cfg.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -188,12 +219,13 @@ def attach_saved_adapters(model, adapters: Path, base_name: str, merge: bool = F
 
 
 def load_generation_model(cfg: Config, adapters: Path | None):
-    """The model eval generates with: the 4-bit base, dequantised when merging adapters, adapters
-    attached (and merged) unless scoring the base alone."""
+    """The model eval generates with: the 4-bit base (dequantised once on the fast path), with
+    the adapters attached, or merged in, unless scoring the base alone."""
     model = load_model(cfg, training=False)
-    merge = cfg.eval.merge_adapters and adapters is not None
-    if merge and cfg.quantization.load_in_4bit:
+    if cfg.quantization.load_in_4bit and cfg.quantization.dequantize_once:
         model = dequantize_base(model, cfg.quantization.bnb_4bit_compute_dtype)
     if adapters is not None:
-        model = attach_saved_adapters(model, adapters, cfg.model.name, merge=merge)
+        model = attach_saved_adapters(model, adapters, cfg.model.name, merge=cfg.eval.merge_adapters)
+        if not cfg.eval.merge_adapters and cfg.quantization.dequantize_once:
+            model.to(torch_dtype(cfg.quantization.bnb_4bit_compute_dtype))  # adapters in the base's dtype: no autocast here
     return model.eval()

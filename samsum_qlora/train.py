@@ -10,7 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-from samsum_qlora import checkpoints, files
+from samsum_qlora import checkpoints, files, tracking
 from samsum_qlora.config import Config, dump_config
 from samsum_qlora.errors import UserError
 
@@ -51,6 +51,22 @@ def _callbacks(config_tree: dict):
                 control.should_training_stop = True
 
     return ManifestCallback(), SigtermCallback()
+
+
+def _config_to_wandb(config_tree: dict):
+    from transformers import TrainerCallback
+
+    class ConfigToWandb(TrainerCallback):
+        """The HF W&B callback logs TrainingArguments; this adds our whole resolved config (which
+        never holds a secret: keys stay in the environment)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            import wandb
+
+            if state.is_world_process_zero and wandb.run is not None:
+                wandb.config.update({"samsum_qlora": config_tree}, allow_val_change=True)
+
+    return ConfigToWandb()
 
 
 def trained_token_loss(hidden, labels, head, num_items_in_batch=None):
@@ -191,9 +207,12 @@ def run(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> d
     trainable, total = model.get_nb_trainable_parameters()
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
-    # --- trainer ---
+    # --- trainer (W&B, if asked for: offline without a key, one run id per output dir) ---
+    cfg.train.report_to = tracking.prepare_wandb(cfg.train.report_to, out)
     manifest_cb, sigterm_cb = _callbacks(config_tree)
     trainer = build_trainer(cfg, model, tokenizer, train_set, ckpt_dir, [manifest_cb, sigterm_cb])
+    if "wandb" in cfg.train.report_to:
+        trainer.add_callback(_config_to_wandb(config_tree))
 
     # --- train ---
     if resume_from is not None:

@@ -34,10 +34,10 @@ def test_padding_is_small_with_token_budget_batches(tokenizer, smoke_cfg):
 
 def test_fast_path_loss_equals_plain_padded_path(tmp_path, tokenizer):
     plain_cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{
-        "quantization.dequantize_for_training": False, "train.trained_logits_only": False,
+        "quantization.dequantize_once": False, "train.trained_logits_only": False,
         "train.max_tokens_per_batch": None}))
     fast_cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
-    assert fast_cfg.quantization.dequantize_for_training and fast_cfg.train.trained_logits_only
+    assert fast_cfg.quantization.dequantize_once and fast_cfg.train.trained_logits_only
     columns = encoded(tokenizer, plain_cfg)
 
     torch.manual_seed(0)

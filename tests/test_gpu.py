@@ -70,7 +70,7 @@ def test_fast_path_loss_equals_plain_padded_path_on_gpu(shape_dir, tmp_path):
     from samsum_qlora import data, model as modeling, train
 
     plain_cfg = gpu_cfg(shape_dir, tmp_path / "p", **{
-        "quantization.dequantize_for_training": False, "train.trained_logits_only": False,
+        "quantization.dequantize_once": False, "train.trained_logits_only": False,
         "train.max_tokens_per_batch": None})
     fast_cfg = gpu_cfg(shape_dir, tmp_path / "f")
     tokenizer = modeling.load_tokenizer(str(shape_dir))

@@ -31,7 +31,7 @@ def test_real_llama_shape_has_1_7m_lora_parameters():
 def test_4bit_load_and_lora_count_on_tiny_model(tmp_path):
     import bitsandbytes as bnb
 
-    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"quantization.dequantize_once": False}))
     model = modeling.attach_new_adapters(modeling.load_model(cfg, training=True), cfg)
     base = model.get_base_model()
     assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
@@ -41,6 +41,29 @@ def test_4bit_load_and_lora_count_on_tiny_model(tmp_path):
                                              c.num_hidden_layers, cfg.lora)
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == expected == 7168
+
+
+def test_dequantize_once_holds_exactly_the_nf4_weights(tmp_path):
+    import bitsandbytes as bnb
+
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    quantized = modeling.load_model(cfg, training=False)
+    q4 = quantized.model.layers[1].mlp.down_proj
+    assert isinstance(q4, bnb.nn.Linear4bit)
+    expected = bnb.functional.dequantize_4bit(q4.weight.data, q4.weight.quant_state).float()
+    plain = modeling.dequantize_base(quantized, "float32").model.layers[1].mlp.down_proj
+    assert type(plain) is torch.nn.Linear and not plain.weight.requires_grad
+    assert torch.equal(plain.weight, expected)
+    # the plain layer computes what the 4-bit layer computes (a fresh load: bitsandbytes' CPU
+    # kernel repacks the weight on its first call, and multiplies in bf16, hence the tolerance)
+    x = torch.randn(3, q4.in_features)
+    with torch.no_grad():
+        y4 = modeling.load_model(cfg, training=False).model.layers[1].mlp.down_proj(x)
+        assert ((plain(x) - y4).norm() / y4.norm()).item() < 1e-2
+    # and the NF4 weights are not the float originals: the copy is of the quantised model
+    full = modeling.load_model(load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"quantization.load_in_4bit": False})),
+                               training=False)
+    assert not torch.equal(full.model.layers[1].mlp.down_proj.weight.float(), expected)
 
 
 def test_cuda_only_settings_without_cuda_say_what_to_set():
