@@ -17,9 +17,9 @@ from samsum_qlora.config import Config, build_config
 
 # The seed tutorial's recipe, as overrides of any config: 4 rows x 4 accumulation padded to the
 # longest, gradient checkpointing, paged 8-bit AdamW, all logits, the 4-bit matmuls, LoRA dropout
-# 0.05, no fused kernels.
+# 0.05, no fused kernels, torch's attention backends as they come.
 SEED_RECIPE = {
-    "model": {"liger_kernels": False},
+    "model": {"liger_kernels": False, "cudnn_attention": True},  # torch's default
     "lora": {"lora_dropout": 0.05},
     "quantization": {"dequantize_once": False},
     "train": {

@@ -31,6 +31,9 @@ class ModelArgs:
     # Fused Triton kernels (liger-kernel) for RMSNorm, SwiGLU and RoPE on a CUDA GPU: fewer
     # kernel launches and less activation memory. Ignored on the CPU or when not installed.
     liger_kernels: bool = True
+    # cuDNN's attention builds a plan per new shape; batches here change shape every step and
+    # generation grows the KV cache every token, so planning costs more than it saves.
+    cudnn_attention: bool = False
 
 
 @dataclass
