@@ -5,6 +5,7 @@ The loss-mask rule lives in `encode_example`; every other function here serves i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -92,6 +93,20 @@ def clean(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
+_SPECIALS: dict[int, "re.Pattern[str]"] = {}
+
+
+def plain_text(tokenizer, text: str) -> str:
+    """`clean(text)` without the tokenizer's special-token strings: a literal "<|eot_id|>" in a
+    dialogue would otherwise become a real end-of-turn (or a second BOS) inside the prompt."""
+    pattern = _SPECIALS.get(id(tokenizer))
+    if pattern is None:
+        specials = sorted({t for t in tokenizer.all_special_tokens} | {
+            t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+        pattern = _SPECIALS[id(tokenizer)] = re.compile("|".join(map(re.escape, specials)) or r"(?!)")
+    return clean(pattern.sub("", clean(text)))
+
+
 def build_messages(dialogue: str, instruction: str, summary: str | None = None) -> list[dict[str, str]]:
     """system (the task) + user (the dialogue) [+ assistant (the summary), for training]."""
     messages = [
@@ -117,21 +132,23 @@ def fit_dialogue(
 ) -> tuple[str, list[int]] | None:
     """Shorten the dialogue's tail until `render(dialogue)` fits `max_length` tokens.
 
-    Returns (dialogue used, ids), or None when even an empty dialogue does not fit."""
+    Cuts at token boundaries mapped back to characters, so a multi-byte character is never split
+    into replacement characters. Returns (dialogue used, ids), or None when not even the
+    dialogue's first token fits."""
     ids = render(dialogue)
     excess = len(ids) - max_length
     if excess <= 0:
         return dialogue, ids
-    dialogue_ids = tokenizer(dialogue, add_special_tokens=False)["input_ids"]
-    keep = len(dialogue_ids) - excess
+    ends = [end for _, end in tokenizer(dialogue, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    keep = len(ends) - excess
     while keep > 0:
-        # decode/re-encode may merge differently at the cut, so re-render and re-measure.
-        shortened = tokenizer.decode(dialogue_ids[:keep]).rstrip()
+        # re-encoding the shortened text may merge differently at the cut: re-render, re-measure
+        shortened = dialogue[: ends[keep - 1]].rstrip()
         ids = render(shortened)
         excess = len(ids) - max_length
-        if excess <= 0:
+        if excess <= 0 and shortened:
             return shortened, ids
-        keep -= excess
+        keep -= max(excess, 1)
     return None
 
 
@@ -156,7 +173,7 @@ def encode_example(
     Rows longer than `max_length` lose the end of their dialogue, never any summary token.
     Returns None for a row with an empty dialogue or summary, or whose summary alone cannot fit.
     """
-    dialogue, summary = clean(dialogue), clean(summary)
+    dialogue, summary = plain_text(tokenizer, dialogue), plain_text(tokenizer, summary)
     if not dialogue or not summary:
         return None
 
@@ -181,7 +198,7 @@ def encode_prompt(tokenizer, dialogue: str, *, instruction: str, max_length: int
     def prompt(d: str) -> list[int]:
         return render_ids(tokenizer, build_messages(d, instruction), date_string, True)
 
-    fitted = fit_dialogue(tokenizer, clean(dialogue), prompt, max_length)
+    fitted = fit_dialogue(tokenizer, plain_text(tokenizer, dialogue), prompt, max_length)
     if fitted is None:
         raise UserError(f"data.max_length={max_length} is too short for even the prompt template")
     return fitted[1]
@@ -213,7 +230,7 @@ def encode_rows(
     columns: dict[str, list[Any]] = {"id": [], "input_ids": [], "labels": []}
     stats = EncodeStats()
     for row in tqdm(examples, desc="tokenising", unit="row", disable=not progress, leave=False):
-        if not clean(row["dialogue"]) or not clean(row["summary"]):
+        if not plain_text(tokenizer, row["dialogue"]) or not plain_text(tokenizer, row["summary"]):
             stats.skipped_empty += 1
             continue
         enc = encode_example(
