@@ -1,15 +1,19 @@
 """Batched greedy generation and scoring: writes metrics.json and predictions.jsonl.
 
 Predictions are appended to `predictions.partial.jsonl` batch by batch, so an interrupted
-evaluation resumes where it stopped instead of generating everything again.
+evaluation resumes where it stopped instead of generating everything again. Under torchrun each
+process generates its share of the batches into `predictions.partial.rank<r>.jsonl`, and rank 0
+writes the results (`_run_eval_sharded`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -93,21 +97,28 @@ def _plan_api_eval(cfg: Config, api_model: str | None, api_base: str | None, *, 
     )
 
 
+def generation_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of similar length, longest first (an OOM shows at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def generate(
     model, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int, pad_id: int,
     stop_ids: list[int], decode: Callable[[list[int]], str], on_batch: Callable[[list[int], list[str]], None],
-    min_new_tokens: int = 0, progress: bool = True,
+    min_new_tokens: int = 0, progress: bool = True, batches: list[list[int]] | None = None,
 ) -> None:
     """Greedy generation in batches of similar length, left-padded so every prompt ends where
     generation starts; stops each row at end-of-turn. Calls `on_batch(indices, texts)` per batch.
-    (`min_new_tokens` forces a fixed length: the benchmark's ceiling.)"""
+    (`min_new_tokens` forces a fixed length: the benchmark's ceiling; `batches`, a share of
+    `generation_batches`, generates only those.)"""
     import torch
     from tqdm.auto import tqdm
 
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: OOM shows at once
+    if batches is None:
+        batches = generation_batches([len(p) for p in prompts], batch_size)
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", disable=not progress):
-        idx = order[start : start + batch_size]
+    for idx in tqdm(batches, desc="generating", unit="batch", disable=not progress):
         width = max(len(prompts[i]) for i in idx)
         input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -129,26 +140,59 @@ Save = Callable[[list[int], list[str]], None]
 Predict = Callable[[Config, EvalPlan, list[dict], Save], "dict | None"]
 
 
-def predict_local(cfg: Config, plan: EvalPlan, todo: list[dict], save: Save) -> None:
-    """Our own model: the 4-bit base, with the adapters attached unless --base-only."""
+def predict_local(cfg: Config, plan: EvalPlan, todo: list[dict], save: Save, *,
+                  shard: tuple[int, int] = (0, 1)) -> None:
+    """Our own model: the 4-bit base, with the adapters attached unless --base-only. With
+    `shard=(r, N)`, only batches r, r+N, r+2N, ... of the ones a single process would generate."""
     from samsum_qlora import data, model as modeling
 
     tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.revision)
-    model = modeling.load_generation_model(cfg, plan.adapters)
     prompts = [
         data.encode_prompt(tokenizer, r["dialogue"], instruction=cfg.data.task_instruction,
                            max_length=cfg.data.max_length, date_string=cfg.data.date_string)
         for r in todo
     ]
+    rank, processes = shard
+    batches = generation_batches([len(p) for p in prompts], cfg.eval.batch_size)[rank::processes]
+    if not batches:
+        return  # fewer batches than processes: nothing for this one, so no model to load
+    model = modeling.load_generation_model(cfg, plan.adapters)
     generate(
         model, prompts, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
         pad_id=data.pad_token_id(tokenizer), stop_ids=data.end_of_turn_ids(tokenizer),
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip(), on_batch=save,
+        progress=rank == 0, batches=batches,
     )
 
 
+def _partials(out: Path) -> list[Path]:
+    """Interrupted evaluations' predictions: one process's, and each torchrun process's."""
+    return [out / PARTIAL, *sorted(out.glob("predictions.partial.rank*.jsonl"))]
+
+
+def _saved_predictions(cfg: Config, plan: EvalPlan, overwrite: bool) -> tuple[Path, dict]:
+    """The output folder and the predictions already in it (id -> record), from a finished run
+    (predictions.jsonl) or an interrupted one, of one process or several (the partial files).
+    Never mixes predictions of two different evaluations: refuses, or with `overwrite` clears."""
+    out = files.ensure_writable_dir(plan.output_dir)
+    fingerprint = plan.fingerprint(cfg)
+    plan_file = out / "eval_plan.json"
+    if plan_file.is_file() and json.loads(plan_file.read_text()) != fingerprint:
+        if not overwrite:
+            raise UserError(f"{out} holds another evaluation ({plan_file}); pass --output-dir or --overwrite")
+        for stale in (*_partials(out), out / "predictions.jsonl", out / "metrics.json"):
+            stale.unlink(missing_ok=True)
+    files.write_json(plan_file, fingerprint)
+    done = {}
+    for saved in (out / "predictions.jsonl", *_partials(out)):
+        if saved.is_file():
+            done.update({r["id"]: r for r in files.read_jsonl(saved)})
+    return out, done
+
+
 def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False, predict: Predict | None = None) -> dict:
-    """Score `plan`: load the split, reuse saved predictions, generate the rest, write results."""
+    """Score `plan`: load the split, reuse saved predictions, generate the rest, write results.
+    Under torchrun (WORLD_SIZE > 1) the processes share the generation (`_run_eval_sharded`)."""
     from samsum_qlora import data
 
     # --- data ---
@@ -156,33 +200,19 @@ def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False, predict: P
     examples = [r for r in examples if data.clean(r["dialogue"])]
     if plan.limit:
         examples = examples[: plan.limit]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if predict is not None:
+            raise UserError("an API model is scored by one process: run `samsum-qlora eval` without torchrun")
+        return _run_eval_sharded(cfg, plan, examples, overwrite=overwrite)
 
     # --- resume or refuse: never mix predictions of two different evaluations ---
-    out = files.ensure_writable_dir(plan.output_dir)
-    fingerprint = plan.fingerprint(cfg)
-    plan_file = out / "eval_plan.json"
+    out, done = _saved_predictions(cfg, plan, overwrite)
     partial = out / PARTIAL
-    if plan_file.is_file() and json.loads(plan_file.read_text()) != fingerprint:
-        if not overwrite:
-            raise UserError(f"{out} holds another evaluation ({plan_file}); pass --output-dir or --overwrite")
-        for stale in (partial, out / "predictions.jsonl", out / "metrics.json"):
-            stale.unlink(missing_ok=True)
-    files.write_json(plan_file, fingerprint)
-    done = {}  # id -> record, from a finished run (predictions.jsonl) or an interrupted one (partial)
-    for saved in (out / "predictions.jsonl", partial):
-        if saved.is_file():
-            done.update({r["id"]: r for r in files.read_jsonl(saved)})
     todo = [r for r in examples if r["id"] not in done]
     if done:
         print(f"resuming: {len(examples) - len(todo)} of {len(examples)} predictions already in {out}")
     if not todo and (out / "metrics.json").is_file() and (out / "predictions.jsonl").is_file():
-        # Finished before: keep its metrics.json, which alone records what that run measured
-        # (an API's token usage); rewriting it would drop that and say generation took 0 s.
-        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-        partial.unlink(missing_ok=True)
-        print(results_table([(metrics["model"], metrics["type"], metrics)]))
-        print(f"already complete: {out / 'metrics.json'}")
-        return metrics
+        return _already_complete(out)
 
     # --- generate what is missing; each finished batch is appended to the partial file ---
     started = time.perf_counter()
@@ -199,7 +229,95 @@ def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False, predict: P
 
             extra = (predict or predict_local)(cfg, plan, todo, save) or {}
     seconds = time.perf_counter() - started
+    return _publish(cfg, plan, out, examples, done, seconds, extra)
 
+
+def _run_eval_sharded(cfg: Config, plan: EvalPlan, examples: list[dict], *, overwrite: bool) -> dict:
+    """`eval` under torchrun: rank 0 resumes or refuses as one process would and tells the others
+    what is left; rank r generates batches r, r+N, r+2N, ... of it; rank 0 gathers the predictions
+    and writes the results. Every process returns the same metrics.
+
+    Whole batches are dealt out, not examples, so each batch is the very one a single process
+    would generate, padded the same way: the predictions, and so the metrics, are identical.
+    Dealing them in turn from the longest gives each process about the same work. The processes
+    talk through gloo, also on GPUs: they only pass a few Python objects, which needs no GPU memory."""
+    import torch.distributed as dist
+
+    from samsum_qlora import data
+
+    joined = not dist.is_initialized()
+    if joined:  # rank 0 waits at the gather for the slowest process: allow a long evaluation
+        dist.init_process_group("gloo", timeout=timedelta(hours=2))
+    rank, processes = dist.get_rank(), dist.get_world_size()
+    mine = plan.output_dir / f"predictions.partial.rank{rank}.jsonl"
+    try:
+        # --- rank 0 resumes or refuses, as one process does; the others learn the outcome ---
+        outcome: list = [None]
+        if rank == 0:
+            try:
+                out, done = _saved_predictions(cfg, plan, overwrite)
+                left = [r["id"] for r in examples if r["id"] not in done]
+                if done:
+                    print(f"resuming: {len(examples) - len(left)} of {len(examples)} predictions already in {out}")
+                if not left and (out / "metrics.json").is_file() and (out / "predictions.jsonl").is_file():
+                    outcome[0] = {"finished": _already_complete(out)}
+                else:
+                    outcome[0] = {"left": left}
+            except UserError as e:
+                outcome[0] = {"error": str(e)}
+        dist.broadcast_object_list(outcome, src=0)
+        if "error" in outcome[0]:
+            raise UserError(outcome[0]["error"])
+        if "finished" in outcome[0]:
+            return outcome[0]["finished"]
+        left = set(outcome[0]["left"])
+        todo = [r for r in examples if r["id"] in left]
+
+        # --- generate this process's share; each finished batch is appended to its own partial file ---
+        started = time.perf_counter()
+        share: list[dict] = []
+        if todo:
+            files.ensure_writable_dir(plan.output_dir)  # on another node's disk, too
+            with mine.open("a", encoding="utf-8") as sink:
+
+                def save(indices: list[int], texts: list[str]) -> None:
+                    for i, text in zip(indices, texts):
+                        rec = {"id": todo[i]["id"], "reference": data.clean(todo[i]["summary"]), "prediction": text}
+                        share.append(rec)
+                        sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    sink.flush()
+
+                predict_local(cfg, plan, todo, save, shard=(rank, processes))
+
+        # --- rank 0 gathers every share and writes the results in dataset order ---
+        shares = [None] * processes if rank == 0 else None
+        dist.gather_object(share, shares, dst=0)
+        metrics: list = [None]
+        if rank == 0:
+            done.update((rec["id"], rec) for part in shares for rec in part)
+            metrics[0] = _publish(cfg, plan, out, examples, done, time.perf_counter() - started, {})
+        dist.broadcast_object_list(metrics, src=0)
+        mine.unlink(missing_ok=True)  # rank 0 removed those it sees; not those on other nodes' disks
+        return metrics[0]
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _already_complete(out: Path) -> dict:
+    """Finished before: keep its metrics.json, which alone records what that run measured (an
+    API's token usage); rewriting it would drop that and say generation took 0 s."""
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    for partial in _partials(out):
+        partial.unlink(missing_ok=True)
+    print(results_table([(metrics["model"], metrics["type"], metrics)]))
+    print(f"already complete: {out / 'metrics.json'}")
+    return metrics
+
+
+def _publish(cfg: Config, plan: EvalPlan, out: Path, examples: list[dict], done: dict, seconds: float,
+             extra: dict) -> dict:
+    """Score the predictions and write them, in dataset order, with metrics.json."""
     # --- score and publish, in dataset order ---
     predictions = [done[r["id"]] for r in examples]
     scores = rouge([p["prediction"] for p in predictions], [p["reference"] for p in predictions])
@@ -210,7 +328,8 @@ def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False, predict: P
     }
     files.write_jsonl(out / "predictions.jsonl", predictions)
     files.write_json(out / "metrics.json", metrics)
-    partial.unlink(missing_ok=True)
+    for partial in _partials(out):
+        partial.unlink(missing_ok=True)
     print(results_table([(plan.model, plan.kind, scores)]))
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")
     if tracking.log_eval_to_wandb(metrics, predictions, Path(cfg.train.output_dir)):

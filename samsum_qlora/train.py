@@ -6,12 +6,14 @@ exists) -> save adapters, config and metrics atomically.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import signal
 import time
 from pathlib import Path
 
 from samsum_qlora import checkpoints, files, tracking
-from samsum_qlora.config import Config, dump_config
+from samsum_qlora.config import Config, TrainArgs, dump_config
 from samsum_qlora.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -29,6 +31,10 @@ def _callbacks(config_tree: dict):
         """Marks each checkpoint complete once the Trainer has written all of it."""
 
         def on_save(self, args, state, control, **kwargs):
+            if args.world_size > 1:  # under torchrun every process writes its RNG state into the checkpoint
+                from accelerate import PartialState
+
+                PartialState().wait_for_everyone()
             if args.should_save:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
@@ -114,12 +120,13 @@ def _trainer_class(trained_logits_only: bool):
     return TrainedLogitsTrainer
 
 
-def training_arguments(cfg: Config, output_dir: Path, cuda: bool):
-    """transformers.TrainingArguments from our TrainArgs (same field names)."""
+def training_arguments(cfg: Config, output_dir: Path, cuda: bool, count_tokens: bool = False):
+    """transformers.TrainingArguments from our TrainArgs (same field names). `count_tokens` makes
+    the Trainer count the real tokens it trains (state.num_input_tokens_seen), at one sync a step."""
     from transformers import TrainingArguments
 
     t = cfg.train
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(output_dir),
         # token-budget batches arrive pre-formed, one dataset item each
         per_device_train_batch_size=1 if t.max_tokens_per_batch else t.per_device_train_batch_size,
@@ -148,7 +155,52 @@ def training_arguments(cfg: Config, output_dir: Path, cuda: bool):
         remove_unused_columns=False,
         label_names=["labels"],
         use_cpu=not cuda,
+        include_num_input_tokens_seen="non_padding" if count_tokens else "no",
+        # under torchrun every LoRA weight gets a gradient each step: DDP need not search the graph
+        ddp_find_unused_parameters=False,
     )
+    if args.n_gpu > 1:  # one process seeing several GPUs: the Trainer would wrap the model in nn.DataParallel
+        print(f"note: {args.n_gpu} GPUs visible to one process; training on one. "
+              f"torchrun --nproc_per_node {args.n_gpu} uses them all")
+        args._n_gpu = 1
+    return args
+
+
+def per_process_batch(t: TrainArgs, processes: int) -> tuple[int | None, int, str]:
+    """(max_tokens_per_batch, gradient_accumulation_steps, note) for each of `processes` processes,
+    so that an optimizer step trains the global batch the config describes, whatever the GPU count.
+
+    The config describes one GPU: a step is `max_tokens_per_batch` tokens (or
+    `per_device_train_batch_size` rows) x `gradient_accumulation_steps`. Under torchrun each of N
+    processes takes 1/N of it: the token budget is divided by N (rounded down); with fixed rows the
+    accumulation steps are, and must divide by N. The note says what was done (empty for one process)."""
+    n = processes
+    if n <= 1:
+        return t.max_tokens_per_batch, t.gradient_accumulation_steps, ""
+    accumulation = t.gradient_accumulation_steps
+    steps = f" x {accumulation} accumulation steps" if accumulation > 1 else ""
+    if t.max_tokens_per_batch:
+        budget = t.max_tokens_per_batch
+        tokens = budget // n
+        if tokens < 16:
+            raise UserError(f"train.max_tokens_per_batch={budget} split over {n} processes leaves {tokens} tokens "
+                            f"each; set it to at least {16 * n} or launch fewer processes")
+        kept = f"{budget:,}" if tokens * n == budget else f"{budget:,} (rounded down to {tokens * n:,})"
+        note = f"{n} processes: {tokens:,} tokens per device per step{steps} keeps the global {kept}"
+        return tokens, accumulation, note
+    rows = t.per_device_train_batch_size
+    if accumulation % n:
+        total = rows * accumulation
+        fits = [str(d) for d in range(1, accumulation + 1) if accumulation % d == 0]
+        counts = ", ".join(fits[:-1]) + f" or {fits[-1]} processes" if len(fits) > 1 else "one process"
+        fix = next((f"--set train.per_device_train_batch_size={total // a} --set train.gradient_accumulation_steps={a}"
+                    for a in range(n, total + 1, n) if total % a == 0), None)
+        raise UserError(
+            f"the global batch of {rows} rows x {accumulation} accumulation steps does not split over {n} processes: "
+            + (f"keep its {total} rows per step with {fix}, " if fix else "")
+            + f"launch {counts}, or use token budgets (train.max_tokens_per_batch)")
+    return None, accumulation // n, (f"{n} processes: {rows} rows x {accumulation // n} accumulation steps per device "
+                                     f"keeps the global {rows * accumulation} rows per step")
 
 
 def run(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> dict:
@@ -157,6 +209,13 @@ def run(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> d
 
     from samsum_qlora import data, model as modeling
 
+    # Under torchrun or `accelerate launch` every process runs this function; only rank 0 talks
+    # and writes (the Trainer itself also adds each process's RNG state to its checkpoints).
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    main = os.environ.get("RANK", "0") == "0"
+    say = print if main else (lambda *args, **kwargs: None)
+    # One process per GPU: each takes 1/N of the global batch (config.yaml keeps the global one).
+    tokens, accumulation, note = per_process_batch(cfg.train, processes)
     out = Path(cfg.train.output_dir)
     final = out / ADAPTERS
     if final.exists() and not overwrite:
@@ -174,7 +233,7 @@ def run(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> d
         if not resume_from.is_dir():
             raise UserError(f"--resume {resume} is not a checkpoint directory")
     else:
-        resume_from = None if overwrite else checkpoints.newest_complete(ckpt_dir)
+        resume_from = None if overwrite else checkpoints.newest_complete(ckpt_dir, warn=say)
     if resume_from is not None:
         checkpoints.check_resumable(resume_from, config_tree)
     files.ensure_writable_dir(out)
@@ -189,9 +248,9 @@ def run(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> d
         examples = examples[: cfg.data.max_train_samples]
     columns, stats = data.encode_rows(
         tokenizer, examples, instruction=cfg.data.task_instruction,
-        max_length=cfg.data.max_length, date_string=cfg.data.date_string,
+        max_length=cfg.data.max_length, date_string=cfg.data.date_string, progress=main,
     )
-    print(
+    say(
         f"data: {stats.kept} training rows from {cfg.data.source} ({stats.trained_tokens:,} trained of "
         f"{stats.tokens:,} tokens); skipped {stats.skipped_empty} with an empty dialogue or summary, "
         f"dropped {stats.dropped_too_long} whose summary cannot fit {cfg.data.max_length} tokens, "
@@ -199,24 +258,29 @@ def run(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> d
     )
     if stats.kept == 0:
         raise UserError(f"no usable training rows in {cfg.data.source} ({cfg.data.train_split})")
-    train_set = training_set(cfg, columns)
+    per_process = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, max_tokens_per_batch=tokens, gradient_accumulation_steps=accumulation))
+    if note:
+        say(note)
+    train_set = training_set(per_process, columns)
 
     # --- model: 4-bit base + LoRA ---
     model = modeling.load_model(cfg, training=True)
     model = modeling.attach_new_adapters(model, cfg)
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     # --- trainer (W&B, if asked for: offline without a key, one run id per output dir) ---
-    cfg.train.report_to = tracking.prepare_wandb(cfg.train.report_to, out)
+    cfg.train.report_to = per_process.train.report_to = tracking.prepare_wandb(cfg.train.report_to, out)
     manifest_cb, sigterm_cb = _callbacks(config_tree)
-    trainer = build_trainer(cfg, model, tokenizer, train_set, ckpt_dir, [manifest_cb, sigterm_cb])
+    trainer = build_trainer(per_process, model, tokenizer, train_set, ckpt_dir, [manifest_cb, sigterm_cb],
+                            count_tokens=True)
     if "wandb" in cfg.train.report_to:
         trainer.add_callback(_config_to_wandb(config_tree))
 
     # --- train ---
     if resume_from is not None:
-        print(f"resuming from {resume_from} (step {resume_from.name.split('-')[-1]})")
+        say(f"resuming from {resume_from} (step {resume_from.name.split('-')[-1]})")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
@@ -236,6 +300,12 @@ def run(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> d
         "dropped_too_long": stats.dropped_too_long, "truncated": stats.truncated,
         "tokens": stats.tokens, "trained_tokens": stats.trained_tokens,
         "resumed_from": str(resume_from) if resume_from else None,
+        # What a throughput comparison needs: real (non-padding) tokens trained by all processes,
+        # per second of this command's training (not after a resume, which counts earlier ones too).
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": None if resume_from else round(trainer.state.num_input_tokens_seen / seconds, 1),
+        "processes": processes,
+        "per_process_batch": {"max_tokens_per_batch": tokens, "gradient_accumulation_steps": accumulation},
     }
     if trainer.is_world_process_zero():
         staging = out / f".{ADAPTERS}.staging"
@@ -246,6 +316,7 @@ def run(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> d
         files.write_json(out / "train_metrics.json", metrics)
         files.publish_dir(staging, final)
         print(f"saved adapters to {final}; train loss {result.training_loss:.4f}")
+    trainer.accelerator.wait_for_everyone()  # every process returns once the adapters are in place
     return metrics
 
 
@@ -264,15 +335,16 @@ def training_set(cfg: Config, columns: dict):
     return Dataset.from_dict(rows)
 
 
-def build_trainer(cfg: Config, model, tokenizer, train_set, output_dir: Path, callbacks=(), collator=None):
-    """The HF Trainer exactly as `train` uses it (also timed by `bench`)."""
+def build_trainer(cfg: Config, model, tokenizer, train_set, output_dir: Path, callbacks=(), collator=None,
+                  count_tokens: bool = False):
+    """The HF Trainer exactly as `train` uses it (also timed by `bench`, which counts tokens itself)."""
     import torch
 
     from samsum_qlora import data
 
     return _trainer_class(cfg.train.trained_logits_only)(
         model=model,
-        args=training_arguments(cfg, output_dir, torch.cuda.is_available()),
+        args=training_arguments(cfg, output_dir, torch.cuda.is_available(), count_tokens),
         train_dataset=train_set,
         data_collator=collator or data.PadToLongest(data.pad_token_id(tokenizer), cfg.train.pad_to_multiple_of),
         callbacks=list(callbacks),
