@@ -174,16 +174,15 @@ def time_generation(cfg: Config, model_dir: Path, prompts: list[list[int]], loop
     def run(gen_cfg, subset, batch_size):
         model = modeling.load_generation_model(gen_cfg, workdir / "adapters")
         outputs: dict[int, list[int]] = {}
-        generate = lambda: evaluate.generate(  # noqa: E731
-            model, [prompts[i] for i in subset], batch_size=batch_size, max_new_tokens=new_tokens, pad_id=pad,
-            stop_ids=data.end_of_turn_ids(tokenizer), decode=lambda ids: ids, min_new_tokens=new_tokens,
-            on_batch=lambda idx, seqs: outputs.update({subset[i]: s for i, s in zip(idx, seqs)}), progress=False)
         evaluate.generate(model, [prompts[subset[0]]], batch_size=1, max_new_tokens=4, pad_id=pad,
                           stop_ids=[], decode=lambda ids: ids, on_batch=lambda *a: None, progress=False)  # warm-up
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        generate()
+        evaluate.generate(
+            model, [prompts[i] for i in subset], batch_size=batch_size, max_new_tokens=new_tokens, pad_id=pad,
+            stop_ids=data.end_of_turn_ids(tokenizer), decode=lambda ids: ids, min_new_tokens=new_tokens,
+            on_batch=lambda idx, seqs: outputs.update({subset[i]: s for i, s in zip(idx, seqs)}), progress=False)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started

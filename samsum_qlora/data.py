@@ -5,6 +5,7 @@ The loss-mask rule lives in `encode_example`; every other function here serves i
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,18 +94,17 @@ def clean(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
-_SPECIALS: dict[int, "re.Pattern[str]"] = {}
+@functools.lru_cache(maxsize=8)
+def _special_pattern(specials: frozenset[str]) -> "re.Pattern[str]":
+    return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))) or r"(?!)")
 
 
 def plain_text(tokenizer, text: str) -> str:
     """`clean(text)` without the tokenizer's special-token strings: a literal "<|eot_id|>" in a
     dialogue would otherwise become a real end-of-turn (or a second BOS) inside the prompt."""
-    pattern = _SPECIALS.get(id(tokenizer))
-    if pattern is None:
-        specials = sorted({t for t in tokenizer.all_special_tokens} | {
-            t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
-        pattern = _SPECIALS[id(tokenizer)] = re.compile("|".join(map(re.escape, specials)) or r"(?!)")
-    return clean(pattern.sub("", clean(text)))
+    specials = frozenset(tokenizer.all_special_tokens) | {
+        t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return clean(_special_pattern(specials).sub("", clean(text)))
 
 
 def build_messages(dialogue: str, instruction: str, summary: str | None = None) -> list[dict[str, str]]:

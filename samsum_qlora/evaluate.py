@@ -219,15 +219,7 @@ def run_eval(cfg: Config, plan: EvalPlan, *, overwrite: bool = False, predict: P
     extra: dict = {}
     if todo:
         with partial.open("a", encoding="utf-8") as sink:
-
-            def save(indices: list[int], texts: list[str]) -> None:
-                for i, text in zip(indices, texts):
-                    rec = {"id": todo[i]["id"], "reference": data.clean(todo[i]["summary"]), "prediction": text}
-                    done[rec["id"]] = rec
-                    sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                sink.flush()
-
-            extra = (predict or predict_local)(cfg, plan, todo, save) or {}
+            extra = (predict or predict_local)(cfg, plan, todo, _saver(sink, todo, done)) or {}
     seconds = time.perf_counter() - started
     return _publish(cfg, plan, out, examples, done, seconds, extra)
 
@@ -242,8 +234,6 @@ def _run_eval_sharded(cfg: Config, plan: EvalPlan, examples: list[dict], *, over
     Dealing them in turn from the longest gives each process about the same work. The processes
     talk through gloo, also on GPUs: they only pass a few Python objects, which needs no GPU memory."""
     import torch.distributed as dist
-
-    from samsum_qlora import data
 
     joined = not dist.is_initialized()
     if joined:  # rank 0 waits at the gather for the slowest process: allow a long evaluation
@@ -275,26 +265,19 @@ def _run_eval_sharded(cfg: Config, plan: EvalPlan, examples: list[dict], *, over
 
         # --- generate this process's share; each finished batch is appended to its own partial file ---
         started = time.perf_counter()
-        share: list[dict] = []
+        share: dict[str, dict] = {}
         if todo:
             files.ensure_writable_dir(plan.output_dir)  # on another node's disk, too
             with mine.open("a", encoding="utf-8") as sink:
-
-                def save(indices: list[int], texts: list[str]) -> None:
-                    for i, text in zip(indices, texts):
-                        rec = {"id": todo[i]["id"], "reference": data.clean(todo[i]["summary"]), "prediction": text}
-                        share.append(rec)
-                        sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    sink.flush()
-
-                predict_local(cfg, plan, todo, save, shard=(rank, processes))
+                predict_local(cfg, plan, todo, _saver(sink, todo, share), shard=(rank, processes))
 
         # --- rank 0 gathers every share and writes the results in dataset order ---
         shares = [None] * processes if rank == 0 else None
         dist.gather_object(share, shares, dst=0)
         metrics: list = [None]
         if rank == 0:
-            done.update((rec["id"], rec) for part in shares for rec in part)
+            for part in shares:
+                done.update(part)
             metrics[0] = _publish(cfg, plan, out, examples, done, time.perf_counter() - started, {})
         dist.broadcast_object_list(metrics, src=0)
         mine.unlink(missing_ok=True)  # rank 0 removed those it sees; not those on other nodes' disks
@@ -302,6 +285,21 @@ def _run_eval_sharded(cfg: Config, plan: EvalPlan, examples: list[dict], *, over
     finally:
         if joined:
             dist.destroy_process_group()
+
+
+def _saver(sink, todo: list[dict], into: dict[str, dict]) -> Save:
+    """The `save` a predictor calls: each finished batch goes to `into` (id -> record) and is
+    appended to the partial file at once, so an interruption loses at most the batch in flight."""
+    from samsum_qlora import data
+
+    def save(indices: list[int], texts: list[str]) -> None:
+        for i, text in zip(indices, texts):
+            rec = {"id": todo[i]["id"], "reference": data.clean(todo[i]["summary"]), "prediction": text}
+            into[rec["id"]] = rec
+            sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        sink.flush()
+
+    return save
 
 
 def _already_complete(out: Path) -> dict:
@@ -318,7 +316,6 @@ def _already_complete(out: Path) -> dict:
 def _publish(cfg: Config, plan: EvalPlan, out: Path, examples: list[dict], done: dict, seconds: float,
              extra: dict) -> dict:
     """Score the predictions and write them, in dataset order, with metrics.json."""
-    # --- score and publish, in dataset order ---
     predictions = [done[r["id"]] for r in examples]
     scores = rouge([p["prediction"] for p in predictions], [p["reference"] for p in predictions])
     metrics = {

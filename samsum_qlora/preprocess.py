@@ -43,11 +43,10 @@ def run(cfg: Config, *, split: str, out_dir: Path, show: int) -> None:
     )
     if stats.kept == 0:
         raise UserError(f"no usable rows in {cfg.data.source} ({split})")
-    files.ensure_writable_dir(out_dir.parent if out_dir.parent != Path("") else Path("."))
+    files.ensure_writable_dir(out_dir.parent)
     staging = out_dir.with_name(f".{out_dir.name}.staging")
     Dataset.from_dict(columns).save_to_disk(str(staging))
-    out_dir.rmdir() if out_dir.exists() else None
-    files.publish_dir(staging, out_dir)
+    files.publish_dir(staging, out_dir)  # an empty --out folder is replaced
     for i in range(min(show, stats.kept)):
         click.echo(f"--- {columns['id'][i]} ({len(columns['input_ids'][i])} tokens) ---")
         click.echo(marked(tokenizer, columns["input_ids"][i], columns["labels"][i]))

@@ -258,8 +258,10 @@ def run(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> d
     )
     if stats.kept == 0:
         raise UserError(f"no usable training rows in {cfg.data.source} ({cfg.data.train_split})")
+    # W&B, if asked for: offline without a key, one run id per output dir (a report_to for the Trainer)
+    report_to = tracking.prepare_wandb(cfg.train.report_to, out)
     per_process = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, max_tokens_per_batch=tokens, gradient_accumulation_steps=accumulation))
+        cfg.train, max_tokens_per_batch=tokens, gradient_accumulation_steps=accumulation, report_to=report_to))
     if note:
         say(note)
     train_set = training_set(per_process, columns)
@@ -270,12 +272,11 @@ def run(cfg: Config, *, overwrite: bool = False, resume: str | None = None) -> d
     trainable, total = model.get_nb_trainable_parameters()
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
-    # --- trainer (W&B, if asked for: offline without a key, one run id per output dir) ---
-    cfg.train.report_to = per_process.train.report_to = tracking.prepare_wandb(cfg.train.report_to, out)
+    # --- trainer ---
     manifest_cb, sigterm_cb = _callbacks(config_tree)
     trainer = build_trainer(per_process, model, tokenizer, train_set, ckpt_dir, [manifest_cb, sigterm_cb],
                             count_tokens=True)
-    if "wandb" in cfg.train.report_to:
+    if "wandb" in report_to:
         trainer.add_callback(_config_to_wandb(config_tree))
 
     # --- train ---
