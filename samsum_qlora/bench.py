@@ -60,9 +60,13 @@ def summarise(real_tokens: int, padded_tokens: int, seconds: float, n_params: in
     }
 
 
+RANDOM_MARK = "RANDOM_WEIGHTS"
+
+
 def random_model_dir(name: str, revision: str | None, dtype_name: str, out: Path) -> Path:
     """`name`'s architecture with random weights, saved in `out` so the real loading path (4-bit)
-    reads it. An `out` that already holds one is reused (seeded, so it is the same model)."""
+    reads it. An `out` that already holds a model is used as it is: the random one of an earlier
+    run (seeded, so the same), or real weights (then `same_outputs_as_loop` means something)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -75,8 +79,13 @@ def random_model_dir(name: str, revision: str | None, dtype_name: str, out: Path
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype_name))
     model.save_pretrained(out)
     load_tokenizer(name, revision).save_pretrained(out)
+    (out / RANDOM_MARK).write_text("random weights written by `samsum-qlora bench` (torch seed 0)\n")
     del model
     return out
+
+
+def weights_label(model_dir: Path) -> str:
+    return "random" if (model_dir / RANDOM_MARK).is_file() else str(model_dir)
 
 
 class _Counting:
@@ -149,10 +158,20 @@ def base_parameter_count(model_dir: Path) -> int:
     return total
 
 
+def until_stop(seq: list[int], stop_ids: list[int]) -> list[int]:
+    """The part of a greedy continuation that generation stopping at end-of-turn would return."""
+    return next((seq[:i] for i, t in enumerate(seq) if t in stop_ids), seq)
+
+
 def time_generation(cfg: Config, model_dir: Path, prompts: list[list[int]], loop_sample: int, workdir: Path,
                     new_tokens: int = 64) -> dict:
     """Batched generation with the eval path's model vs the per-example loop of the seed
-    (4-bit base, unmerged adapters, batch 1), at a fixed number of new tokens."""
+    (4-bit base, unmerged adapters, batch 1), `new_tokens` per example.
+
+    Both run greedily without stopping, so every example costs the same; greedy decoding is causal,
+    so each output cut at its first end-of-turn is exactly what `eval` (which stops there) returns,
+    and those are what `same_outputs_as_loop` compares. (Suppressing end-of-turn instead would
+    compare text no model would ever emit.)"""
     import torch
 
     from samsum_qlora import evaluate, model as modeling
@@ -181,7 +200,7 @@ def time_generation(cfg: Config, model_dir: Path, prompts: list[list[int]], loop
         started = time.perf_counter()
         evaluate.generate(
             model, [prompts[i] for i in subset], batch_size=batch_size, max_new_tokens=new_tokens, pad_id=pad,
-            stop_ids=data.end_of_turn_ids(tokenizer), decode=lambda ids: ids, min_new_tokens=new_tokens,
+            stop_ids=[], decode=lambda ids: ids,
             on_batch=lambda idx, seqs: outputs.update({subset[i]: s for i, s in zip(idx, seqs)}), progress=False)
         if cuda:
             torch.cuda.synchronize()
@@ -196,19 +215,20 @@ def time_generation(cfg: Config, model_dir: Path, prompts: list[list[int]], loop
     batched, batched_s = run(cfg, everything, cfg.eval.batch_size)
     loop, loop_s = run(with_overrides(cfg, SEED_RECIPE), sample, 1)
     loop_projected = loop_s / len(sample) * len(prompts)
-
-    def until_stop(seq):
-        stops = set(data.end_of_turn_ids(tokenizer))
-        return next((seq[:i] for i, t in enumerate(seq) if t in stops), seq)
-
-    same = sum(until_stop(batched[i]) == until_stop(loop[i]) for i in sample)
+    stops = data.end_of_turn_ids(tokenizer)
+    same = sum(until_stop(batched[i], stops) == until_stop(loop[i], stops) for i in sample)
+    ended = [len(cut) for cut, seq in ((until_stop(s, stops), s) for s in batched.values()) if len(cut) < len(seq)]
     return {
         "examples": len(prompts), "new_tokens_per_example": new_tokens, "batch_size": cfg.eval.batch_size,
         "merged_adapters": cfg.eval.merge_adapters,
-        "batched_seconds": round(batched_s, 2), "batched_tokens_per_s": round(len(prompts) * new_tokens / batched_s, 1),
-        "loop_sample": len(sample), "loop_tokens_per_s": round(len(sample) * new_tokens / loop_s, 1),
+        "batched_seconds": round(batched_s, 2), "batched_new_tokens": sum(map(len, batched.values())),
+        "batched_tokens_per_s": round(sum(map(len, batched.values())) / batched_s, 1),
+        "loop_sample": len(sample), "loop_tokens_per_s": round(sum(map(len, loop.values())) / loop_s, 1),
         "loop_projected_seconds": round(loop_projected, 1), "ratio": round(loop_projected / batched_s, 1),
         "same_outputs_as_loop": round(same / len(sample), 4),
+        # how many summaries ended (end-of-turn) within the budget, and their mean length
+        "ended_within_budget": round(len(ended) / len(prompts), 4),
+        "mean_summary_tokens": round(sum(ended) / len(ended), 1) if ended else None,
     }
 
 
@@ -236,6 +256,7 @@ def run(cfg: Config, *, split: str, steps: int, warmup: int, compare_seed: bool,
         workdir = Path(tmp)
         model_dir = random_model_dir(cfg.model.name, cfg.model.revision, cfg.quantization.bnb_4bit_compute_dtype,
                                      model_dir or workdir / "random-model")
+        result["weights"] = weights_label(model_dir)
         # The seed first: liger-kernel patches transformers' Llama functions for the whole process.
         seed = (time_training(with_overrides(cfg, SEED_RECIPE), model_dir, columns, steps, warmup, epoch_tokens,
                               workdir) if compare_seed else None)
@@ -261,7 +282,8 @@ def report(r: dict) -> str:
         return (f"| {name} | {f['tokens_per_s']:,.0f} | {100 * f['padding_fraction']:.1f}% | {mem} | {mfu} "
                 f"| {f['epoch_minutes']:.1f} min |")
 
-    out = [f"device: {r['device']}", "| recipe | real tokens/s | padding | peak memory | MFU | epoch |",
+    out = [f"device: {r['device']}; {r['model']}'s shape, weights: {r['weights']}",
+           "| recipe | real tokens/s | padding | peak memory | MFU | epoch |",
            "|---|---|---|---|---|---|", line("this config", r)]
     if "seed" in r:
         out += [line("seed recipe", r["seed"]), f"speed-up over the seed recipe: {r['ratio']:.1f}x"]
@@ -272,7 +294,8 @@ def report(r: dict) -> str:
             f"{e['batched_seconds']:.1f} s ({e['batched_tokens_per_s']:,.0f} tokens/s); per-example loop "
             f"{e['loop_tokens_per_s']:,.0f} tokens/s, {e['loop_projected_seconds']:.0f} s projected: "
             f"{e['ratio']:.0f}x; same greedy output as the loop on {100 * e['same_outputs_as_loop']:.0f}% "
-            f"of {e['loop_sample']} sampled examples"
+            f"of {e['loop_sample']} sampled examples (cut at end-of-turn; {100 * e['ended_within_budget']:.0f}% "
+            f"ended within {e['new_tokens_per_example']} tokens)"
         )
     return "\n".join(out)
 

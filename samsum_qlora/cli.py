@@ -168,9 +168,11 @@ def merge(config_path, overrides, adapters, out_dir, dtype):
 @click.option("--loop-sample", type=int, default=16, show_default=True, help="Examples the slow loop times.")
 @click.option("--epoch-tokens", type=int, default=None, help="Tokens in one epoch for the projection (default: the split's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the figures as JSON here.")
-@click.option("--random-model-dir", type=click.Path(file_okay=False), help="Keep the random model here and reuse it.")
+@click.option("--model-dir", "--random-model-dir", "model_dir", type=click.Path(file_okay=False),
+              help="Weights to time: a folder holding a model is used as it is (real weights make the greedy "
+                   "agreement meaningful); otherwise the random model is written there and reused next time.")
 def bench(config_path, overrides, split, steps, warmup, compare, with_eval, loop_sample, epoch_tokens, json_path,
-          random_model_dir):
+          model_dir):
     """Time training (real tokens/s, padding, peak memory, MFU, epoch time) and generation on
     model.name's architecture with random weights: no weight download needed."""
     from samsum_qlora import bench as benchmark
@@ -181,7 +183,7 @@ def bench(config_path, overrides, split, steps, warmup, compare, with_eval, loop
     benchmark.run(cfg, split=split or cfg.data.train_split, steps=steps, warmup=warmup, compare_seed=compare == "seed",
                   with_eval=with_eval, loop_sample=loop_sample, epoch_tokens=epoch_tokens,
                   json_path=Path(json_path) if json_path else None,
-                  model_dir=Path(random_model_dir) if random_model_dir else None)
+                  model_dir=Path(model_dir) if model_dir else None)
 
 
 if __name__ == "__main__":

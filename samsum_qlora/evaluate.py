@@ -106,12 +106,12 @@ def generation_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 def generate(
     model, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int, pad_id: int,
     stop_ids: list[int], decode: Callable[[list[int]], str], on_batch: Callable[[list[int], list[str]], None],
-    min_new_tokens: int = 0, progress: bool = True, batches: list[list[int]] | None = None,
+    progress: bool = True, batches: list[list[int]] | None = None,
 ) -> None:
     """Greedy generation in batches of similar length, left-padded so every prompt ends where
-    generation starts; stops each row at end-of-turn. Calls `on_batch(indices, texts)` per batch.
-    (`min_new_tokens` forces a fixed length: the benchmark's ceiling; `batches`, a share of
-    `generation_batches`, generates only those.)"""
+    generation starts; stops each row at end-of-turn (`stop_ids`; none: always `max_new_tokens`).
+    Calls `on_batch(indices, texts)` per batch. (`batches`, a share of `generation_batches`,
+    generates only those.)"""
     import torch
     from tqdm.auto import tqdm
 
@@ -129,7 +129,7 @@ def generate(
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                 max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                eos_token_id=stop_ids, pad_token_id=pad_id, min_new_tokens=min_new_tokens or None,
+                eos_token_id=stop_ids, pad_token_id=pad_id,
             )
         on_batch(idx, [decode(seq[width:].tolist()) for seq in out])
 

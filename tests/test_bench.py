@@ -6,7 +6,7 @@ import pytest
 
 from samsum_qlora import bench
 
-from conftest import set_args, smoke_overrides
+from conftest import TINY_MODEL, set_args, smoke_overrides
 
 
 def test_summarise_arithmetic():
@@ -37,4 +37,27 @@ def test_bench_cli_writes_json_with_seed_comparison_and_eval(tmp_path):
     assert r["padding_fraction"] < r["seed"]["padding_fraction"]
     e = r["eval"]
     assert e["examples"] == 60 and e["loop_sample"] == 2 and 0 <= e["same_outputs_as_loop"] <= 1
+    # every example costs the full budget: end-of-turn neither stops nor is suppressed
+    assert e["batched_new_tokens"] == 60 * e["new_tokens_per_example"]
+    assert r["weights"] == "random" and "weights: random" in result.output
     assert "speed-up over the seed recipe" in result.output
+
+
+def test_until_stop_cuts_at_the_first_end_of_turn():
+    assert bench.until_stop([5, 6, 9, 7, 9], [9, 8]) == [5, 6]
+    assert bench.until_stop([8, 1], [9, 8]) == []
+    assert bench.until_stop([5, 6], [9]) == [5, 6]
+
+
+def test_a_folder_holding_a_model_is_timed_as_it_is(tmp_path):
+    import shutil
+
+    real = tmp_path / "trained"
+    shutil.copytree(TINY_MODEL, real)
+    before = {f.name: f.stat().st_mtime_ns for f in real.iterdir()}
+    assert bench.random_model_dir(str(TINY_MODEL), None, "float32", real) == real
+    assert {f.name: f.stat().st_mtime_ns for f in real.iterdir()} == before  # nothing rewritten
+    assert bench.weights_label(real) == str(real)
+
+    fresh = bench.random_model_dir(str(TINY_MODEL), None, "float32", tmp_path / "random")
+    assert bench.weights_label(fresh) == "random"
