@@ -148,7 +148,7 @@ def run(adapters: Path, out: Path, *, cfg: Config | None = None, dtype: str | No
     rounding = None
     if target != "float32":
         # Storage, not the merge: what rounding the merged weights to `target` costs on the probe.
-        merged_model = merged_model.to(modeling.torch_dtype(target))
+        merged_model = modeling.cast_parameters(merged_model, modeling.torch_dtype(target))
         rounding = (logits(merged_model, input_ids, mask) - unmerged).abs().max().item()
         print(f"stored in {target}: rounding the merged weights moves the probe logits by up to {rounding:.3e}")
 

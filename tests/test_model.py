@@ -77,3 +77,25 @@ def test_cuda_only_settings_without_cuda_say_what_to_set():
 def test_missing_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="could not load a tokenizer"):
         modeling.load_tokenizer(str(tmp_path / "no-model"))
+
+
+def test_generation_model_keeps_rope_frequencies_and_adapters_in_float32(tmp_path):
+    """Eval's model computes in bf16, but RoPE's inverse frequencies rounded to bf16 turn every
+    position's rotation a little (it halved greedy agreement with the per-example loop on a trained
+    1B stand-in), and the adapters stay float32 as in the loop."""
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"quantization.bnb_4bit_compute_dtype": "bfloat16"}))
+    modeling.attach_new_adapters(modeling.load_model(cfg, training=False), cfg).save_pretrained(tmp_path / "adapters")
+    model = modeling.load_generation_model(cfg, tmp_path / "adapters")
+    inv_freq = [b for n, b in model.named_buffers() if n.endswith("inv_freq")]
+    assert inv_freq and all(b.dtype == torch.float32 for b in inv_freq)
+    weights = dict(model.named_parameters())
+    assert {p.dtype for n, p in weights.items() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in weights.items() if "base_layer" in n} == {torch.bfloat16}  # the dequantised base
+
+
+def test_cast_parameters_leaves_buffers_alone():
+    from transformers import AutoModelForCausalLM
+
+    model = modeling.cast_parameters(AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {b.dtype for n, b in model.named_buffers() if n.endswith("inv_freq")} == {torch.float32}
