@@ -14,6 +14,7 @@ from pathlib import Path
 
 from samsum_qlora import data, files
 from samsum_qlora.config import Config, build_config
+from samsum_qlora.errors import UserError
 
 # The seed tutorial's recipe, as overrides of any config: 4 rows x 4 accumulation padded to the
 # longest, gradient checkpointing, paged 8-bit AdamW, all logits, the 4-bit matmuls, LoRA dropout
@@ -65,22 +66,35 @@ RANDOM_MARK = "RANDOM_WEIGHTS"
 
 def random_model_dir(name: str, revision: str | None, dtype_name: str, out: Path) -> Path:
     """`name`'s architecture with random weights, saved in `out` so the real loading path (4-bit)
-    reads it. An `out` that already holds a model is used as it is: the random one of an earlier
-    run (seeded, so the same), or real weights (then `same_outputs_as_loop` means something)."""
+    reads it. An `out` that already holds a model of that shape is used as it is: the random one
+    of an earlier run (seeded, so the same), or real weights (then `same_outputs_as_loop` means
+    something). The random model is written beside `out` and moved there only when whole."""
+    import shutil
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from samsum_qlora.model import load_tokenizer, torch_dtype
+    from samsum_qlora.model import load_tokenizer, model_shape, torch_dtype
 
-    if (out / "config.json").is_file() and list(out.glob("*.safetensors")):
-        return out
     config = AutoConfig.from_pretrained(name, revision=revision)
+    if (out / "config.json").is_file() and list(out.glob("*.safetensors")):
+        # model.name's tokenizer encodes the data: another vocabulary or size would not fit it
+        found, wanted = model_shape(AutoConfig.from_pretrained(out)), model_shape(config)
+        if found != wanted:
+            raise UserError(f"--model-dir {out} holds a model of shape {found}, not {name}'s {wanted}")
+        return out
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--model-dir {out} is not empty and holds no model (config.json, *.safetensors): "
+                        "give a model folder or a new one")
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype_name))
-    model.save_pretrained(out)
-    load_tokenizer(name, revision).save_pretrained(out)
-    (out / RANDOM_MARK).write_text("random weights written by `samsum-qlora bench` (torch seed 0)\n")
+    model.save_pretrained(staging)
+    load_tokenizer(name, revision).save_pretrained(staging)
+    (staging / RANDOM_MARK).write_text("random weights written by `samsum-qlora bench` (torch seed 0)\n")
     del model
+    files.publish_dir(staging, out)
     return out
 
 
@@ -217,16 +231,17 @@ def time_generation(cfg: Config, model_dir: Path, prompts: list[list[int]], loop
     loop_projected = loop_s / len(sample) * len(prompts)
     stops = data.end_of_turn_ids(tokenizer)
     same = sum(until_stop(batched[i], stops) == until_stop(loop[i], stops) for i in sample)
-    ended = [len(cut) for cut, seq in ((until_stop(s, stops), s) for s in batched.values()) if len(cut) < len(seq)]
+    # summaries that ended (end-of-turn) within the budget, and their lengths
+    ended = [n for n in (len(until_stop(s, stops)) for s in batched.values()) if n < new_tokens]
+    batched_tokens = sum(map(len, batched.values()))
     return {
         "examples": len(prompts), "new_tokens_per_example": new_tokens, "batch_size": cfg.eval.batch_size,
         "merged_adapters": cfg.eval.merge_adapters,
-        "batched_seconds": round(batched_s, 2), "batched_new_tokens": sum(map(len, batched.values())),
-        "batched_tokens_per_s": round(sum(map(len, batched.values())) / batched_s, 1),
+        "batched_seconds": round(batched_s, 2), "batched_new_tokens": batched_tokens,
+        "batched_tokens_per_s": round(batched_tokens / batched_s, 1),
         "loop_sample": len(sample), "loop_tokens_per_s": round(sum(map(len, loop.values())) / loop_s, 1),
         "loop_projected_seconds": round(loop_projected, 1), "ratio": round(loop_projected / batched_s, 1),
         "same_outputs_as_loop": round(same / len(sample), 4),
-        # how many summaries ended (end-of-turn) within the budget, and their mean length
         "ended_within_budget": round(len(ended) / len(prompts), 4),
         "mean_summary_tokens": round(sum(ended) / len(ended), 1) if ended else None,
     }

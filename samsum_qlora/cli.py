@@ -174,7 +174,7 @@ def merge(config_path, overrides, adapters, out_dir, dtype):
 def bench(config_path, overrides, split, steps, warmup, compare, with_eval, loop_sample, epoch_tokens, json_path,
           model_dir):
     """Time training (real tokens/s, padding, peak memory, MFU, epoch time) and generation on
-    model.name's architecture with random weights: no weight download needed."""
+    model.name's architecture with random weights (no weight download needed), or --model-dir's."""
     from samsum_qlora import bench as benchmark
 
     cfg = _config(config_path, overrides)

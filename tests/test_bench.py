@@ -61,3 +61,24 @@ def test_a_folder_holding_a_model_is_timed_as_it_is(tmp_path):
 
     fresh = bench.random_model_dir(str(TINY_MODEL), None, "float32", tmp_path / "random")
     assert bench.weights_label(fresh) == "random"
+
+
+def test_model_dir_of_another_shape_or_holding_no_model_is_refused(tmp_path):
+    import shutil
+
+    from samsum_qlora.errors import UserError
+
+    other = tmp_path / "other"
+    shutil.copytree(TINY_MODEL, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    with pytest.raises(UserError, match="holds a model of shape .*hidden_size.*not .*tiny-llama"):
+        bench.random_model_dir(str(TINY_MODEL), None, "float32", other)
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not empty and holds no model"):
+        bench.random_model_dir(str(TINY_MODEL), None, "float32", notes)
+    assert [f.name for f in notes.iterdir()] == ["mine.txt"]  # nothing written, nothing removed
+    assert not list(tmp_path.glob(".*partial"))
