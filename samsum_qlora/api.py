@@ -1,8 +1,8 @@
 """Any OpenAI-compatible Chat Completions endpoint as the model under evaluation.
 
-`predictor(...)` returns an `evaluate.Predict`, so loading the split, resuming, scoring and the
+`predictor(...)` returns a `predictions.Predict`, so loading the split, resuming, scoring and the
 output files are the local evaluation's own. The requests carry the same system instruction and
-dialogue our models see (`data.build_messages`), greedy (temperature 0), capped at
+dialogue our models see (`chat.build_messages`), greedy (temperature 0), capped at
 `eval.max_new_tokens`. Standard library only: a few threads and urllib are all this needs.
 
 Money rules: each answer is saved the moment it arrives, so a rerun after a crash or Ctrl-C asks
@@ -23,13 +23,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING
+from concurrent.futures import Future
 
+from samsum_qlora.chat import build_messages
 from samsum_qlora.errors import UserError
-
-if TYPE_CHECKING:
-    from samsum_qlora.config import Config
-    from samsum_qlora.evaluate import EvalPlan, Predict, Save
+from samsum_qlora.predictions import Predict, Prediction, Save
 
 DEFAULT_BASE = "https://api.openai.com/v1"
 KEY_ENV = "OPENAI_API_KEY"
@@ -61,14 +59,17 @@ def request_body(model: str, messages: list[dict[str, str]], max_tokens: int) ->
     return {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
 
 
-def parse_answer(payload: dict) -> tuple[str, dict[str, int]]:
-    """(summary text, token usage) from a Chat Completions response; ValueError if it is not one."""
+def parse_answer(payload: dict) -> tuple[Prediction, dict[str, int]]:
+    """(summary, token usage) from a Chat Completions response; ValueError if it is not one. A
+    null content counts as an empty summary; finish_reason "length" as one that did not end."""
     try:
-        content = payload["choices"][0]["message"].get("content")
+        choice = payload["choices"][0]
+        content = choice["message"].get("content")
     except (KeyError, IndexError, TypeError, AttributeError):
         raise ValueError("no choices[0].message in the response") from None
     usage = payload.get("usage") or {}
-    return (content or "").strip(), {k: int(usage.get(k) or 0) for k in USAGE_KEYS}
+    ended = choice.get("finish_reason") != "length"
+    return Prediction((content or "").strip(), ended), {k: int(usage.get(k) or 0) for k in USAGE_KEYS}
 
 
 def retry_delay(attempt: int, retry_after: str | None = None, retry_after_ms: str | None = None, *,
@@ -155,8 +156,8 @@ def _post_once(url: str, body: bytes, key: str | None, timeout: float) -> dict:
 
 
 def complete(url: str, body: dict, *, key: str | None, timeout: float, max_attempts: int, backoff: float,
-             max_wait: float, stop: threading.Event | None = None) -> tuple[str, dict[str, int], int]:
-    """One chat completion -> (text, usage, retries), retrying transient failures with backoff
+             max_wait: float, stop: threading.Event | None = None) -> tuple[Prediction, dict[str, int], int]:
+    """One chat completion -> (summary, usage, retries), retrying transient failures with backoff
     until `stop` is set."""
     stop = stop or threading.Event()
     data = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -181,24 +182,23 @@ def complete(url: str, body: dict, *, key: str | None, timeout: float, max_attem
         except UserError as e:
             raise UserError(redact(str(e), key)) from None
     try:
-        text, usage = parse_answer(payload)
+        answer, usage = parse_answer(payload)
     except ValueError as e:
         raise UserError(f"{url} answered something that is not a chat completion: {e}") from None
-    return text, usage, attempt - 1
+    return answer, usage, attempt - 1
 
 
 # --- the predictor -------------------------------------------------------------------------------
 
 
-def predictor(base: str, *, key: str | None, concurrency: int = 8, timeout: float = 60.0,
-              max_attempts: int = 6, backoff: float = 1.0, max_wait: float = 60.0) -> "Predict":
-    """An `evaluate.Predict` that asks `base`/chat/completions for every row, `concurrency` at a time.
+def predictor(base: str, *, model: str, instruction: str, max_tokens: int, key: str | None,
+              concurrency: int = 8, timeout: float = 60.0, max_attempts: int = 6, backoff: float = 1.0,
+              max_wait: float = 60.0) -> Predict:
+    """A `predictions.Predict` that asks `base`/chat/completions for every row, `concurrency` at a time.
 
     Checks everything it can before returning, so a bad option fails before any file is written.
     Returns, for metrics.json, `api_base` and `api_usage`: the token usage of the requests this run
     made (a resumed run counts only its own), the answers received and the retries it took."""
-    from samsum_qlora import data
-
     base = normalise_base(base)
     if needs_key(base) and not key:
         raise UserError(f"{base} needs an API key: export {KEY_ENV}=... (or point --api-base at your own server)")
@@ -210,54 +210,56 @@ def predictor(base: str, *, key: str | None, concurrency: int = 8, timeout: floa
         raise UserError(f"max_attempts must be at least 1, got {max_attempts}")
     url = f"{base}/chat/completions"
 
-    def predict(cfg: "Config", plan: "EvalPlan", todo: list[dict], save: "Save") -> dict:
-        from concurrent.futures import ThreadPoolExecutor, as_completed
+    def predict(rows: list[dict], save: Save) -> dict:
+        from concurrent.futures import ThreadPoolExecutor
 
-        from tqdm.auto import tqdm
-
-        bodies = [
-            request_body(plan.model, data.build_messages(r["dialogue"], cfg.data.task_instruction),
-                         cfg.eval.max_new_tokens)
-            for r in todo
-        ]
-        usage = {k: 0 for k in USAGE_KEYS} | {"answers": 0, "retries": 0}
-        saved: set = set()
-
-        def keep(future, i: int) -> None:
-            """Runs on this thread only, so `save` and the sums need no lock."""
-            text, used, retries = future.result()
-            save([i], [text])
-            saved.add(future)
-            for k in USAGE_KEYS:
-                usage[k] += used[k]
-            usage["answers"] += 1
-            usage["retries"] += retries
-
+        bodies = [request_body(model, build_messages(r["dialogue"], instruction), max_tokens) for r in rows]
         # The pool's size is the bound on requests in flight; the rest wait in its queue.
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="api")
         stop = threading.Event()
-        futures = {
-            pool.submit(complete, url, body, key=key, timeout=timeout, max_attempts=max_attempts,
-                        backoff=backoff, max_wait=max_wait, stop=stop): i
-            for i, body in enumerate(bodies)
-        }
+        futures = {pool.submit(complete, url, body, key=key, timeout=timeout, max_attempts=max_attempts,
+                               backoff=backoff, max_wait=max_wait, stop=stop): i
+                   for i, body in enumerate(bodies)}
         try:
-            for future in tqdm(as_completed(futures), total=len(futures), desc=f"asking {plan.model}", unit="row"):
-                keep(future, futures[future])
-        except BaseException:
-            # A failed row or Ctrl-C: drop what has not started, retry nothing, keep what was paid for.
-            stop.set()
-            for future in futures:
-                future.cancel()
-            for future, i in futures.items():
-                if future not in saved and not future.cancelled():
-                    try:
-                        keep(future, i)
-                    except Exception:
-                        pass
-            raise
+            usage = _gather(futures, save, stop, f"asking {model}")
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         return {"api_base": base, "api_usage": usage}
 
     return predict
+
+
+def _gather(futures: dict[Future, int], save: Save, stop: threading.Event, desc: str) -> dict:
+    """Save each answer as it arrives and add up the usage. On a failed row or Ctrl-C: drop what
+    has not started, retry nothing, and keep what was paid for."""
+    from concurrent.futures import as_completed
+
+    from tqdm.auto import tqdm
+
+    usage = {k: 0 for k in USAGE_KEYS} | {"answers": 0, "retries": 0}
+    saved: set = set()
+
+    def keep(future: Future) -> None:  # on this thread only, so `save` and the sums need no lock
+        answer, used, retries = future.result()
+        save([futures[future]], [answer])
+        saved.add(future)
+        for k in USAGE_KEYS:
+            usage[k] += used[k]
+        usage["answers"] += 1
+        usage["retries"] += retries
+
+    try:
+        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="row"):
+            keep(future)
+    except BaseException:
+        stop.set()
+        for future in futures:
+            future.cancel()
+        for future in futures:
+            if future not in saved and not future.cancelled():
+                try:
+                    keep(future)
+                except Exception:
+                    pass
+        raise
+    return usage

@@ -1,44 +1,31 @@
 """`samsum-qlora bench`: training and generation speed of *this* config on *this* machine.
 
-The model is `model.name`'s architecture with random weights (no weight download), the sequence
-lengths are the configured data's, tokenised for real, and training runs through the very Trainer
-that `train` builds. `--compare seed` times the tutorial's recipe in the same process.
+The weights are `--model-dir`'s, or `model.name`'s architecture with random weights (no
+download); the sequence lengths are the configured data's, tokenised for real, and training runs
+through the very Trainer that `train` builds. `--compare seed` times the tutorial's recipe in the
+same process; `--eval` times `eval`'s generation against the tutorial's per-example loop.
 """
 
 from __future__ import annotations
 
-import copy
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from samsum_qlora import data, files
-from samsum_qlora.config import Config, build_config
-from samsum_qlora.errors import UserError
+import torch
+from transformers import TrainerCallback
 
-# The seed tutorial's recipe, as overrides of any config: 4 rows x 4 accumulation padded to the
-# longest, gradient checkpointing, paged 8-bit AdamW, all logits, the 4-bit matmuls, LoRA dropout
-# 0.05, no fused kernels, torch's attention backends as they come.
-SEED_RECIPE = {
-    "model": {"liger_kernels": False, "cudnn_attention": True},  # torch's default
-    "lora": {"lora_dropout": 0.05},
-    "quantization": {"dequantize_once": False},
-    "train": {
-        "max_tokens_per_batch": None, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4,
-        "gradient_checkpointing": True, "trained_logits_only": False, "optim": "paged_adamw_8bit",
-        "pad_to_multiple_of": 1,
-    },
-    "eval": {"merge_adapters": False},
-}
+from samsum_qlora import batching, chat, data, files, generation, runtime
+from samsum_qlora import model as modeling
+from samsum_qlora import trainer as training
+from samsum_qlora.config import SEED_RECIPE, Config, with_overrides
+from samsum_qlora.errors import UserError
+from samsum_qlora.metrics import rouge
+
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 GIB = 1024**3
-
-
-def with_overrides(cfg: Config, sections: dict) -> Config:
-    tree = cfg.to_dict()
-    for section, values in sections.items():
-        tree[section].update(values)
-    return build_config(tree)
+RANDOM_MARK = "RANDOM_WEIGHTS"
 
 
 def peak_flops(device_name: str | None) -> float | None:
@@ -61,40 +48,32 @@ def summarise(real_tokens: int, padded_tokens: int, seconds: float, n_params: in
     }
 
 
-RANDOM_MARK = "RANDOM_WEIGHTS"
+# --- the weights -----------------------------------------------------------------------------------
 
 
-def random_model_dir(name: str, revision: str | None, dtype_name: str, out: Path) -> Path:
-    """`name`'s architecture with random weights, saved in `out` so the real loading path (4-bit)
-    reads it. An `out` that already holds a model of that shape is used as it is: the random one
-    of an earlier run (seeded, so the same), or real weights (then `same_outputs_as_loop` means
-    something). The random model is written beside `out` and moved there only when whole."""
-    import shutil
-
-    import torch
+def random_model_dir(cfg: Config, out: Path) -> Path:
+    """`model.name`'s architecture with random weights, saved in `out` so the real loading path
+    (4-bit) reads it. An `out` that already holds a model of that shape is used as it is: the
+    random one of an earlier run (seeded, so the same), or real weights. The random model is
+    written beside `out` and moved there only when whole."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from samsum_qlora.model import load_tokenizer, model_shape, torch_dtype
-
-    config = AutoConfig.from_pretrained(name, revision=revision)
+    config = modeling.read_config(cfg.model)
     if (out / "config.json").is_file() and list(out.glob("*.safetensors")):
         # model.name's tokenizer encodes the data: another vocabulary or size would not fit it
-        found, wanted = model_shape(AutoConfig.from_pretrained(out)), model_shape(config)
+        found, wanted = modeling.model_shape(AutoConfig.from_pretrained(out)), modeling.model_shape(config)
         if found != wanted:
-            raise UserError(f"--model-dir {out} holds a model of shape {found}, not {name}'s {wanted}")
+            raise UserError(f"--model-dir {out} holds a model of shape {found}, not {cfg.model.name}'s {wanted}")
         return out
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--model-dir {out} is not empty and holds no model (config.json, *.safetensors): "
                         "give a model folder or a new one")
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype_name))
-    model.save_pretrained(staging)
-    load_tokenizer(name, revision).save_pretrained(staging)
-    (staging / RANDOM_MARK).write_text("random weights written by `samsum-qlora bench` (torch seed 0)\n")
-    del model
-    files.publish_dir(staging, out)
+    model = AutoModelForCausalLM.from_config(config, dtype=modeling.torch_dtype(cfg.quantization.bnb_4bit_compute_dtype))
+    with files.staged_dir(out) as staging:
+        model.save_pretrained(staging)
+        modeling.load_tokenizer(cfg.model).save_pretrained(staging)
+        (staging / RANDOM_MARK).write_text("random weights written by `samsum-qlora bench` (torch seed 0)\n")
     return out
 
 
@@ -102,7 +81,25 @@ def weights_label(model_dir: Path) -> str:
     return "random" if (model_dir / RANDOM_MARK).is_file() else str(model_dir)
 
 
-class _Counting:
+def base_parameter_count(model_dir: Path) -> int:
+    """Parameters of the base model (tied embeddings once), from its safetensors header."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+class Counting:
     """Wraps a collator to record (real, padded) tokens of every micro-batch, in order."""
 
     def __init__(self, collator):
@@ -114,175 +111,191 @@ class _Counting:
         return batch
 
 
+class Clock(TrainerCallback):
+    """The time at the end of every optimizer step, the GPU's work included."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+
 def time_training(cfg: Config, model_dir: Path, columns: dict, steps: int, warmup: int, epoch_tokens: int,
                   workdir: Path) -> dict:
-    import torch
-    from transformers import TrainerCallback
-
-    from samsum_qlora import model as modeling, train
-
-    cfg = copy.deepcopy(cfg)
-    cfg.model.name = str(model_dir)
-    cfg.train.max_steps, cfg.train.save_steps, cfg.train.logging_steps = warmup + steps, 10**9, 10**9
-    cfg.train.report_to = ["none"]
+    cfg = with_overrides(cfg, {"model": {"name": str(model_dir)}, "train": {
+        "max_steps": warmup + steps, "save_steps": 10**9, "logging_steps": 10**9, "report_to": ["none"]}})
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    tokenizer = modeling.load_tokenizer(cfg.model.name)
-    model = modeling.attach_new_adapters(modeling.load_model(cfg, training=True), cfg)
-    stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-
-    counting = _Counting(data.PadToLongest(data.pad_token_id(tokenizer), cfg.train.pad_to_multiple_of))
-    trainer = train.build_trainer(cfg, model, tokenizer, train.training_set(cfg, columns), workdir / "ckpt",
-                                  [Clock()], collator=counting)
+    pad_id = chat.pad_id(modeling.load_tokenizer(cfg.model))
+    model = modeling.attach_new_adapters(modeling.load_model(cfg.model, cfg.quantization, training=True), cfg.lora,
+                                         cfg.quantization, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                         half_precision=cfg.train.bf16 or cfg.train.fp16)
+    clock, counting = Clock(), Counting(training.Collator(pad_id, cfg.train.pad_to_multiple_of))
+    trainer = training.build_trainer(cfg.train, model, training.training_set(cfg.train, columns), counting,
+                                     workdir / "ckpt", [clock])
     trainer.train()
     micro = cfg.train.gradient_accumulation_steps
     timed = counting.counts[warmup * micro : (warmup + steps) * micro]
     figures = summarise(
-        sum(r for r, _ in timed), sum(p for _, p in timed), stamps[warmup + steps - 1] - stamps[warmup - 1],
+        sum(r for r, _ in timed), sum(p for _, p in timed), clock.stamps[warmup + steps - 1] - clock.stamps[warmup - 1],
         base_parameter_count(model_dir), torch.cuda.get_device_name() if cuda else None,
-        torch.cuda.max_memory_allocated() if cuda else None, epoch_tokens,
-    )
+        torch.cuda.max_memory_allocated() if cuda else None, epoch_tokens)
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
     return figures
 
 
-def base_parameter_count(model_dir: Path) -> int:
-    """Parameters of the base model (tied embeddings once), from its safetensors header."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in model_dir.glob("*.safetensors"):
-        with safe_open(f, "pt") as st:
-            for key in st.keys():
-                shape = st.get_slice(key).get_shape()
-                n = 1
-                for d in shape:
-                    n *= d
-                total += n
-    return total
+# --- generation ------------------------------------------------------------------------------------
 
 
-def until_stop(seq: list[int], stop_ids: list[int]) -> list[int]:
-    """The part of a greedy continuation that generation stopping at end-of-turn would return."""
-    return next((seq[:i] for i, t in enumerate(seq) if t in stop_ids), seq)
-
-
-def time_generation(cfg: Config, model_dir: Path, prompts: list[list[int]], loop_sample: int, workdir: Path,
-                    new_tokens: int = 64) -> dict:
-    """Batched generation with the eval path's model vs the per-example loop of the seed
-    (4-bit base, unmerged adapters, batch 1), `new_tokens` per example.
-
-    Both run greedily without stopping, so every example costs the same; greedy decoding is causal,
-    so each output cut at its first end-of-turn is exactly what `eval` (which stops there) returns,
-    and those are what `same_outputs_as_loop` compares. (Suppressing end-of-turn instead would
-    compare text no model would ever emit.)"""
-    import torch
-
-    from samsum_qlora import evaluate, model as modeling
-
-    cfg = copy.deepcopy(cfg)
-    cfg.model.name = str(model_dir)
-    cuda = torch.cuda.is_available()
-    tokenizer = modeling.load_tokenizer(cfg.model.name)
-    # Adapters with an effect (B != 0), saved and loaded the way eval loads real ones.
+def random_adapters(cfg: Config, out: Path) -> Path:
+    """Adapters with an effect (B != 0), saved, so eval's loading path reads them like real ones."""
     torch.manual_seed(0)
-    fresh = modeling.attach_new_adapters(modeling.load_model(cfg, training=False), cfg)
-    for name, p in fresh.named_parameters():
+    model = modeling.attach_new_adapters(modeling.load_model(cfg.model, cfg.quantization, training=False), cfg.lora,
+                                         cfg.quantization, gradient_checkpointing=False, half_precision=False)
+    for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.02)
-    fresh.save_pretrained(workdir / "adapters")
-    del fresh
-    pad = data.pad_token_id(tokenizer)
+    model.save_pretrained(out)
+    return out
 
-    def run(gen_cfg, subset, batch_size):
-        model = modeling.load_generation_model(gen_cfg, workdir / "adapters")
-        outputs: dict[int, list[int]] = {}
-        evaluate.generate(model, [prompts[subset[0]]], batch_size=1, max_new_tokens=4, pad_id=pad,
-                          stop_ids=[], decode=lambda ids: ids, on_batch=lambda *a: None, progress=False)  # warm-up
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        evaluate.generate(
-            model, [prompts[i] for i in subset], batch_size=batch_size, max_new_tokens=new_tokens, pad_id=pad,
-            stop_ids=[], decode=lambda ids: ids,
-            on_batch=lambda idx, seqs: outputs.update({subset[i]: s for i, s in zip(idx, seqs)}), progress=False)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        del model
-        if cuda:
-            torch.cuda.empty_cache()
-        return outputs, seconds
 
-    everything = list(range(len(prompts)))
-    sample = everything[:: max(1, len(prompts) // loop_sample)][:loop_sample]
-    batched, batched_s = run(cfg, everything, cfg.eval.batch_size)
-    loop, loop_s = run(with_overrides(cfg, SEED_RECIPE), sample, 1)
-    loop_projected = loop_s / len(sample) * len(prompts)
-    stops = data.end_of_turn_ids(tokenizer)
-    same = sum(until_stop(batched[i], stops) == until_stop(loop[i], stops) for i in sample)
-    # summaries that ended (end-of-turn) within the budget, and their lengths
-    ended = [n for n in (len(until_stop(s, stops)) for s in batched.values()) if n < new_tokens]
-    batched_tokens = sum(map(len, batched.values()))
-    return {
-        "examples": len(prompts), "new_tokens_per_example": new_tokens, "batch_size": cfg.eval.batch_size,
-        "merged_adapters": cfg.eval.merge_adapters,
-        "batched_seconds": round(batched_s, 2), "batched_new_tokens": batched_tokens,
-        "batched_tokens_per_s": round(batched_tokens / batched_s, 1),
-        "loop_sample": len(sample), "loop_tokens_per_s": round(sum(map(len, loop.values())) / loop_s, 1),
-        "loop_projected_seconds": round(loop_projected, 1), "ratio": round(loop_projected / batched_s, 1),
-        "same_outputs_as_loop": round(same / len(sample), 4),
-        "ended_within_budget": round(len(ended) / len(prompts), 4),
-        "mean_summary_tokens": round(sum(ended) / len(ended), 1) if ended else None,
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _release(model) -> None:
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fast_path(cfg: Config, adapters: Path, fmt: chat.ChatFormat, prompts: list[list[int]]):
+    """`eval`'s generation of every prompt: ({index: Decoded}, seconds), after a small warm-up."""
+    e = cfg.eval
+    model = modeling.load_generation_model(cfg.model, cfg.quantization, adapters, merge=e.merge_adapters)
+    batches = batching.generation_batches([len(p) for p in prompts], max_rows=e.batch_size,
+                                          max_tokens=e.max_tokens_per_batch, new_tokens=e.max_new_tokens)
+    out: dict[int, generation.Decoded] = {}
+
+    def run(chosen):
+        generation.generate(model, prompts, chosen, max_new_tokens=e.max_new_tokens, pad_id=fmt.pad_id,
+                            stop_ids=fmt.stop_ids, graphs=e.cuda_graphs, progress=False,
+                            on_batch=lambda idx, decoded: out.update(zip(idx, decoded)))
+
+    run([batches[-1][:2]])  # warm-up: kernels, workspaces, graph machinery
+    _synchronize()
+    started = time.perf_counter()
+    run(batches)
+    _synchronize()
+    seconds = time.perf_counter() - started
+    _release(model)
+    return out, seconds
+
+
+def per_example_paths(cfg: Config, adapters: Path, fmt: chat.ChatFormat, prompts: list[list[int]], sample: list[int]):
+    """The tutorial's loop (4-bit base, unmerged adapters, `model.generate`, one prompt at a time)
+    on `sample`, timed; and our decoder on the same model and prompts, one at a time: the same
+    arithmetic, so it must give the same tokens. Returns ({i: loop ids}, {i: our ids}, loop seconds)."""
+    seed = with_overrides(cfg, SEED_RECIPE)
+    model = modeling.load_generation_model(seed.model, seed.quantization, adapters, merge=False)
+    device = next(model.parameters()).device
+    budget = cfg.eval.max_new_tokens
+    loop, ours = {}, {}
+    _synchronize()
+    started = time.perf_counter()
+    for i in sample:
+        ids = torch.tensor([prompts[i]], device=device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id)
+        loop[i] = generation.cut(out[0, len(prompts[i]) :].tolist(), set(fmt.stop_ids)).ids
+    _synchronize()
+    seconds = time.perf_counter() - started
+    for i in sample:
+        ours[i] = generation.decode_batch(model, [prompts[i]], max_new_tokens=budget, pad_id=fmt.pad_id,
+                                          stop_ids=fmt.stop_ids, graphs=False)[0].ids
+    _release(model)
+    return loop, ours, seconds
+
+
+def time_generation(cfg: Config, model_dir: Path, adapters: Path | None, rows: list[dict], loop_sample: int,
+                    workdir: Path) -> dict:
+    """`eval`'s batched generation of every prompt at eval.max_new_tokens with real stopping,
+    against the tutorial's per-example loop on `loop_sample` prompts spread over the split."""
+    cfg = with_overrides(cfg, {"model": {"name": str(model_dir)}})
+    fmt = chat.ChatFormat.build(modeling.load_tokenizer(cfg.model), cfg.data, modeling.generation_eos(cfg.model))
+    prompts = [fmt.prompt(r["dialogue"]) for r in rows]
+    adapters = adapters or random_adapters(cfg, workdir / "adapters")
+    fast, fast_s = fast_path(cfg, adapters, fmt, prompts)
+    sample = list(range(len(prompts)))[:: max(1, len(prompts) // loop_sample)][:loop_sample]
+    loop, ours, loop_s = per_example_paths(cfg, adapters, fmt, prompts, sample)
+    new_tokens = sum(len(d.ids) + d.ended for d in fast.values())
+    loop_tokens = sum(len(ids) + (len(ids) < cfg.eval.max_new_tokens) for ids in loop.values())
+    figures = {
+        "examples": len(prompts), "max_new_tokens": cfg.eval.max_new_tokens, "merged_adapters": cfg.eval.merge_adapters,
+        "cuda_graphs": cfg.eval.cuda_graphs, "batched_seconds": round(fast_s, 2), "batched_new_tokens": new_tokens,
+        "batched_tokens_per_s": round(new_tokens / fast_s, 1),
+        "ended_share": round(sum(d.ended for d in fast.values()) / len(fast), 4),
+        "loop_sample": len(sample), "loop_tokens_per_s": round(loop_tokens / loop_s, 1),
+        "loop_projected_seconds": round(loop_s / len(sample) * len(prompts), 1),
+        "same_outputs_as_loop": round(sum(fast[i].ids == loop[i] for i in sample) / len(sample), 4),
+        "same_arithmetic_same_outputs": round(sum(ours[i] == loop[i] for i in sample) / len(sample), 4),
     }
+    figures["ratio"] = round(figures["loop_projected_seconds"] / fast_s, 1)
+    if weights_label(model_dir) != "random":  # real weights: what the two paths score
+        refs = [chat.clean(rows[i]["summary"]) for i in sample]
+        figures["rouge_sample"] = {
+            "batched": rouge([fmt.decode(fast[i].ids) for i in sample], refs),
+            "loop": rouge([fmt.decode(loop[i]) for i in sample], refs)}
+    return figures
 
 
-def run(cfg: Config, *, split: str, steps: int, warmup: int, compare_seed: bool, with_eval: bool,
-        loop_sample: int, epoch_tokens: int | None, json_path: Path | None, model_dir: Path | None = None) -> dict:
-    import torch
+# --- the command -----------------------------------------------------------------------------------
 
-    from samsum_qlora import model as modeling
 
+def benchmark(cfg: Config, *, split: str, steps: int, warmup: int, compare_seed: bool, with_eval: bool,
+              loop_sample: int, epoch_tokens: int | None, json_path: Path | None, model_dir: Path | None = None,
+              adapters: Path | None = None) -> dict:
     if json_path is not None:
         files.ensure_writable_dir(json_path.parent)
+    if adapters is not None and not adapters.is_dir():
+        raise UserError(f"--adapters {adapters} is not a folder")
     # A random model's tiny gradients reach float32 denormals, which CPUs process ~100x slower
     # (GPUs do not); flushing them to zero keeps CPU timings about the model, not the FPU.
     torch.set_flush_denormal(True)
-    tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.revision)
-    rows = data.rows(data.load_split(cfg.data.source, split, cfg.data.revision))
-    columns, stats = data.encode_rows(tokenizer, rows, instruction=cfg.data.task_instruction,
-                                      max_length=cfg.data.max_length, date_string=cfg.data.date_string)
-    epoch_tokens = epoch_tokens or stats.tokens
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+    # --- the data: real rows, tokenised as train does ---
+    fmt = chat.ChatFormat.build(modeling.load_tokenizer(cfg.model), cfg.data, modeling.generation_eos(cfg.model))
+    rows = [r for r in data.load_rows(cfg.data.source, split, cfg.data.revision) if chat.clean(r["dialogue"])]
+    columns, stats = fmt.encode_rows(rows)
+    device = runtime.device_name()
     print(f"bench on {device}: {stats.kept} rows of {cfg.data.source} ({split}), {stats.tokens:,} tokens")
     result: dict = {"device": device, "model": cfg.model.name, "split": split, "rows": stats.kept,
-                    "epoch_tokens": epoch_tokens, "steps": steps, "warmup": warmup}
+                    "epoch_tokens": epoch_tokens or stats.tokens, "steps": steps, "warmup": warmup}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        model_dir = random_model_dir(cfg.model.name, cfg.model.revision, cfg.quantization.bnb_4bit_compute_dtype,
-                                     model_dir or workdir / "random-model")
+        # --- the weights ---
+        model_dir = random_model_dir(cfg, model_dir or workdir / "random-model")
         result["weights"] = weights_label(model_dir)
-        # The seed first: liger-kernel patches transformers' Llama functions for the whole process.
-        seed = (time_training(with_overrides(cfg, SEED_RECIPE), model_dir, columns, steps, warmup, epoch_tokens,
-                              workdir) if compare_seed else None)
-        result.update(time_training(cfg, model_dir, columns, steps, warmup, epoch_tokens, workdir))
+        # --- training: the seed first (liger-kernel patches transformers for the whole process) ---
+        seed = (time_training(with_overrides(cfg, SEED_RECIPE), model_dir, columns, steps, warmup,
+                              result["epoch_tokens"], workdir) if compare_seed else None)
+        result.update(time_training(cfg, model_dir, columns, steps, warmup, result["epoch_tokens"], workdir))
         if seed is not None:
             result["seed"], result["ratio"] = seed, round(result["tokens_per_s"] / seed["tokens_per_s"], 2)
+        # --- generation ---
         if with_eval:
-            prompts = [data.encode_prompt(tokenizer, r["dialogue"], instruction=cfg.data.task_instruction,
-                                          max_length=cfg.data.max_length, date_string=cfg.data.date_string)
-                       for r in rows if data.clean(r["dialogue"])]
-            result["eval"] = time_generation(cfg, model_dir, prompts, loop_sample, workdir)
+            result["eval"] = time_generation(cfg, model_dir, adapters, rows, loop_sample, workdir)
+        shutil.rmtree(workdir / "ckpt", ignore_errors=True)
     print(report(result))
     if json_path is not None:
         files.write_json(json_path, result)
@@ -298,19 +311,25 @@ def report(r: dict) -> str:
                 f"| {f['epoch_minutes']:.1f} min |")
 
     out = [f"device: {r['device']}; {r['model']}'s shape, weights: {r['weights']}",
-           "| recipe | real tokens/s | padding | peak memory | MFU | epoch |",
-           "|---|---|---|---|---|---|", line("this config", r)]
+           "| recipe | real tokens/s | padding | peak memory | MFU | epoch |", "|---|---|---|---|---|---|",
+           line("this config", r)]
     if "seed" in r:
         out += [line("seed recipe", r["seed"]), f"speed-up over the seed recipe: {r['ratio']:.1f}x"]
     if "eval" in r:
-        e = r["eval"]
-        out.append(
-            f"generation, {e['examples']} examples x {e['new_tokens_per_example']} new tokens: batched "
-            f"{e['batched_seconds']:.1f} s ({e['batched_tokens_per_s']:,.0f} tokens/s); per-example loop "
-            f"{e['loop_tokens_per_s']:,.0f} tokens/s, {e['loop_projected_seconds']:.0f} s projected: "
-            f"{e['ratio']:.0f}x; same greedy output as the loop on {100 * e['same_outputs_as_loop']:.0f}% "
-            f"of {e['loop_sample']} sampled examples (cut at end-of-turn; {100 * e['ended_within_budget']:.0f}% "
-            f"ended within {e['new_tokens_per_example']} tokens)"
-        )
+        out += eval_lines(r["eval"])
     return "\n".join(out)
 
+
+def eval_lines(e: dict) -> list[str]:
+    lines = [
+        f"generation, {e['examples']} prompts, up to {e['max_new_tokens']} new tokens, stopping at the end of "
+        f"turn: {e['batched_seconds']:.2f} s ({e['batched_new_tokens']:,} tokens, {e['batched_tokens_per_s']:,.0f} "
+        f"tokens/s; {100 * e['ended_share']:.0f}% ended); the per-example loop {e['loop_tokens_per_s']:,.1f} "
+        f"tokens/s, {e['loop_projected_seconds']:.0f} s projected: {e['ratio']:.0f}x",
+        f"on {e['loop_sample']} sampled prompts, same output as the loop: batched {100 * e['same_outputs_as_loop']:.1f}%,"
+        f" our decoder one at a time on the loop's model {100 * e['same_arithmetic_same_outputs']:.1f}%"]
+    if "rouge_sample" in e:
+        for path, scores in e["rouge_sample"].items():
+            lines.append(f"ROUGE-1/2/L on the sample, {path}: " + " / ".join(
+                f"{100 * scores[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL")))
+    return lines

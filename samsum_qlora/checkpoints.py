@@ -1,4 +1,4 @@
-"""Which checkpoint to resume from, and whether it may be resumed. Pure apart from reading files.
+"""Where training starts: which checkpoint to resume from, and whether it may be resumed.
 
 A checkpoint counts as complete only when its manifest (written by `ManifestCallback` after the
 Trainer has saved everything) lists every file with the size and hash found on disk: a checkpoint
@@ -14,18 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from samsum_qlora.errors import UserError
+from samsum_qlora.layout import RunDir
 
 MANIFEST = "samsum_manifest.json"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
-# Keys whose change makes a checkpoint unusable: another model, adapter shape or data.
-RESUME_KEYS = (
-    "model.name", "model.revision", "quantization.load_in_4bit", "quantization.bnb_4bit_quant_type",
-    "lora.lora_r", "lora.lora_alpha", "lora.target_modules", "data.source", "data.revision",
-    "data.train_split", "data.task_instruction", "data.max_length", "data.date_string",
-    "data.max_train_samples", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
-    "train.max_tokens_per_batch",
-    "train.seed",
-)
+# Keys that change how a run is computed, watched or saved, not what it learns: they may change
+# between an interruption and the resume. Every other key (the eval section aside) must match.
+FREE_KEYS = {"model.attn_implementation", "model.liger_kernels", "model.cudnn_attention", "train.output_dir",
+             "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.report_to",
+             "train.run_name", "train.dataloader_num_workers"}
 
 
 def _sha256(path: Path) -> str:
@@ -37,10 +34,8 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(checkpoint: Path, config: dict[str, Any]) -> None:
-    entries = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(checkpoint.iterdir()) if p.is_file() and p.name != MANIFEST
-    }
+    entries = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+               for p in sorted(checkpoint.iterdir()) if p.is_file() and p.name != MANIFEST}
     tmp = checkpoint / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"files": entries, "config": config}, indent=2))
     tmp.replace(checkpoint / MANIFEST)
@@ -82,23 +77,63 @@ def newest_complete(folder: Path, warn=print) -> Path | None:
 
 
 def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, section in tree.items() if isinstance(section, dict) for k, v in section.items()}
+    return {f"{s}.{k}": v for s, section in tree.items() if isinstance(section, dict) and s != "eval"
+            for k, v in section.items()}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: saved -> now' for each resume-relevant key that changed."""
+    """'key: saved -> now' for each key that changes what is learned."""
     a, b = _flatten(saved), _flatten(current)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in RESUME_KEYS if a.get(k) != b.get(k)]
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in FREE_KEYS and a.get(k) != b.get(k)]
+
+
+def saved_config(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / MANIFEST).read_text())["config"]
 
 
 def check_resumable(checkpoint: Path, current: dict[str, Any]) -> None:
     why = problem(checkpoint)
     if why is not None:
         raise UserError(f"cannot resume from {checkpoint}: {why}")
-    saved = json.loads((checkpoint / MANIFEST).read_text())["config"]
-    diffs = config_differences(saved, current)
+    diffs = config_differences(saved_config(checkpoint), current)
     if diffs:
-        raise UserError(
-            f"cannot resume from {checkpoint}: the config changed ({'; '.join(diffs)}); "
-            "restore those values or use a new train.output_dir"
-        )
+        raise UserError(f"cannot resume from {checkpoint}: the config changed ({'; '.join(diffs)}); "
+                        "restore those values, pass --overwrite to start over, or use a new train.output_dir")
+
+
+def finished_training(checkpoint: Path) -> bool:
+    """Whether the checkpoint was saved at the run's last step."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        return state["global_step"] >= state["max_steps"] > 0
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def start_point(run: RunDir, config: dict[str, Any], *, overwrite: bool, resume: str | None,
+                warn=print) -> Path | None:
+    """The checkpoint training resumes from, or None to start at step 0 (then any checkpoints in
+    the folder are an earlier run's, and the caller clears them).
+
+    An interrupted run is always resumed, --overwrite or not: rerunning the interrupted command
+    must never start over. Its config must match (else refused, naming the key; with --overwrite,
+    started over). A finished run (lora_adapters/) is only replaced with --overwrite."""
+    if resume:
+        chosen = Path(resume)
+        if not chosen.is_dir():
+            raise UserError(f"--resume {resume} is not a checkpoint directory")
+        check_resumable(chosen, config)
+        return chosen
+    newest = newest_complete(run.checkpoints, warn=warn)
+    interrupted = newest is not None and not finished_training(newest)
+    if interrupted and not (overwrite and config_differences(saved_config(newest), config)):
+        check_resumable(newest, config)
+        return newest
+    if run.adapters.exists() and not overwrite:
+        raise UserError(f"{run.adapters} already holds a finished run; pass --overwrite or set another "
+                        "train.output_dir")
+    if newest is not None and not overwrite and not run.adapters.exists():
+        check_resumable(newest, config)  # trained to the end, cut off before publishing
+        return newest
+    return None

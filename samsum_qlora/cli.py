@@ -22,8 +22,17 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
+            _close_progress_bars()  # so the error starts a line of its own
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+
+
+def _close_progress_bars() -> None:
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
 
 
 def _config(config_path, overrides):
@@ -40,9 +49,12 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @click.version_option(package_name="samsum-qlora")
 def main():
     """QLoRA fine-tuning of Llama 3.2 1B-Instruct on SAMSum, and ROUGE evaluation."""
+    from samsum_qlora.runtime import quiet_known_noise
+
     # Batches change shape from step to step; expandable segments stop the CUDA allocator from
     # fragmenting (and syncing on new allocations). Set before torch is imported by a command.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    quiet_known_noise()
 
 
 @main.command()
@@ -55,14 +67,15 @@ def train(config_path, overrides, overwrite, resume):
 
     Rerunning the same command into the same output dir resumes from the newest complete
     checkpoint."""
-    from samsum_qlora import train as training
+    from samsum_qlora.train import train_adapters
+    from samsum_qlora.trainer import Stopped
 
     cfg = _config(config_path, overrides)
     try:
-        training.run(cfg, overwrite=overwrite, resume=resume)
-    except training.Preempted as e:
-        click.echo(f"preempted: {e}", err=True)
-        sys.exit(143)  # 128 + SIGTERM, what a job scheduler expects
+        train_adapters(cfg, overwrite=overwrite, resume=resume)
+    except Stopped as e:
+        click.echo(f"stopped: {e}", err=True)
+        sys.exit(e.code)  # 128 + the signal, what a job scheduler expects
 
 
 @main.command(name="eval")
@@ -87,23 +100,33 @@ def evaluate_cmd(config_path, overrides, adapters, base_only, split, limit, outp
     With --api-model, the summaries come from a Chat Completions endpoint (OpenAI, vLLM, Ollama,
     LiteLLM), asked with the same instruction and dialogue; results go to
     <train.output_dir>/eval-api-NAME."""
-    import os
-
-    from samsum_qlora import evaluate
+    from samsum_qlora.evaluate import evaluate_model, plan_eval
 
     cfg = _config(config_path, overrides)
-    plan = evaluate.plan_eval(cfg, adapters=adapters, base_only=base_only, split=split, limit=limit,
-                              output_dir=output_dir, api_model=api_model, api_base=api_base)
+    plan = plan_eval(cfg, adapters=adapters, base_only=base_only, split=split, limit=limit,
+                     output_dir=output_dir, api_model=api_model, api_base=api_base)
     predict = None
     if plan.api_base is not None:
         from samsum_qlora import api
 
-        predict = api.predictor(plan.api_base, key=os.environ.get(api.KEY_ENV),
+        predict = api.predictor(plan.api_base, model=plan.model, instruction=cfg.data.task_instruction,
+                                max_tokens=cfg.eval.max_new_tokens, key=os.environ.get(api.KEY_ENV),
                                 concurrency=8 if api_concurrency is None else api_concurrency,
                                 timeout=60.0 if api_timeout is None else api_timeout)
     elif api_concurrency is not None or api_timeout is not None:
         raise UserError("--api-concurrency and --api-timeout need --api-model")
-    evaluate.run_eval(cfg, plan, overwrite=overwrite, predict=predict)
+    evaluate_model(cfg, plan, overwrite=overwrite, predict=predict)
+
+
+@main.command(name="config")
+@config_option
+@set_option
+def show_config(config_path, overrides):
+    """Print the resolved config (defaults < YAML < --set), each key with what it means. The
+    output is itself a config: save it and pass it to --config."""
+    from samsum_qlora.config import annotated_yaml
+
+    click.echo(annotated_yaml(_config(config_path, overrides)), nl=False)
 
 
 @main.command()
@@ -117,10 +140,9 @@ def preprocess(config_path, overrides, split, out_dir, show):
 
     With --show N, prints N examples; the tokens the loss is computed on are shown between
     ⟦ and ⟧ (and in green on a terminal)."""
-    from samsum_qlora import preprocess as prep
+    from samsum_qlora.preprocess import tokenize_split
 
-    cfg = _config(config_path, overrides)
-    prep.run(cfg, split=split, out_dir=Path(out_dir), show=show)
+    tokenize_split(_config(config_path, overrides), split=split, out_dir=Path(out_dir), show=show)
 
 
 @main.command()
@@ -132,9 +154,9 @@ def report(dirs, out_dir):
 
     Each argument is an eval folder (metrics.json + predictions.jsonl) or a training run folder,
     whose eval*/ folders are all used."""
-    from samsum_qlora import report as reporting
+    from samsum_qlora.report import write_report
 
-    click.echo(reporting.run(list(dirs), out_dir), nl=False)
+    click.echo(write_report(list(dirs), out_dir), nl=False)
     click.echo(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.png'}", err=True)
 
 
@@ -151,10 +173,10 @@ def merge(config_path, overrides, adapters, out_dir, dtype):
     """Merge LoRA adapters into the base weights and save a plain model.
 
     The merged model's logits must match base + adapters on probe prompts, else nothing is written."""
-    from samsum_qlora import merge as merging
+    from samsum_qlora.merge import merge_adapters
 
-    cfg = _config(config_path, overrides) if config_path or overrides else None
-    merging.run(adapters, out_dir, cfg=cfg, dtype=dtype)
+    merge_adapters(adapters, out_dir, cfg=_config(config_path, overrides) if config_path or overrides else None,
+                   dtype=dtype)
 
 
 @main.command()
@@ -169,21 +191,23 @@ def merge(config_path, overrides, adapters, out_dir, dtype):
 @click.option("--epoch-tokens", type=int, default=None, help="Tokens in one epoch for the projection (default: the split's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the figures as JSON here.")
 @click.option("--model-dir", "--random-model-dir", "model_dir", type=click.Path(file_okay=False),
-              help="Weights to time: a folder holding a model is used as it is (real weights make the greedy "
-                   "agreement meaningful); otherwise the random model is written there and reused next time.")
+              help="Weights to time: a folder holding a model is used as it is (real weights make the "
+                   "agreement and ROUGE figures meaningful); otherwise the random model is written there.")
+@click.option("--adapters", type=click.Path(file_okay=False),
+              help="Trained adapters for --eval (default: random ones with an effect).")
 def bench(config_path, overrides, split, steps, warmup, compare, with_eval, loop_sample, epoch_tokens, json_path,
-          model_dir):
+          model_dir, adapters):
     """Time training (real tokens/s, padding, peak memory, MFU, epoch time) and generation on
     model.name's architecture with random weights (no weight download needed), or --model-dir's."""
-    from samsum_qlora import bench as benchmark
+    from samsum_qlora.bench import benchmark
 
     cfg = _config(config_path, overrides)
-    if steps < 1 or warmup < 1:
-        raise UserError("--steps and --warmup must be at least 1")
-    benchmark.run(cfg, split=split or cfg.data.train_split, steps=steps, warmup=warmup, compare_seed=compare == "seed",
-                  with_eval=with_eval, loop_sample=loop_sample, epoch_tokens=epoch_tokens,
-                  json_path=Path(json_path) if json_path else None,
-                  model_dir=Path(model_dir) if model_dir else None)
+    if steps < 1 or warmup < 1 or loop_sample < 1:
+        raise UserError("--steps, --warmup and --loop-sample must be at least 1")
+    benchmark(cfg, split=split or cfg.data.train_split, steps=steps, warmup=warmup, compare_seed=compare == "seed",
+              with_eval=with_eval, loop_sample=loop_sample, epoch_tokens=epoch_tokens,
+              json_path=Path(json_path) if json_path else None, model_dir=Path(model_dir) if model_dir else None,
+              adapters=Path(adapters) if adapters else None)
 
 
 if __name__ == "__main__":

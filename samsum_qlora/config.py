@@ -1,15 +1,18 @@
 """One typed config tree, loaded from YAML; the command line only overrides it.
 
-Precedence: ``--set`` > YAML > the dataclass defaults below. The defaults *are* the seed
-tutorial's recipe (Llama-3.2-1B-Instruct, NF4 + double quant, r=8, batch 4 x 4, ...), so
-``configs/llama32-1b-samsum.yaml`` and "no --config at all" train the same thing; a test keeps
-the two in step.
+Precedence: ``--set`` > YAML > the dataclass defaults below, which are the shipped recipe
+(``configs/llama32-1b-samsum.yaml``; a test keeps the two equal). Each field's comment is the one
+description of that key: the shipped YAML and the README point here.
+
+A config is only ever changed by building a new one (`load_config`, `with_overrides`), so every
+check in the ``__post_init__`` methods holds for every config the package sees.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,19 +24,41 @@ import yaml
 from samsum_qlora.errors import UserError
 
 DEFAULT_INSTRUCTION = "Summarize the following dialogue in one or two sentences."
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass
 class ModelArgs:
     name: str = "meta-llama/Llama-3.2-1B-Instruct"  # Hub id or a local directory
     revision: str | None = None  # Hub branch, tag or commit; None = main
-    attn_implementation: str = "sdpa"  # "eager" | "sdpa" | "flash_attention_2"
-    # Fused Triton kernels (liger-kernel) for RMSNorm, SwiGLU and RoPE on a CUDA GPU: fewer
-    # kernel launches and less activation memory. Ignored on the CPU or when not installed.
+    # A Jinja chat template (text, or a path to a .jinja file) for a model whose tokenizer has
+    # none, or to replace its own. The model's template decides prompt, BOS and end of turn.
+    chat_template: str | None = None
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | flash_attention_3 | ...
+    # Fused Triton kernels (liger-kernel) for RMSNorm, SwiGLU and RoPE when training a Llama on a
+    # CUDA GPU: fewer kernel launches and less activation memory. Ignored elsewhere.
     liger_kernels: bool = True
-    # cuDNN's attention builds a plan per new shape; batches here change shape every step and
-    # generation grows the KV cache every token, so planning costs more than it saves.
+    # cuDNN's attention builds a plan per new shape; batches here change shape every step, so
+    # planning costs more than it saves.
     cudnn_attention: bool = False
+
+    def __post_init__(self):
+        _check(bool(self.name.strip()), "model.name is empty: give a Hub id or a model folder")
+        _check(
+            self.attn_implementation in ATTENTION or "/" in self.attn_implementation,
+            f"model.attn_implementation must be one of {', '.join(ATTENTION)} (or a Hub kernel "
+            f"'org/name'), got {self.attn_implementation!r}",
+        )
 
 
 @dataclass
@@ -41,107 +66,165 @@ class QuantArgs:
     load_in_4bit: bool = True  # QLoRA: the frozen base in 4 bits, adapters in higher precision
     bnb_4bit_quant_type: str = "nf4"  # NF4 matches normally distributed weights better than fp4
     bnb_4bit_use_double_quant: bool = True  # quantise the quantisation constants too (~0.4 bit/param)
-    bnb_4bit_compute_dtype: str = "bfloat16"  # matmuls run in this dtype after dequantisation
-    # Fast path: after loading in 4 bits, dequantise the NF4 weights once into a frozen copy in the
-    # compute dtype, for training and generation, instead of on every matmul. Same weights, same
-    # numbers; costs 2 bytes/param (2.5 GB for 1B).
+    # The dtype matmuls run in: the NF4 weights are dequantised to it; with load_in_4bit false
+    # the base is loaded in it.
+    bnb_4bit_compute_dtype: str = "bfloat16"
+    # Dequantise the NF4 weights once after loading, into a frozen copy in the compute dtype,
+    # instead of on every matmul: the same numbers, much faster, 2 bytes/param more memory.
     dequantize_once: bool = True
 
     def __post_init__(self):
-        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
-            raise UserError(f"quantization.bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}")
-        if self.bnb_4bit_compute_dtype not in ("bfloat16", "float16", "float32"):
-            raise UserError(
-                "quantization.bnb_4bit_compute_dtype must be bfloat16, float16 or float32, "
-                f"got {self.bnb_4bit_compute_dtype!r}"
-            )
+        _check(
+            self.bnb_4bit_quant_type in ("nf4", "fp4"),
+            f"quantization.bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}",
+        )
+        _check(
+            self.bnb_4bit_compute_dtype in DTYPES,
+            f"quantization.bnb_4bit_compute_dtype must be one of {', '.join(DTYPES)}, "
+            f"got {self.bnb_4bit_compute_dtype!r}",
+        )
 
 
 @dataclass
 class LoraArgs:
     lora_r: int = 8  # adapter rank: higher = more capacity and memory
-    lora_alpha: int = 16  # scale = alpha / r
-    lora_dropout: float = 0.0  # dropout on the adapter input; 0 skips a kernel and a saved mask per module
+    lora_alpha: int = 16  # the update is scaled by alpha / r
+    lora_dropout: float = 0.0  # dropout on the adapter input; 0 also skips a kernel per module
+    # Adapted layers, by module name (q_proj ... down_proj in a Llama); ~1.7 M params for the 1B.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def __post_init__(self):
-        if self.lora_r < 1:
-            raise UserError(f"lora.lora_r must be at least 1, got {self.lora_r}")
-        if not self.target_modules:
-            raise UserError("lora.target_modules is empty: name at least one module, e.g. [q_proj, v_proj]")
+        _check(self.lora_r >= 1, f"lora.lora_r must be at least 1, got {self.lora_r}")
+        _check(self.lora_alpha > 0, f"lora.lora_alpha must be positive, got {self.lora_alpha}")
+        _check(
+            _finite(self.lora_dropout) and 0 <= self.lora_dropout < 1,
+            f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}",
+        )
+        _check(
+            bool(self.target_modules),
+            "lora.target_modules is empty: name at least one module, e.g. [q_proj, v_proj]",
+        )
 
 
 @dataclass
 class DataArgs:
-    source: str = "knkarthick/samsum"  # Hub dataset id, or a local dir with train/validation/test files
+    source: str = "knkarthick/samsum"  # Hub dataset id, or a local dir of train/validation/test files
     revision: str | None = None  # Hub revision of `source`; pin it for reproducible runs
     train_split: str = "train"
-    task_instruction: str = DEFAULT_INSTRUCTION  # the system message of every example
+    task_instruction: str = DEFAULT_INSTRUCTION  # the system message (or the user turn's opening)
     max_length: int = 1024  # tokens per example; longer dialogues are shortened, summaries never
-    date_string: str = "26 Jul 2024"  # pins the chat template's "Today Date" so tokens never change
-    max_train_samples: int | None = None  # use only the first N training rows (quick experiments)
+    date_string: str = "26 Jul 2024"  # pins a template's "Today Date" (Llama 3) so tokens never change
+    max_train_samples: int | None = None  # train on the first N rows only (quick experiments)
 
     def __post_init__(self):
-        if self.max_length < 16:
-            raise UserError(f"data.max_length must be at least 16 tokens, got {self.max_length}")
+        _check(self.max_length >= 16, f"data.max_length must be at least 16 tokens, got {self.max_length}")
+        _check(bool(self.task_instruction.strip()), "data.task_instruction is empty")
+        _check(
+            self.max_train_samples is None or self.max_train_samples >= 1,
+            f"data.max_train_samples must be at least 1 (or null for every row), "
+            f"got {self.max_train_samples}",
+        )
 
 
 @dataclass
 class TrainArgs:
-    """Field names are transformers.TrainingArguments' own, so the HF docs apply."""
+    """Fields named as in transformers.TrainingArguments pass to it unchanged (the HF docs apply);
+    `max_tokens_per_batch`, `trained_logits_only` and `pad_to_multiple_of` are ours."""
 
     output_dir: str = "outputs/lora_samsum"  # adapters land in <output_dir>/lora_adapters/
     per_device_train_batch_size: int = 4  # rows per batch; used only when max_tokens_per_batch is null
     gradient_accumulation_steps: int = 1
-    # Fast path: batches of rows of similar length, at most this many tokens (padding included).
-    # 8192 tokens is ~39 SAMSum rows per step (the seed: 16); null = fixed rows of the batch size.
-    max_tokens_per_batch: int | None = 8192
-    trained_logits_only: bool = True  # project only summary positions to the 128K vocabulary
-    pad_to_multiple_of: int = 32  # few distinct batch shapes, so GPU kernels and memory blocks are reused
+    # Batches of rows of similar length, at most this many tokens (padding included). 4096 tokens
+    # is ~18 SAMSum rows: about the tutorial's 16 rows per optimizer step, so the same number of
+    # steps per epoch (docs/quality.md). null = fixed rows of per_device_train_batch_size.
+    max_tokens_per_batch: int | None = 4096
+    trained_logits_only: bool = True  # project only the trained positions to the vocabulary
+    pad_to_multiple_of: int = 32  # few distinct batch shapes: GPU kernels and memory blocks reused
     learning_rate: float = 2e-4  # LoRA tolerates ~10x the full fine-tuning rate
     num_train_epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides num_train_epochs
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: str = "cosine"  # any transformers SchedulerType
     warmup_steps: float = 0.03  # < 1 = a fraction of all steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     bf16: bool = True  # needs an Ampere+ GPU (or a CPU with bf16); set fp16 on older cards
     fp16: bool = False
-    optim: str = "adamw_torch_fused"  # 1.7 M trainable params: 8-bit states would save 10 MB and cost time
+    optim: str = "adamw_torch_fused"  # any transformers OptimizerNames (the tutorial: paged_adamw_8bit)
     gradient_checkpointing: bool = False  # true trades ~30% speed for much less activation memory
     logging_steps: int = 10
-    save_steps: int = 100  # checkpoint interval, for resuming after a preemption
+    save_steps: int = 100  # checkpoint interval: how much a preemption can cost
     save_total_limit: int = 2  # keep only the newest N checkpoints
     seed: int = 42
-    report_to: list[str] = field(default_factory=lambda: ["none"])  # e.g. [wandb]
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # [wandb] logs to W&B
     run_name: str | None = None
     dataloader_num_workers: int = 0
 
     def __post_init__(self):
-        if self.bf16 and self.fp16:
-            raise UserError("train.bf16 and train.fp16 are both true: pick one (--set train.fp16=false)")
-        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise UserError("train.per_device_train_batch_size and train.gradient_accumulation_steps must be >= 1")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise UserError("set train.max_steps > 0 or train.num_train_epochs > 0, or there is nothing to train")
-        if self.pad_to_multiple_of < 1:
-            raise UserError(f"train.pad_to_multiple_of must be at least 1, got {self.pad_to_multiple_of}")
-        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 16:
-            raise UserError(f"train.max_tokens_per_batch must be at least 16 (or null), got {self.max_tokens_per_batch}")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
+        _check(bool(self.output_dir.strip()), "train.output_dir is empty: name a folder for the run")
+        _check(not (self.bf16 and self.fp16),
+               "train.bf16 and train.fp16 are both true: pick one (--set train.fp16=false)")
+        _check(self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,
+               "train.per_device_train_batch_size and train.gradient_accumulation_steps must be >= 1")
+        _check(self.max_steps > 0 or (_finite(self.num_train_epochs) and self.num_train_epochs > 0),
+               "set train.max_steps > 0 or train.num_train_epochs > 0, or there is nothing to train")
+        _check(self.pad_to_multiple_of >= 1,
+               f"train.pad_to_multiple_of must be at least 1, got {self.pad_to_multiple_of}")
+        _check(self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 16,
+               f"train.max_tokens_per_batch must be at least 16 (or null), got {self.max_tokens_per_batch}")
+        _check(_finite(self.learning_rate) and self.learning_rate > 0,
+               f"train.learning_rate must be a positive finite number, got {self.learning_rate}")
+        _check(_finite(self.warmup_steps) and self.warmup_steps >= 0,
+               f"train.warmup_steps must be >= 0 (a fraction of all steps when < 1), got {self.warmup_steps}")
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0,
+               f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(_finite(self.max_grad_norm) and self.max_grad_norm >= 0,
+               f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        _check(self.logging_steps >= 1 and self.save_steps >= 1 and self.save_total_limit >= 1,
+               "train.logging_steps, train.save_steps and train.save_total_limit must be >= 1")
+        self._check_library_names()
+
+    def _check_library_names(self) -> None:
+        """Names transformers resolves late, deep inside a traceback: refused here instead."""
+        from transformers.trainer_utils import SchedulerType
+        from transformers.training_args import OptimizerNames
+
+        for key, value, choices in (("optim", self.optim, OptimizerNames),
+                                    ("lr_scheduler_type", self.lr_scheduler_type, SchedulerType)):
+            names = [c.value for c in choices]
+            if value not in names:
+                close = difflib.get_close_matches(value, names, n=3, cutoff=0.5)
+                hint = f"did you mean {' or '.join(close)}?" if close else f"one of: {', '.join(names)}"
+                raise UserError(f"train.{key} {value!r} is not a transformers {choices.__name__}; {hint}")
 
 
 @dataclass
 class EvalArgs:
     split: str = "test"
-    batch_size: int = 128  # prompts generated together; sorted by length to waste little padding
-    # Fold the adapters into the base weights for generation: fewer kernels per token, but the
-    # bf16 rounding of the merge moves logits (docs/performance.md has the measured trade-off).
-    merge_adapters: bool = False
+    # Prompts generated together, longest first: at most batch_size rows and max_tokens_per_batch
+    # KV-cache tokens (rows x (longest prompt + max_new_tokens)); fewer, bigger batches are faster
+    # and the cache is ~32 KB/token for the 1B, so 262,144 tokens take ~8 GiB.
+    batch_size: int = 512
+    max_tokens_per_batch: int = 262_144
+    # Fold the adapters into a copy of the (dequantised) base for generation: one matmul per
+    # layer instead of three. Bf16 rounding of the merged weights moves greedy outputs a little.
+    merge_adapters: bool = True
+    # Replay each decoding step as one CUDA graph instead of hundreds of kernel launches (CUDA
+    # only; falls back to plain launches, with a note, where capture fails).
+    cuda_graphs: bool = True
     max_new_tokens: int = 128  # SAMSum summaries average ~25 tokens
     limit: int | None = None  # score only the first N examples
-    output_dir: str | None = None  # default: <train.output_dir>/eval
+    output_dir: str | None = None  # default: <train.output_dir>/eval (eval-base with --base-only)
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, f"eval.batch_size must be at least 1, got {self.batch_size}")
+        _check(self.max_tokens_per_batch >= 16,
+               f"eval.max_tokens_per_batch must be at least 16, got {self.max_tokens_per_batch}")
+        _check(self.max_new_tokens >= 1, f"eval.max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        _check(self.limit is None or self.limit >= 1, f"eval.limit must be at least 1, got {self.limit}")
+        _check(self.output_dir is None or bool(self.output_dir.strip()),
+               "eval.output_dir is empty: name a folder, or null for the default")
 
 
 @dataclass
@@ -157,43 +240,65 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_SECTION_TYPES = {
-    "model": ModelArgs,
-    "quantization": QuantArgs,
-    "lora": LoraArgs,
-    "data": DataArgs,
-    "train": TrainArgs,
-    "eval": EvalArgs,
-}
+SECTIONS = {"model": ModelArgs, "quantization": QuantArgs, "lora": LoraArgs, "data": DataArgs,
+            "train": TrainArgs, "eval": EvalArgs}
 # Keys of the tutorial's flat config.yaml that are not our field names.
-_FLAT_ALIASES = {
-    "model_name": "model.name",
-    "model_id": "model.name",
-    "dataset_name": "data.source",
-    "dataset": "data.source",
-    "max_seq_length": "data.max_length",
+FLAT_ALIASES = {
+    "model_name": "model.name", "model_id": "model.name", "dataset_name": "data.source",
+    "dataset": "data.source", "max_seq_length": "data.max_length",
     "task_instruction": "data.task_instruction",
 }
 
+# The seed tutorial's recipe as overrides of any config. What it learns: 4 rows x 4
+# accumulation steps, LoRA dropout 0.05, paged 8-bit AdamW. How it computes that: rows padded to
+# the longest, gradient checkpointing, all logits, bitsandbytes' 4-bit matmuls, no fused
+# kernels, torch's attention backends as they come.
+SEED_LEARNING = {
+    "lora": {"lora_dropout": 0.05},
+    "train": {"max_tokens_per_batch": None, "per_device_train_batch_size": 4,
+              "gradient_accumulation_steps": 4, "optim": "paged_adamw_8bit"},
+}
+SEED_KERNELS = {
+    "model": {"liger_kernels": False, "cudnn_attention": True},
+    "quantization": {"dequantize_once": False},
+    "train": {"gradient_checkpointing": True, "trained_logits_only": False, "pad_to_multiple_of": 1},
+    "eval": {"merge_adapters": False, "cuda_graphs": False},
+}
 
-def _field_index() -> dict[str, str]:
-    """Every dotted key we know, plus a map from bare field name -> dotted key (for flat YAML)."""
-    flat = {}
-    for section, cls in _SECTION_TYPES.items():
-        for f in dataclasses.fields(cls):
-            flat.setdefault(f.name, f"{section}.{f.name}")
-    flat.update(_FLAT_ALIASES)
-    return flat
+
+def merged(*sections: dict) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for tree in sections:
+        for section, values in tree.items():
+            out.setdefault(section, {}).update(values)
+    return out
+
+
+SEED_RECIPE = merged(SEED_LEARNING, SEED_KERNELS)
 
 
 def all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in _SECTION_TYPES.items() for f in dataclasses.fields(cls)]
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 def _unknown_key(key: str, candidates: list[str]) -> UserError:
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce_number(value: Any, tp: type, key: str) -> Any:
+    if isinstance(value, bool):
+        raise UserError(f"{key} must be a number, got {value!r}")
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        raise UserError(f"{key} must be a whole number, got {value!r}")
+    try:
+        if tp is int and isinstance(value, str) and "e" in value.lower():
+            return int(float(value))
+        return tp(value)
+    except (TypeError, ValueError, OverflowError):
+        kind = "a whole number" if tp is int else "a number"
+        raise UserError(f"{key} must be {kind}, got {value!r}") from None
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -203,8 +308,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):  # --set lora.target_modules=q_proj,v_proj
@@ -219,17 +323,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise UserError(f"{key} must be true or false, got {value!r}")
     if tp in (int, float):
-        if isinstance(value, bool):
-            raise UserError(f"{key} must be a number, got {value!r}")
-        if tp is int and isinstance(value, float) and not value.is_integer():
-            raise UserError(f"{key} must be a whole number, got {value!r}")
-        try:
-            return tp(float(value)) if tp is int and isinstance(value, str) and "e" in value.lower() else tp(value)
-        except (TypeError, ValueError):
-            kind = "a whole number" if tp is int else "a number"
-            raise UserError(f"{key} must be {kind}, got {value!r}") from None
+        return _coerce_number(value, tp, key)
     if tp is str:
-        if isinstance(value, (dict, list)):
+        if value is None or isinstance(value, (dict, list)):
             raise UserError(f"{key} must be a string, got {value!r}")
         return str(value)
     return value
@@ -237,16 +333,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _nest(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Sectioned YAML passes through; the tutorial's flat YAML is sorted into sections."""
-    if all(isinstance(v, dict) for k, v in raw.items() if k in _SECTION_TYPES) and set(raw) <= set(_SECTION_TYPES):
-        return raw
-    index = _field_index()
+    index = {f.name: f"{s}.{f.name}" for s, cls in reversed(SECTIONS.items()) for f in dataclasses.fields(cls)}
+    index.update(FLAT_ALIASES)
     nested: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
-        if key in _SECTION_TYPES and isinstance(value, dict):
+        if key in SECTIONS and isinstance(value, dict):
             nested.setdefault(key, {}).update(value)
             continue
         if key not in index:
-            raise _unknown_key(key, list(_SECTION_TYPES) + list(index))
+            raise _unknown_key(str(key), list(SECTIONS) + list(index))
         section, name = index[key].split(".")
         nested.setdefault(section, {})[name] = value
     return nested
@@ -267,37 +362,43 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from `path`, or a one-line UserError saying what is wrong with the file."""
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file: a config is UTF-8 YAML") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a YAML mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the YAML file at `path` (if any), then dotted `overrides`."""
-    merged: dict[str, dict[str, Any]] = {s: {} for s in _SECTION_TYPES}
+    tree: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise UserError(f"{path} is not valid YAML{where}") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise UserError(f"{path} must be a YAML mapping of sections, got {type(raw).__name__}")
-        for section, values in _nest(raw).items():
-            merged[section].update(values)
+        for section, values in _nest(read_yaml(Path(path))).items():
+            tree[section].update(values)
     for dotted, value in (overrides or {}).items():
         section, _, name = dotted.partition(".")
-        if section not in _SECTION_TYPES or not name:
+        if section not in SECTIONS or not name:
             raise _unknown_key(dotted, all_keys())
-        merged[section][name] = value
-    return build_config(merged)
+        tree[section][name] = value
+    return build_config(tree)
 
 
-def build_config(merged: dict[str, dict[str, Any]]) -> Config:
+def build_config(tree: dict[str, dict[str, Any]]) -> Config:
     sections = {}
-    for section, cls in _SECTION_TYPES.items():
-        values = merged.get(section) or {}
+    for section, cls in SECTIONS.items():
+        values = tree.get(section) or {}
         if not isinstance(values, dict):
             raise UserError(f"config section '{section}' must be a mapping, got {values!r}")
         hints = typing.get_type_hints(cls)  # resolves the string annotations of `from __future__`
@@ -310,10 +411,50 @@ def build_config(merged: dict[str, dict[str, Any]]) -> Config:
     return Config(**sections)
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from a saved `config.yaml` (the resolved tree of an earlier run)."""
-    return build_config({k: v for k, v in data.items() if k in _SECTION_TYPES})
+def with_overrides(cfg: Config, sections: dict[str, dict[str, Any]]) -> Config:
+    """`cfg` with some values replaced, checked like any loaded config."""
+    tree = cfg.to_dict()
+    for section, values in sections.items():
+        tree[section].update(values)
+    return build_config(tree)
 
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def field_comments(cls: type) -> dict[str, list[str]]:
+    """Each field's comments in the dataclass source: the lines above it and the one beside it.
+    The one description of every key; the shipped YAML and `samsum-qlora config` print them."""
+    import inspect
+    import re
+
+    comments: dict[str, list[str]] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped[1:].strip())
+        elif m := re.match(r"(\w+): [^=]+= .*?(?:  # (.*))?$", stripped):
+            comments[m.group(1)] = pending + ([m.group(2)] if m.group(2) else [])
+            pending = []
+        else:
+            pending = []
+    return comments
+
+
+def annotated_yaml(cfg: Config) -> str:
+    """`cfg` as YAML, every key with its comment from the dataclasses above."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        comments = field_comments(cls)
+        for name, value in getattr(cfg, section).__dict__.items():
+            text = yaml.safe_dump({name: value}, default_flow_style=True, allow_unicode=True, width=1000)
+            text = text.strip()[1:-1]  # {key: value} -> key: value
+            about = comments.get(name, [])
+            if len(about) > 1:  # a paragraph above the key, a phrase beside it
+                lines += [f"  # {c}" for c in about]
+            lines.append(f"  {text}" + (f"  # {about[0]}" if len(about) == 1 else ""))
+        lines.append("")
+    return "\n".join(lines)

@@ -1,16 +1,25 @@
-"""Writes that never leave a half-written result: write to a temp name beside, then rename."""
+"""Writes that never leave a half-written result, and one run per folder at a time.
+
+Every result is written under a temporary name beside its final one and renamed into place;
+folders are staged whole and swapped in (`publish_dir`). A full disk becomes one line that says
+so, and a folder another samsum-qlora process is using is refused (`hold`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from samsum_qlora.errors import UserError
 
+LOCK = ".samsum-qlora.lock"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -62,11 +71,82 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON") from None
+
+
 def publish_dir(staging: Path, final: Path) -> None:
-    """Move a fully written folder into place; the old one (if any) goes only after the new one is whole."""
+    """Move a fully written folder into place; the old one (if any) goes only once the new one is."""
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """A fresh folder beside `final` to write into; published as `final` when the block ends
+    normally, removed when it raises."""
+    staging = final.with_name(f".{final.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        publish_dir(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def hold(folder: Path, command: str) -> Iterator[None]:
+    """This process's exclusive claim on `folder` for the block: a second run into it refuses.
+
+    The kernel drops the claim when the process ends, however it ends, so a killed run never
+    leaves a stale one. Where the filesystem has no locks (some network mounts), runs are not
+    kept apart, and that is said."""
+    import fcntl
+
+    ensure_writable_dir(folder)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"{folder} is in use by another samsum-qlora {command} (pid {holder}); "
+                        "wait for it to finish or choose another folder") from None
+    except OSError:
+        print(f"note: {folder} cannot be locked here; make sure no other run writes into it")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch's and safetensors' writers report a failed write without its errno
+    if "No space left" in str(error) or "write failed" in str(error):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free < 256 * 1024**2
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_is_user_error(folder: Path, doing: str) -> Iterator[None]:
+    """A write that fails because the disk is full becomes one line that says so."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if _disk_full(e, folder):
+            raise UserError(f"no space left on the device of {folder} while {doing}; free some "
+                            "space, then rerun the same command") from None
+        raise

@@ -1,21 +1,25 @@
-"""Library config objects from ours (pure), and `load_model`: the one place that puts a model on
-a device."""
+"""Library config objects from ours (pure), and the one place that puts a model on a device.
+
+`load_model` reads the base (4-bit when configured) onto this process's GPU, or the CPU;
+everything else here reshapes a loaded model: NF4 dequantised once, LoRA adapters attached new or
+from disk, merged for generation.
+"""
 
 from __future__ import annotations
 
-import json
-import os
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from samsum_qlora.config import Config, LoraArgs, QuantArgs
+from samsum_qlora import layout, runtime
+from samsum_qlora.config import LoraArgs, ModelArgs, QuantArgs
 from samsum_qlora.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
 
-def torch_dtype(name: str) -> "torch.dtype":
+def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
@@ -39,97 +43,167 @@ def lora_config(lora: LoraArgs):
     """peft.LoraConfig from our LoraArgs."""
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(
-        r=lora.lora_r,
-        lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.lora_dropout,
-        target_modules=list(lora.target_modules),
-        bias="none",
-        task_type=TaskType.CAUSAL_LM,
-    )
+    return LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                      target_modules=list(lora.target_modules), bias="none", task_type=TaskType.CAUSAL_LM)
 
 
-def lora_parameter_count(hidden: int, kv_dim: int, layers: int, lora: LoraArgs) -> int:
-    """Trainable LoRA parameters for q/k/v/o of a Llama: r x (in + out) per adapted matrix."""
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv_dim), "v_proj": (hidden, kv_dim), "o_proj": (hidden, hidden)}
-    return layers * sum(lora.lora_r * sum(shapes[m]) for m in lora.target_modules if m in shapes)
+def model_shape(model_config) -> dict:
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    return {k: getattr(model_config, k, None) for k in keys}
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+# --- finding the model -----------------------------------------------------------------------------
 
 
-def check_device_settings(cfg: Config, cuda: bool, cpu_bf16: bool) -> None:
-    """Settings that need a GPU, refused early with the --set that fixes them."""
-    if cuda:
-        return
-    if cfg.train.fp16:
-        raise UserError("train.fp16 needs a CUDA GPU and none was found; use --set train.fp16=false")
-    if cfg.train.bf16 and not cpu_bf16:
-        raise UserError("train.bf16 is not supported by this CPU and no CUDA GPU was found; use --set train.bf16=false")
-    if cfg.model.attn_implementation == "flash_attention_2":
-        raise UserError("flash_attention_2 needs a CUDA GPU; use --set model.attn_implementation=sdpa")
+def check_source(name: str) -> None:
+    """A model that looks like a path must be one: say so, instead of the Hub's "Repo id must be
+    in the form 'namespace/name'". Hub ids have at most one slash."""
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not path.exists():
+        raise UserError(f"model {name} does not exist (give a model folder or a Hub id)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"{name} holds no model: no config.json in it")
 
 
-def load_tokenizer(name: str, revision: str | None = None):
+def load_tokenizer(m: ModelArgs):
+    """The model's tokenizer, with `model.chat_template` in place of its own when given."""
     from transformers import AutoTokenizer
 
+    check_source(m.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
-    except OSError as e:
-        raise UserError(f"could not load a tokenizer from {name}: {str(e).splitlines()[0]}") from None
-    if tokenizer.chat_template is None:
-        raise UserError(f"the tokenizer of {name} has no chat template; use an Instruct model")
+        tokenizer = AutoTokenizer.from_pretrained(m.name, revision=m.revision)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load a tokenizer from {m.name}: {str(e).splitlines()[0]}") from None
+    if m.chat_template is not None:
+        path = Path(m.chat_template).expanduser()
+        is_file = len(m.chat_template) < 4096 and "{" not in m.chat_template and path.is_file()
+        tokenizer.chat_template = path.read_text(encoding="utf-8") if is_file else m.chat_template
+    if not tokenizer.chat_template:
+        raise UserError(f"the tokenizer of {m.name} has no chat template; set model.chat_template to a Jinja "
+                        "chat template (text or a .jinja file), or use an Instruct model")
     return tokenizer
 
 
-def load_model(cfg: Config, *, training: bool):
-    """The base model, 4-bit when configured, on the GPU if there is one (else the CPU)."""
+def generation_eos(m: ModelArgs) -> list[int]:
+    """Every EOS id the model's generation_config.json names (Llama 3.2: end of text, eom, eot)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(m.name, revision=m.revision).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json: the tokenizer's EOS is used
+        return []
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def module_names(m: ModelArgs) -> set[str]:
+    """The last part of every module name of the model, built on the meta device (no weights)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        # Under torchrun this process's GPU must also be the current device: liger-kernel 0.8.5's
-        # RoPE kernel launches on the current one, not its tensors'. (The Trainer sets it; eval would not.)
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        # off by default: measured on an H100, generation 3.3x and training 1.2x faster without it
-        torch.backends.cuda.enable_cudnn_sdp(cfg.model.cudnn_attention)
-    compute = torch_dtype(cfg.quantization.bnb_4bit_compute_dtype)
+    config = read_config(m)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            raise UserError(f"{m.name} is a {config.model_type} model, not a causal language model") from None
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+
+
+def read_config(m: ModelArgs):
+    from transformers import AutoConfig
+
+    check_source(m.name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.model.name,
-            revision=cfg.model.revision,
-            quantization_config=quantization_config(cfg.quantization),
-            dtype=compute if cfg.quantization.load_in_4bit else (torch.bfloat16 if cfg.train.bf16 else torch.float32),
-            attn_implementation=cfg.model.attn_implementation,
-            # one process = one GPU; under torchrun each rank takes its own
-            device_map={"": int(os.environ.get("LOCAL_RANK", 0))} if cuda else {"": "cpu"},
-        )
-    except OSError as e:
-        raise UserError(f"could not load model {cfg.model.name}: {str(e).splitlines()[0]}") from None
+        return AutoConfig.from_pretrained(m.name, revision=m.revision)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the model config of {m.name}: {str(e).splitlines()[0]}") from None
+
+
+def check_lora_targets(m: ModelArgs, lora: LoraArgs) -> None:
+    """Every lora.target_modules name must be a module of the model: refused before loading."""
+    names = module_names(m)
+    missing = [t for t in lora.target_modules if t not in names]
+    if missing:
+        linear = sorted(n for n in names if n.endswith("_proj"))
+        raise UserError(f"lora.target_modules: {m.name} has no module {', '.join(missing)}"
+                        + (f" (its projections: {', '.join(linear)})" if linear else ""))
+
+
+# --- loading: the one place that touches the GPU ---------------------------------------------------
+
+
+def load_model(m: ModelArgs, q: QuantArgs, *, training: bool):
+    """The base model, 4-bit when configured, on this process's GPU if there is one (else the CPU)."""
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    rt = runtime.current()
+    if cuda:
+        # Under torchrun this process's GPU must be the current device too: liger-kernel's RoPE
+        # launches on the current one, not its tensors'.
+        torch.cuda.set_device(rt.local_rank)
+        torch.backends.cuda.enable_cudnn_sdp(m.cudnn_attention)
+    elif m.attn_implementation.startswith("flash_attention"):
+        raise UserError(f"{m.attn_implementation} needs a CUDA GPU; use --set model.attn_implementation=sdpa")
+    config = read_config(m)
+    try:
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                m.name, revision=m.revision, quantization_config=quantization_config(q),
+                dtype=torch_dtype(q.bnb_4bit_compute_dtype), attn_implementation=m.attn_implementation,
+                device_map={"": rt.local_rank if cuda else "cpu"},  # one process = one device
+            )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise UserError(f"{m.name} is a {config.model_type} model, not a causal language model") from None
+        raise UserError(f"could not load model {m.name}: {str(e).splitlines()[0]}") from None
+    except (OSError, RuntimeError, SafetensorError) as e:  # a truncated or corrupt weights file
+        raise UserError(f"could not load the weights of {m.name}: {str(e).splitlines()[0][:200]}") from None
     if training:
         model.config.use_cache = False  # the KV cache is useless in training and breaks packed masks
-    if cuda and cfg.model.liger_kernels:
-        apply_fused_kernels(model)
+        if m.liger_kernels:
+            apply_fused_kernels(model)
     return model
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' loading report lists every missing tied weight; it is not news here."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def check_vocabulary(model, tokenizer) -> None:
+    """Token ids beyond the embedding would index out of range on the first batch."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserError(f"the tokenizer has {len(tokenizer):,} tokens but the model embeds only {rows:,}: "
+                        "they do not belong together")
+
+
 def apply_fused_kernels(model) -> bool:
-    """liger-kernel's RMSNorm, SwiGLU and RoPE for a Llama (measured on an H100: with 8192-token
-    batches, 47.6K instead of ~30K tokens/s and less memory). Off the GPU, or without the package,
-    the model is left as it is."""
-    if model.config.model_type != "llama":
+    """liger-kernel's RMSNorm, SwiGLU and RoPE for a Llama being trained on a GPU (the gain is in
+    docs/performance.md). Elsewhere, or without the package, the model is left as it is."""
+    import torch
+
+    if model.config.model_type != "llama" or not torch.cuda.is_available():
         return False
     try:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        import liger_kernel.transformers as liger
     except ImportError:
         print("note: pip install liger-kernel for fused kernels (faster training, less memory)")
         return False
-    apply_liger_kernel_to_llama(model=model, rope=True, rms_norm=True, swiglu=True,
-                                cross_entropy=False, fused_linear_cross_entropy=False)
+    liger.apply_liger_kernel_to_llama(model=model, rope=True, rms_norm=True, swiglu=True,
+                                      cross_entropy=False, fused_linear_cross_entropy=False)
     return True
 
 
@@ -157,52 +231,39 @@ def dequantize_base(model, dtype_name: str):
     return model
 
 
-def attach_new_adapters(model, cfg: Config):
+def attach_new_adapters(model, lora: LoraArgs, q: QuantArgs, *, gradient_checkpointing: bool,
+                        half_precision: bool):
     """Fresh LoRA adapters on the base: the QLoRA recipe (prepare_model_for_kbit_training on the
     4-bit model), or on the dequantised copy for the fast path."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.quantization.load_in_4bit and cfg.quantization.dequantize_once:
-        model = dequantize_base(model, cfg.quantization.bnb_4bit_compute_dtype)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model = get_peft_model(model, lora_config(cfg.lora))
-        if cfg.train.bf16 or cfg.train.fp16:
-            # Autocast already runs the adapter matmuls in half precision; peft's own cast of
-            # every adapter input to float32 only adds copies (kept for backward) and kernels.
-            for module in model.modules():
-                if hasattr(module, "cast_input_dtype_enabled"):
-                    module.cast_input_dtype_enabled = False
-        return model
-    if cfg.quantization.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif cfg.train.gradient_checkpointing:
+    if q.load_in_4bit and not q.dequantize_once:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        return get_peft_model(model, lora_config(lora))
+    if q.load_in_4bit:
+        model = dequantize_base(model, q.bnb_4bit_compute_dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(cfg.lora))
+    model = get_peft_model(model, lora_config(lora))
+    if half_precision:
+        # Autocast already runs the adapter matmuls in half precision; peft's own cast of every
+        # adapter input to float32 only adds copies (kept for backward) and kernels.
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+    return model
 
 
 def check_adapters_fit(adapters: Path, base_name: str, base_config) -> None:
     """Refuse adapters trained on another architecture or size, naming both."""
-    cfg_file = adapters / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise UserError(f"{adapters} holds no LoRA adapters (no adapter_config.json)")
-    trained_on = json.loads(cfg_file.read_text()).get("base_model_name_or_path") or "unknown base"
-    run_file = adapters.parent / "run.json"  # written by train beside lora_adapters/
-    shape = json.loads(run_file.read_text()).get("model_shape") if run_file.is_file() else None
-    here = model_shape(base_config)
+    trained_on = layout.adapter_config(adapters).get("base_model_name_or_path") or "unknown base"
+    shape, here = layout.trained_shape(adapters), model_shape(base_config)
     if shape and shape != here:
         raise UserError(f"adapters in {adapters} were trained on {trained_on} {shape}, not on {base_name} {here}")
-
-
-def model_shape(model_config) -> dict:
-    return {k: getattr(model_config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
 
 
 def attach_saved_adapters(model, adapters: Path, base_name: str, merge: bool = False):
@@ -212,24 +273,23 @@ def attach_saved_adapters(model, adapters: Path, base_name: str, merge: bool = F
     check_adapters_fit(adapters, base_name, model.config)
     try:
         model = PeftModel.from_pretrained(model, str(adapters))
-    except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, unknown modules
-        raise UserError(
-            f"adapters in {adapters} do not fit base model {base_name}: {str(e).splitlines()[0][:200]}"
-        ) from None
+    except (RuntimeError, ValueError, KeyError, OSError) as e:  # size mismatch, unknown modules, bad file
+        raise UserError(f"adapters in {adapters} do not fit base model {base_name}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
     return model.merge_and_unload() if merge else model
 
 
-def load_generation_model(cfg: Config, adapters: Path | None):
-    """The model eval generates with: the 4-bit base (dequantised once on the fast path), with
-    the adapters attached, or merged in, unless scoring the base alone."""
-    model = load_model(cfg, training=False)
-    if cfg.quantization.load_in_4bit and cfg.quantization.dequantize_once:
-        model = dequantize_base(model, cfg.quantization.bnb_4bit_compute_dtype)
+def load_generation_model(m: ModelArgs, q: QuantArgs, adapters: Path | None, *, merge: bool):
+    """The model eval generates with: the 4-bit base (dequantised once on the fast path) with the
+    adapters attached, or merged in, unless scoring the base alone. Attached adapters stay float32,
+    as in the tutorial's per-example loop; buffers (RoPE's float32 frequencies) are left alone."""
+    model = load_model(m, q, training=False)
+    fast = q.load_in_4bit and q.dequantize_once
+    if fast:
+        model = dequantize_base(model, q.bnb_4bit_compute_dtype)
     if adapters is not None:
-        # The adapters stay float32, as in the seed's per-example loop. (Casting the whole model
-        # to bf16 instead also rounded RoPE's float32 inverse frequencies: on a trained 1B stand-in
-        # batched greedy outputs then matched the loop on 52% of prompts instead of 81%.)
-        model = attach_saved_adapters(model, adapters, cfg.model.name, merge=cfg.eval.merge_adapters)
+        # Merging into 4-bit weights would requantise them: only a dequantised or plain base merges.
+        model = attach_saved_adapters(model, adapters, m.name, merge=merge and (fast or not q.load_in_4bit))
     return model.eval()
 
 

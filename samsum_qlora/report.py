@@ -8,20 +8,21 @@ from the same per-example numbers; metrics.json supplies the model name and type
 from __future__ import annotations
 
 import io
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from samsum_qlora import files
 from samsum_qlora.errors import UserError
+from samsum_qlora.layout import EvalDir
 from samsum_qlora.metrics import results_table, rouge_per_example
+from samsum_qlora.predictions import KIND_API, KIND_BASE, KIND_QLORA
 
 SHOWN = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))  # the seed's columns
 RESAMPLES = 1000
 SEED = 0
 LEVEL = 0.95
-KIND_ORDER = ("base", "API", "QLoRA adapters")  # the tutorial's row order within one run folder
+KIND_ORDER = (KIND_BASE, KIND_API, KIND_QLORA)  # the tutorial's row order within one run folder
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Scored:
 
 
 def is_eval_dir(path: Path) -> bool:
-    return (path / "metrics.json").is_file()
+    return EvalDir(path).metrics.is_file()
 
 
 def eval_dirs(paths: list[Path]) -> list[Path]:
@@ -70,21 +71,19 @@ def eval_dirs(paths: list[Path]) -> list[Path]:
 
 def _kind_rank(folder: Path) -> int:
     try:
-        kind = json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("type")
-    except (OSError, ValueError, AttributeError):
+        kind = files.read_json(EvalDir(folder).metrics).get("type")
+    except (UserError, AttributeError):
         kind = None
     return KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
 
 
 def load_scored(folder: Path) -> Scored:
     """metrics.json (model, type) and per-example ROUGE recomputed from predictions.jsonl."""
-    try:
-        meta = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    except ValueError:
-        raise UserError(f"{folder / 'metrics.json'} is not valid JSON") from None
+    layout = EvalDir(folder)
+    meta = files.read_json(layout.metrics)
     if not isinstance(meta, dict) or not meta.get("model") or not meta.get("type"):
-        raise UserError(f"{folder / 'metrics.json'} has no 'model' and 'type': was it written by samsum-qlora eval?")
-    predictions_file = folder / "predictions.jsonl"
+        raise UserError(f"{layout.metrics} has no 'model' and 'type': was it written by samsum-qlora eval?")
+    predictions_file = layout.predictions
     if not predictions_file.is_file():
         raise UserError(f"{folder} has metrics.json but no predictions.jsonl: rerun its eval to finish it")
     records = files.read_jsonl(predictions_file)
@@ -189,7 +188,7 @@ def render_chart(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]) 
     return buf.getvalue()
 
 
-def run(paths: list[Path], out_dir: Path) -> str:
+def write_report(paths: list[Path], out_dir: Path) -> str:
     """Report on every evaluation under `paths`; writes <out>/report.md and report.png, returns the Markdown."""
     folders = eval_dirs(paths)
     rows = [load_scored(f) for f in folders]  # every folder is read before anything is written

@@ -45,7 +45,8 @@ def _mode(env: MutableMapping[str, str]) -> str | None:
     return "offline"
 
 
-def prepare_wandb(report_to: list[str], output_dir: Path, env: MutableMapping[str, str] = os.environ) -> list[str]:
+def prepare_wandb(report_to: list[str], output_dir: Path, *, is_main: bool = True,
+                  env: MutableMapping[str, str] = os.environ) -> list[str]:
     """Set W&B's environment for a training run into `output_dir`; returns the Trainer's report_to.
 
     Only when "wandb" is in `report_to`: WANDB_PROJECT defaults to samsum-qlora; without
@@ -59,7 +60,7 @@ def prepare_wandb(report_to: list[str], output_dir: Path, env: MutableMapping[st
         raise UserError(f"train.report_to includes wandb but wandb is not installed: {INSTALL}")
     if env.get("WANDB_MODE") == "disabled":
         return [r for r in report_to if r != "wandb"] or ["none"]
-    if env.get("RANK", "0") != "0":  # under torchrun only rank 0 logs
+    if not is_main:  # under torchrun only rank 0 logs
         return list(report_to)
 
     output_dir = Path(output_dir)

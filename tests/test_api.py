@@ -8,8 +8,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from samsum_qlora import api, data, evaluate
+from samsum_qlora import api, chat, data, evaluate
 from samsum_qlora.config import load_config
+from samsum_qlora.layout import EvalDir
+from samsum_qlora.predictions import Prediction
 from samsum_qlora.errors import UserError
 from samsum_qlora.metrics import rouge
 
@@ -17,8 +19,8 @@ from conftest import SAMPLE_DATA, SMOKE_CONFIG, set_args, smoke_overrides
 from test_cli import one_line_error, run_cli
 
 KEY = "sk-test-secret-123"
-TEST_ROWS = data.rows(data.load_split(str(SAMPLE_DATA), "test"))
-ID_OF = {data.clean(r["dialogue"]): r["id"] for r in TEST_ROWS}
+TEST_ROWS = data.load_rows(str(SAMPLE_DATA), "test")
+ID_OF = {chat.clean(r["dialogue"]): r["id"] for r in TEST_ROWS}
 
 
 def answer_for(dialogue: str) -> str:
@@ -126,13 +128,15 @@ def serve(monkeypatch):
 
 
 def api_plan(cfg, base, **kw):
-    args = {"adapters": None, "base_only": False, "split": None, "limit": None, "output_dir": None} | kw
-    return evaluate.plan_eval(cfg, api_model="fake-model", api_base=base, **args)
+    return evaluate.plan_eval(cfg, api_model="fake-model", api_base=base, **kw)
 
 
-def fast(base, **kw):
-    """A predictor with test-sized waits."""
-    return api.predictor(base, **({"key": KEY, "concurrency": 4, "timeout": 0.3, "backoff": 0.02} | kw))
+def fast(base, cfg=None, **kw):
+    """A predictor with test-sized waits, asking as `eval` asks."""
+    cfg = cfg or load_config(SMOKE_CONFIG)
+    return api.predictor(base, **({"model": "fake-model", "instruction": cfg.data.task_instruction,
+                                   "max_tokens": cfg.eval.max_new_tokens, "key": KEY, "concurrency": 4,
+                                   "timeout": 0.3, "backoff": 0.02} | kw))
 
 
 def test_api_eval_retries_then_scores_what_was_served(tmp_path, serve):
@@ -145,7 +149,7 @@ def test_api_eval_retries_then_scores_what_was_served(tmp_path, serve):
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     plan = api_plan(cfg, base)
     assert plan.output_dir == tmp_path / "run" / "eval-api-fake-model"
-    metrics = evaluate.run_eval(cfg, plan, predict=fast(base))
+    metrics = evaluate.evaluate_model(cfg, plan, predict=fast(base))
 
     # every failure was retried exactly once; the rest asked once
     assert {r["id"]: fake.count(r["id"]) for r in TEST_ROWS} == {
@@ -156,14 +160,14 @@ def test_api_eval_retries_then_scores_what_was_served(tmp_path, serve):
     # the request is the one our models see, greedy and capped
     for row_id, _, headers, body in fake.requests:
         dialogue = next(r["dialogue"] for r in TEST_ROWS if r["id"] == row_id)
-        assert body["messages"] == data.build_messages(dialogue, cfg.data.task_instruction)
+        assert body["messages"] == chat.build_messages(dialogue, cfg.data.task_instruction)
         assert body["messages"][0] == {"role": "system", "content": cfg.data.task_instruction}
         assert body["temperature"] == 0 and body["max_tokens"] == cfg.eval.max_new_tokens == 32
         assert body["model"] == "fake-model" and headers["Authorization"] == f"Bearer {KEY}"
 
     # scores are rouge-score's on exactly the served texts; usage sums the 200 answers
     served = [fake.served[r["id"]] for r in TEST_ROWS]
-    expected = rouge(served, [data.clean(r["summary"]) for r in TEST_ROWS])
+    expected = rouge(served, [chat.clean(r["summary"]) for r in TEST_ROWS])
     saved = json.loads((plan.output_dir / "metrics.json").read_text())
     for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
         assert saved[key] == pytest.approx(expected[key]) and saved[key] > 0
@@ -182,7 +186,7 @@ def test_api_eval_retries_then_scores_what_was_served(tmp_path, serve):
 
     # a second run pays for nothing, and keeps the record of what the first one paid
     before = fake.count()
-    again = evaluate.run_eval(cfg, plan, predict=fast(base))
+    again = evaluate.evaluate_model(cfg, plan, predict=fast(base))
     assert fake.count() == before == 15
     assert again == saved == json.loads((plan.output_dir / "metrics.json").read_text())
 
@@ -191,7 +195,7 @@ def test_requests_in_flight_are_bounded(tmp_path, serve):
     fake = FakeApi(delay=0.05)
     base = serve(fake)
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
-    evaluate.run_eval(cfg, api_plan(cfg, base), predict=fast(base, concurrency=3, timeout=5))
+    evaluate.evaluate_model(cfg, api_plan(cfg, base), predict=fast(base, concurrency=3, timeout=5))
     assert fake.max_in_flight == 3 and fake.count() == 12
 
 
@@ -202,18 +206,18 @@ def test_gives_up_after_bounded_attempts_and_keeps_every_paid_answer(tmp_path, s
     plan = api_plan(cfg, base)
     started = time.monotonic()
     with pytest.raises(UserError, match=r"gave up after 3 attempts \(HTTP 503: server trouble\); rerun"):
-        evaluate.run_eval(cfg, plan, predict=fast(base, max_attempts=3))
+        evaluate.evaluate_model(cfg, plan, predict=fast(base, max_attempts=3))
     assert fake.count("smp-test-005") == 3
     # row 6, waiting out its 5 s Retry-After, is not retried once row 5 has failed the run
     assert fake.count("smp-test-006") == 1 and time.monotonic() - started < 3
-    partial = [json.loads(line) for line in (plan.output_dir / evaluate.PARTIAL).read_text().splitlines()]
+    partial = [json.loads(line) for line in EvalDir(plan.output_dir).partial().read_text().splitlines()]
     assert {p["id"] for p in partial} == set(fake.served)  # every answer paid for is on disk
     assert not (plan.output_dir / "metrics.json").exists()
 
     # the server recovers: the rerun asks only for what is missing
     fake.script.clear()
     asked_before = {r["id"]: fake.count(r["id"]) for r in TEST_ROWS}
-    metrics = evaluate.run_eval(cfg, plan, predict=fast(base))
+    metrics = evaluate.evaluate_model(cfg, plan, predict=fast(base))
     assert metrics["n_examples"] == 12 and metrics["api_usage"]["answers"] == 12 - len(partial)
     for row_id, n in asked_before.items():
         assert fake.count(row_id) == n + (0 if row_id in {p["id"] for p in partial} else 1)
@@ -229,14 +233,14 @@ def test_ctrl_c_keeps_the_answers_in_flight_and_asks_nothing_new(tmp_path, serve
     main = threading.main_thread().ident
     threading.Timer(0.45, lambda: signal.pthread_kill(main, signal.SIGINT)).start()  # mid second wave
     with pytest.raises(KeyboardInterrupt):
-        evaluate.run_eval(cfg, plan, predict=fast(base, concurrency=2, timeout=5))
+        evaluate.evaluate_model(cfg, plan, predict=fast(base, concurrency=2, timeout=5))
     time.sleep(0.4)  # anything still running would reach the server by now
-    partial = [json.loads(line) for line in (plan.output_dir / evaluate.PARTIAL).read_text().splitlines()]
+    partial = [json.loads(line) for line in EvalDir(plan.output_dir).partial().read_text().splitlines()]
     # every request made was answered and saved (the two in flight were awaited), none started after
     # the interrupt; 4 when on time (two waves of two), a slow machine may shift it by a wave
     asked = fake.count()
     assert asked == len(partial) == len(fake.served) and 2 <= asked <= 6
-    metrics = evaluate.run_eval(cfg, plan, predict=fast(base, timeout=5))
+    metrics = evaluate.evaluate_model(cfg, plan, predict=fast(base, timeout=5))
     assert fake.count() == 12 and metrics["api_usage"]["answers"] == 12 - asked
 
 
@@ -246,7 +250,7 @@ def test_rejected_key_fails_at_once_without_echoing_it(tmp_path, serve):
     base = serve(fake)
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     with pytest.raises(UserError, match=r"HTTP 401 \(check \$OPENAI_API_KEY\)") as e:
-        evaluate.run_eval(cfg, api_plan(cfg, base), predict=fast(base))
+        evaluate.evaluate_model(cfg, api_plan(cfg, base), predict=fast(base))
     assert KEY not in str(e.value) and "***" in str(e.value)
     assert max(fake.count(r["id"]) for r in TEST_ROWS) == 1  # a 401 is never retried
 
@@ -286,19 +290,19 @@ def test_cli_bad_api_options(tmp_path, extra, needle):
     assert not (tmp_path / "run").exists()
 
 
-def test_plan_folder_name_and_fingerprint(smoke_cfg):
-    plan = evaluate.plan_eval(smoke_cfg, adapters=None, base_only=False, split=None, limit=None, output_dir=None,
-                              api_model="meta-llama/Llama-3.2-1B-Instruct", api_base="http://gpu:8000/v1")
+def test_plan_folder_name_and_identity(smoke_cfg):
+    from samsum_qlora import predictions
+
+    plan = evaluate.plan_eval(smoke_cfg, api_model="meta-llama/Llama-3.2-1B-Instruct", api_base="http://gpu:8000/v1")
     assert plan.output_dir.name == "eval-api-meta-llama-Llama-3.2-1B-Instruct" and plan.kind == "API"
-    other = evaluate.plan_eval(smoke_cfg, adapters=None, base_only=False, split=None, limit=None, output_dir=None,
-                               api_model="meta-llama/Llama-3.2-1B-Instruct", api_base="http://other:8000/v1")
-    assert plan.fingerprint(smoke_cfg)["api_base"] == "http://gpu:8000/v1"
-    assert plan.fingerprint(smoke_cfg) != other.fingerprint(smoke_cfg)  # same name, another server
-    default = evaluate.plan_eval(smoke_cfg, adapters=None, base_only=False, split=None, limit=None,
-                                 output_dir=None, api_model="gpt-4o-mini")
+    other = evaluate.plan_eval(smoke_cfg, api_model="meta-llama/Llama-3.2-1B-Instruct", api_base="http://other:8000/v1")
+    rows = TEST_ROWS[:2]
+    assert predictions.identity(smoke_cfg, plan, rows)["api_base"] == "http://gpu:8000/v1"
+    assert predictions.identity(smoke_cfg, plan, rows) != predictions.identity(smoke_cfg, other, rows)  # another server
+    default = evaluate.plan_eval(smoke_cfg, api_model="gpt-4o-mini")
     assert default.api_base == "https://api.openai.com/v1"
-    local = evaluate.plan_eval(smoke_cfg, adapters=None, base_only=True, split=None, limit=None, output_dir=None)
-    assert "api_base" not in local.fingerprint(smoke_cfg)  # folders of earlier local evals still match
+    local = evaluate.plan_eval(smoke_cfg, base_only=True)
+    assert "api_base" not in predictions.identity(smoke_cfg, local, rows)
 
 
 @pytest.mark.parametrize("attempt, after, after_ms, expected", [
@@ -322,9 +326,12 @@ def test_retry_delay_http_date_and_jitter():
 def test_parse_answer():
     payload = {"choices": [{"message": {"role": "assistant", "content": "  A and B meet.\n"}}],
                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
-    assert api.parse_answer(payload) == ("A and B meet.", {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
-    # a refusal (content null) and a server without usage still count as an answer
+    assert api.parse_answer(payload) == (Prediction("A and B meet.", True),
+                                         {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
+    # a refusal (content null) and a server without usage still count as an answer: an empty one
     assert api.parse_answer({"choices": [{"message": {"content": None}}]}) == (
-        "", {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+        Prediction("", True), {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+    cut = {"choices": [{"message": {"content": "A and"}, "finish_reason": "length"}]}
+    assert api.parse_answer(cut)[0] == Prediction("A and", False)  # ran out of max_tokens
     with pytest.raises(ValueError):
         api.parse_answer({"error": "nope"})

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from samsum_qlora import bench
+from samsum_qlora.config import load_config
 
 from conftest import TINY_MODEL, set_args, smoke_overrides
 
@@ -25,8 +26,9 @@ def test_bench_cli_writes_json_with_seed_comparison_and_eval(tmp_path):
     from samsum_qlora.cli import main
 
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", *set_args(smoke_overrides(tmp_path)), "--steps", "2", "--warmup", "1",
-                                       "--compare", "seed", "--eval", "--loop-sample", "2", "--json", str(out)])
+    args = set_args(smoke_overrides(tmp_path, **{"eval.max_new_tokens": 6}))
+    result = CliRunner().invoke(main, ["bench", *args, "--steps", "2", "--warmup", "1", "--compare", "seed",
+                                       "--eval", "--loop-sample", "3", "--json", str(out)])
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())
     for figures in (r, r["seed"]):
@@ -36,17 +38,17 @@ def test_bench_cli_writes_json_with_seed_comparison_and_eval(tmp_path):
     # token-budget batches of similar lengths waste less than the seed's random rows of 4
     assert r["padding_fraction"] < r["seed"]["padding_fraction"]
     e = r["eval"]
-    assert e["examples"] == 60 and e["loop_sample"] == 2 and 0 <= e["same_outputs_as_loop"] <= 1
-    # every example costs the full budget: end-of-turn neither stops nor is suppressed
-    assert e["batched_new_tokens"] == 60 * e["new_tokens_per_example"]
-    assert r["weights"] == "random" and "weights: random" in result.output
+    assert e["examples"] == 60 and e["loop_sample"] == 3 and e["max_new_tokens"] == 6
+    # random weights rarely stop: every prompt gets at most its budget, and stopping is counted
+    assert 0 < e["batched_new_tokens"] <= 60 * 6 and 0 <= e["ended_share"] <= 1
+    # our decoder on the loop's own model, one prompt at a time, computes the loop's arithmetic
+    assert e["same_arithmetic_same_outputs"] == 1.0 and 0 <= e["same_outputs_as_loop"] <= 1
+    assert r["weights"] == "random" and "weights: random" in result.output and "rouge_sample" not in e
     assert "speed-up over the seed recipe" in result.output
 
 
-def test_until_stop_cuts_at_the_first_end_of_turn():
-    assert bench.until_stop([5, 6, 9, 7, 9], [9, 8]) == [5, 6]
-    assert bench.until_stop([8, 1], [9, 8]) == []
-    assert bench.until_stop([5, 6], [9]) == [5, 6]
+def tiny_cfg():
+    return load_config(None, {"model.name": str(TINY_MODEL), "quantization.bnb_4bit_compute_dtype": "float32"})
 
 
 def test_a_folder_holding_a_model_is_timed_as_it_is(tmp_path):
@@ -55,11 +57,12 @@ def test_a_folder_holding_a_model_is_timed_as_it_is(tmp_path):
     real = tmp_path / "trained"
     shutil.copytree(TINY_MODEL, real)
     before = {f.name: f.stat().st_mtime_ns for f in real.iterdir()}
-    assert bench.random_model_dir(str(TINY_MODEL), None, "float32", real) == real
+    cfg = tiny_cfg()
+    assert bench.random_model_dir(cfg, real) == real
     assert {f.name: f.stat().st_mtime_ns for f in real.iterdir()} == before  # nothing rewritten
     assert bench.weights_label(real) == str(real)
 
-    fresh = bench.random_model_dir(str(TINY_MODEL), None, "float32", tmp_path / "random")
+    fresh = bench.random_model_dir(cfg, tmp_path / "random")
     assert bench.weights_label(fresh) == "random"
 
 
@@ -73,12 +76,12 @@ def test_model_dir_of_another_shape_or_holding_no_model_is_refused(tmp_path):
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
     with pytest.raises(UserError, match="holds a model of shape .*hidden_size.*not .*tiny-llama"):
-        bench.random_model_dir(str(TINY_MODEL), None, "float32", other)
+        bench.random_model_dir(tiny_cfg(), other)
 
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "mine.txt").write_text("keep me")
     with pytest.raises(UserError, match="not empty and holds no model"):
-        bench.random_model_dir(str(TINY_MODEL), None, "float32", notes)
+        bench.random_model_dir(tiny_cfg(), notes)
     assert [f.name for f in notes.iterdir()] == ["mine.txt"]  # nothing written, nothing removed
     assert not list(tmp_path.glob(".*partial"))

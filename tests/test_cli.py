@@ -50,7 +50,7 @@ def one_line_error(result, needle):
         ({"data.source": "/nonexistent/samsum"}, "data.source /nonexistent/samsum does not exist"),
         ({"data.train_split": "nope"}, "no 'nope' split"),
         ({"train.fp16": "true"}, "needs a CUDA GPU"),
-        ({"model.name": "/nonexistent/model"}, "could not load a tokenizer from /nonexistent/model"),
+        ({"model.name": "/nonexistent/model"}, "model /nonexistent/model does not exist"),
     ],
 )
 def test_train_bad_input(tmp_path, extra, needle):

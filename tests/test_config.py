@@ -15,6 +15,28 @@ def test_shipped_llama_config_equals_the_builtin_defaults():
     assert load_config(ROOT / "configs" / "llama32-1b-samsum.yaml") == Config()
 
 
+def test_shipped_recipe_is_written_from_the_dataclasses_comments():
+    """One description per key: the recipe's comments are config.py's (regenerate with
+    `samsum-qlora config > body`), and `config` prints a config that loads back to itself."""
+    from samsum_qlora.config import annotated_yaml, field_comments, TrainArgs
+
+    text = (ROOT / "configs" / "llama32-1b-samsum.yaml").read_text()
+    assert text.endswith(annotated_yaml(Config()))
+    assert field_comments(TrainArgs)["save_steps"] == ["checkpoint interval: how much a preemption can cost"]
+    assert len(field_comments(TrainArgs)["max_tokens_per_batch"]) == 3  # a paragraph above the key
+
+
+def test_config_command_prints_the_resolved_config(tmp_path):
+    from click.testing import CliRunner
+
+    from samsum_qlora.cli import main
+
+    result = CliRunner().invoke(main, ["config", "--set", "lora.lora_r=16", "--set", "train.max_steps=7"])
+    assert result.exit_code == 0 and "  lora_r: 16  # adapter rank" in result.output
+    (tmp_path / "c.yaml").write_text(result.output)
+    assert load_config(tmp_path / "c.yaml") == load_config(None, {"lora.lora_r": 16, "train.max_steps": 7})
+
+
 def test_defaults_learn_what_the_seed_learns():
     cfg = Config()
     assert cfg.model.name == "meta-llama/Llama-3.2-1B-Instruct"
@@ -24,12 +46,12 @@ def test_defaults_learn_what_the_seed_learns():
     assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert cfg.train.learning_rate == 2e-4 and cfg.train.bf16
     assert cfg.train.output_dir == "outputs/lora_samsum"
-    # token-budget batches: ~39 SAMSum rows (~210 tokens each) per optimizer step
-    assert cfg.train.max_tokens_per_batch * cfg.train.gradient_accumulation_steps == 8192
+    # token-budget batches: ~18 SAMSum rows (~210 tokens each) per optimizer step, the seed's 16 or so
+    assert cfg.train.max_tokens_per_batch * cfg.train.gradient_accumulation_steps == 4096
 
 
 def test_seed_recipe_overrides_give_the_tutorials_exact_settings():
-    from samsum_qlora.bench import SEED_RECIPE, with_overrides
+    from samsum_qlora.config import SEED_RECIPE, with_overrides
 
     seed = with_overrides(Config(), SEED_RECIPE)
     assert (seed.train.per_device_train_batch_size, seed.train.gradient_accumulation_steps) == (4, 4)

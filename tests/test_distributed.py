@@ -21,9 +21,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from samsum_qlora import evaluate, train
+from samsum_qlora import batching, evaluate
+from samsum_qlora import trainer as training
 from samsum_qlora.config import TrainArgs, load_config
 from samsum_qlora.errors import UserError
+from samsum_qlora import files, predictions, runtime
+from samsum_qlora.layout import EvalDir
+from samsum_qlora.predictions import Prediction
 
 from conftest import ROOT, SMOKE_CONFIG, set_args, smoke_overrides
 # SkyPilot's own loader and the simulated cluster node, as tests/test_sky.py sets them up
@@ -35,17 +39,17 @@ DRIVER = '''\
 import json, os, sys
 import torch
 from peft import get_peft_model_state_dict
-from samsum_qlora import cli, evaluate, train
+from samsum_qlora import cli, generation, trainer
 
 trainers, generated = [], []
-build, generate = train.build_trainer, evaluate.generate
-train.build_trainer = lambda *args, **kwargs: trainers.append(build(*args, **kwargs)) or trainers[-1]
+build, generate = trainer.build_trainer, generation.generate
+trainer.build_trainer = lambda *args, **kwargs: trainers.append(build(*args, **kwargs)) or trainers[-1]
 
-def recording_generate(*args, batches, **kwargs):
+def recording_generate(model, prompts, batches, **kwargs):
     generated.extend(i for batch in batches for i in batch)
-    return generate(*args, batches=batches, **kwargs)
+    return generate(model, prompts, batches, **kwargs)
 
-evaluate.generate = recording_generate
+generation.generate = recording_generate
 cli.main.main(args=sys.argv[1:], standalone_mode=False)
 record = os.path.join(os.environ["RECORD"], "rank" + os.environ.get("RANK", "0"))
 if trainers:
@@ -93,38 +97,38 @@ def files_of(folder: Path) -> dict:
 # --- the arithmetic (pure) ---
 
 def test_each_process_takes_its_share_of_the_global_batch():
-    tokens = TrainArgs()  # 8,192 tokens x 1 step
-    assert train.per_process_batch(tokens, 1) == (8192, 1, "")
-    assert train.per_process_batch(tokens, 2) == (
+    tokens = TrainArgs(max_tokens_per_batch=8192)  # 8,192 tokens x 1 step
+    assert training.per_process_batch(tokens, 1) == (8192, 1, "")
+    assert training.per_process_batch(tokens, 2) == (
         4096, 1, "2 processes: 4,096 tokens per device per step keeps the global 8,192")
-    assert train.per_process_batch(tokens, 3)[:2] == (2730, 1)
-    assert "rounded down to 8,190" in train.per_process_batch(tokens, 3)[2]
-    assert train.per_process_batch(TrainArgs(gradient_accumulation_steps=4), 2)[:2] == (4096, 4)
+    assert training.per_process_batch(tokens, 3)[:2] == (2730, 1)
+    assert "rounded down to 8,190" in training.per_process_batch(tokens, 3)[2]
+    assert training.per_process_batch(TrainArgs(max_tokens_per_batch=8192, gradient_accumulation_steps=4), 2)[:2] == (4096, 4)
 
     rows = TrainArgs(max_tokens_per_batch=None, per_device_train_batch_size=4, gradient_accumulation_steps=4)
-    assert train.per_process_batch(rows, 2) == (
+    assert training.per_process_batch(rows, 2) == (
         None, 2, "2 processes: 4 rows x 2 accumulation steps per device keeps the global 16 rows per step")
-    assert train.per_process_batch(rows, 4)[:2] == (None, 1)
+    assert training.per_process_batch(rows, 4)[:2] == (None, 1)
     for n in (1, 2, 4):  # rows x accumulation x processes is always the one-GPU batch
-        _, accumulation, _ = train.per_process_batch(rows, n)
+        _, accumulation, _ = training.per_process_batch(rows, n)
         assert 4 * accumulation * n == 16
 
 
 def test_a_global_batch_that_does_not_split_is_refused_with_values_that_do():
     rows = TrainArgs(max_tokens_per_batch=None, per_device_train_batch_size=4, gradient_accumulation_steps=4)
     with pytest.raises(UserError) as e:
-        train.per_process_batch(rows, 8)
+        training.per_process_batch(rows, 8)
     assert "--set train.per_device_train_batch_size=2 --set train.gradient_accumulation_steps=8" in str(e.value)
     assert "launch 1, 2 or 4 processes" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UserError, match=r"does not split over 3 processes: launch 1, 2 or 4 processes"):
-        train.per_process_batch(rows, 3)  # 16 rows cannot split in 3
+        training.per_process_batch(rows, 3)  # 16 rows cannot split in 3
     with pytest.raises(UserError, match="set it to at least 32"):
-        train.per_process_batch(TrainArgs(max_tokens_per_batch=16), 2)
+        training.per_process_batch(TrainArgs(max_tokens_per_batch=16), 2)
 
 
 def test_dealt_batches_are_those_of_one_process_each_once():
     lengths = [5, 9, 9, 3, 7, 1, 8, 2, 6, 4, 9]
-    batches = evaluate.generation_batches(lengths, 3)
+    batches = batching.generation_batches(lengths, max_rows=3, max_tokens=10**6, new_tokens=8)
     assert [len(b) for b in batches] == [3, 3, 3, 2]
     assert [lengths[i] for i in batches[0]] == [9, 9, 9]  # longest first
     shares = [batches[rank::2] for rank in range(2)]
@@ -209,36 +213,40 @@ def test_sharded_eval_returns_every_example_once_in_order_with_the_same_metrics(
     assert two["predictions"] == one["predictions"]
     assert {k: v for k, v in two["metrics"].items() if k != "generation_seconds"} == \
            {k: v for k, v in one["metrics"].items() if k != "generation_seconds"}
-    assert relative_files(run / "eval-two") == {"eval_plan.json", "predictions.jsonl", "metrics.json"}
+    assert relative_files(run / "eval-two") == {"eval_identity.json", "predictions.jsonl", "metrics.json",
+                                                ".samsum-qlora.lock"}
     assert log.count("| Model | Type |") == 1
 
 
 def test_eval_resumes_what_interrupted_processes_saved(tmp_path):
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
-    plan = evaluate.plan_eval(cfg, adapters=None, base_only=True, split=None, limit=5, output_dir=str(tmp_path / "e"))
+    plan = evaluate.plan_eval(cfg, base_only=True, limit=5, output_dir=str(tmp_path / "e"))
     plan.output_dir.mkdir()
+    rows = evaluate.eval_rows(cfg, plan)
+    files.write_json(EvalDir(plan.output_dir).identity, predictions.identity(cfg, plan, rows))
     for rank, ids in ((0, [1, 3]), (1, [2])):  # as a 2-process eval left them when stopped
         (plan.output_dir / f"predictions.partial.rank{rank}.jsonl").write_text("".join(
-            json.dumps({"id": f"smp-test-{i:03d}", "reference": "r", "prediction": f"saved {i}"}) + "\n" for i in ids))
+            json.dumps({"index": i - 1, "id": f"smp-test-{i:03d}", "reference": "r", "prediction": f"saved {i}",
+                        "ended": True}) + "\n" for i in ids))
     asked = []
 
-    def predict(cfg_, plan_, todo, save):
+    def predict(todo, save):
         asked.extend(r["id"] for r in todo)
-        save(list(range(len(todo))), ["new"] * len(todo))
+        save(list(range(len(todo))), [Prediction("new", True)] * len(todo))
 
-    evaluate.run_eval(cfg, plan, predict=predict)
+    evaluate.evaluate_model(cfg, plan, predict=predict)
     assert asked == ["smp-test-004", "smp-test-005"]
-    predictions = files_of(plan.output_dir)["predictions"]
-    assert [p["prediction"] for p in predictions] == ["saved 1", "saved 2", "saved 3", "new", "new"]
+    saved = files_of(plan.output_dir)["predictions"]
+    assert [p["prediction"] for p in saved] == ["saved 1", "saved 2", "saved 3", "new", "new"]
     assert not list(plan.output_dir.glob("predictions.partial*"))
 
 
 def test_an_api_model_is_not_sharded(tmp_path, monkeypatch):
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
-    plan = evaluate.plan_eval(cfg, adapters=None, base_only=True, split=None, limit=2, output_dir=str(tmp_path / "e"))
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    plan = evaluate.plan_eval(cfg, base_only=True, limit=2, output_dir=str(tmp_path / "e"))
+    monkeypatch.setattr(runtime, "current", lambda: runtime.Runtime(rank=0, world_size=2))
     with pytest.raises(UserError, match="without torchrun"):
-        evaluate.run_eval(cfg, plan, predict=lambda *args: pytest.fail("must not generate"))
+        evaluate.evaluate_model(cfg, plan, predict=lambda *args: pytest.fail("must not generate"))
 
 
 # --- several nodes (SkyPilot) ---

@@ -23,8 +23,10 @@ def shape_dir(tmp_path_factory):
     if not (REF / "llama-3.2-1b-instruct-shape" / "tokenizer.json").is_file():
         pytest.skip(".ref/llama-3.2-1b-instruct-shape is not here")
     from samsum_qlora.bench import random_model_dir
+    from samsum_qlora.config import load_config
 
-    return random_model_dir(str(REF / "llama-3.2-1b-instruct-shape"), None, "bfloat16", tmp_path_factory.mktemp("llama1b"))
+    cfg = load_config(None, {"model.name": str(REF / "llama-3.2-1b-instruct-shape")})
+    return random_model_dir(cfg, tmp_path_factory.mktemp("llama1b") / "model")
 
 
 def gpu_cfg(shape_dir, out, **extra):
@@ -37,29 +39,36 @@ def gpu_cfg(shape_dir, out, **extra):
     })
 
 
+def with_adapters(cfg):
+    from samsum_qlora import model as modeling
+
+    return modeling.attach_new_adapters(modeling.load_model(cfg.model, cfg.quantization, training=True), cfg.lora,
+                                        cfg.quantization, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                        half_precision=cfg.train.bf16)
+
+
 def test_train_and_eval_real_shape(shape_dir, tmp_path):
     import json
 
     from samsum_qlora import evaluate, train
 
     cfg = gpu_cfg(shape_dir, tmp_path / "run")
-    metrics = train.run(cfg)
-    print("GPU train metrics:", json.dumps({k: metrics[k] for k in ("first_logged_loss", "last_logged_loss", "train_loss", "train_seconds", "trainable_parameters")}))
+    metrics = train.train_adapters(cfg)
+    print("GPU train metrics:", json.dumps({k: metrics[k] for k in ("first_logged_loss", "last_logged_loss", "train_loss",
+                                                                    "train_seconds", "trainable_parameters")}))
     assert metrics["trainable_parameters"] == 1_703_936
     assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
-    plan = evaluate.plan_eval(cfg, adapters=None, base_only=False, split="test", limit=None, output_dir=None)
-    scores = evaluate.run_eval(cfg, plan)
+    scores = evaluate.evaluate_model(cfg, evaluate.plan_eval(cfg, split="test"))
     assert scores["n_examples"] == 64 and 0 <= scores["rouge1"] <= 1
 
 
 def test_seed_recipe_trains_on_4bit_weights(shape_dir, tmp_path):
     import bitsandbytes as bnb
 
-    from samsum_qlora import model as modeling
-    from samsum_qlora.bench import SEED_RECIPE, with_overrides
+    from samsum_qlora.config import SEED_RECIPE, with_overrides
 
     cfg = with_overrides(gpu_cfg(shape_dir, tmp_path / "seed"), SEED_RECIPE)
-    model = modeling.attach_new_adapters(modeling.load_model(cfg, training=True), cfg)
+    model = with_adapters(cfg)
     q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
 
@@ -67,40 +76,61 @@ def test_seed_recipe_trains_on_4bit_weights(shape_dir, tmp_path):
 def test_fast_path_loss_equals_plain_padded_path_on_gpu(shape_dir, tmp_path):
     import torch
 
-    from samsum_qlora import data, model as modeling, train
+    from samsum_qlora import chat, data
+    from samsum_qlora import model as modeling
+    from samsum_qlora import trainer as training
 
     plain_cfg = gpu_cfg(shape_dir, tmp_path / "p", **{
         "quantization.dequantize_once": False, "train.trained_logits_only": False,
         "train.max_tokens_per_batch": None})
     fast_cfg = gpu_cfg(shape_dir, tmp_path / "f")
-    tokenizer = modeling.load_tokenizer(str(shape_dir))
-    rows = data.rows(data.load_split(str(REF / "samsum"), "validation"))[:48]
-    columns, _ = data.encode_rows(tokenizer, rows, instruction=fast_cfg.data.task_instruction,
-                                  max_length=1024, date_string=fast_cfg.data.date_string, progress=False)
+    tokenizer = modeling.load_tokenizer(fast_cfg.model)
+    rows = data.load_rows(str(REF / "samsum"), "validation")[:48]
+    columns, _ = chat.ChatFormat.build(tokenizer, fast_cfg.data).encode_rows(rows, progress=False)
     torch.manual_seed(0)
-    plain = modeling.attach_new_adapters(modeling.load_model(plain_cfg, training=True), plain_cfg)
+    plain = with_adapters(plain_cfg)
     for name, p in plain.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.02)
-    fast = modeling.attach_new_adapters(modeling.load_model(fast_cfg, training=True), fast_cfg)
+    fast = with_adapters(fast_cfg)
     fast.load_state_dict({k: v for k, v in plain.state_dict().items() if "lora_" in k}, strict=False)
-    pad = data.pad_token_id(tokenizer)
+    collate = training.Collator(chat.pad_id(tokenizer))
     total = sum(sum(label != -100 for label in row[1:]) for row in columns["labels"])
-    plain_trainer = train.build_trainer(plain_cfg, plain, tokenizer, train.training_set(plain_cfg, columns), tmp_path / "pc")
-    fast_trainer = train.build_trainer(fast_cfg, fast, tokenizer, train.training_set(fast_cfg, columns), tmp_path / "fc")
+    plain_trainer = training.build_trainer(plain_cfg.train, plain, training.training_set(plain_cfg.train, columns),
+                                           collate, tmp_path / "pc")
+    fast_trainer = training.build_trainer(fast_cfg.train, fast, training.training_set(fast_cfg.train, columns),
+                                          collate, tmp_path / "fc")
 
-    def summed(trainer, model, items):
+    def summed(trainer, model, items, size):
         loss = 0.0
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # as the Trainer runs it
-            for start in range(0, len(items), 8 if items is plain_items else 1):
-                batch = data.PadToLongest(pad)(items[start : start + (8 if items is plain_items else 1)])
-                batch = {k: v.cuda() for k, v in batch.items()}
+            for start in range(0, len(items), size):
+                batch = {k: v.cuda() for k, v in collate(items[start : start + size]).items()}
                 loss += trainer.compute_loss(model, batch, num_items_in_batch=total).item()
         return loss
 
     plain_items = [{"input_ids": i, "labels": l} for i, l in zip(columns["input_ids"], columns["labels"])]
     fast_items = [fast_trainer.train_dataset[i] for i in range(len(fast_trainer.train_dataset))]
-    plain_loss, fast_loss = summed(plain_trainer, plain, plain_items), summed(fast_trainer, fast, fast_items)
+    plain_loss, fast_loss = summed(plain_trainer, plain, plain_items, 8), summed(fast_trainer, fast, fast_items, 1)
     print(f"GPU loss: plain padded 4-bit {plain_loss:.6f}, fast path {fast_loss:.6f}, "
           f"relative difference {abs(fast_loss - plain_loss) / plain_loss:.2e}")
     assert fast_loss == pytest.approx(plain_loss, rel=1e-3)
+
+
+def test_cuda_graph_steps_equal_plain_steps(shape_dir, tmp_path):
+    """A captured decoding step replays the very kernels of the plain one: the same tokens."""
+    from samsum_qlora import chat, data, generation
+    from samsum_qlora import model as modeling
+
+    cfg = gpu_cfg(shape_dir, tmp_path / "g")
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    fmt = chat.ChatFormat.build(tokenizer, cfg.data)
+    prompts = [fmt.prompt(r["dialogue"]) for r in data.load_rows(str(REF / "samsum"), "test")[:48]]
+    model = modeling.load_generation_model(cfg.model, cfg.quantization, None, merge=True)
+
+    def decode(**kw):
+        return generation.decode_batch(model, prompts, max_new_tokens=24, pad_id=fmt.pad_id, stop_ids=fmt.stop_ids, **kw)
+
+    graphed = decode(graphs=True)
+    assert graphed == decode(graphs=False, full_view=True)
+    assert all(len(d.ids) > 0 for d in graphed)

@@ -18,7 +18,7 @@ INPUT = torch.tensor([[0, 17, 230, 5, 999, 64, 12, 801, 3, 77, 402, 9]])  # any 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     out = tmp_path_factory.mktemp("merge")
-    train.run(load_config(SMOKE_CONFIG, smoke_overrides(out, **{"train.max_steps": 4, "train.save_steps": 100})))
+    train.train_adapters(load_config(SMOKE_CONFIG, smoke_overrides(out, **{"train.max_steps": 4, "train.save_steps": 100})))
     return out / "run" / "lora_adapters"
 
 
@@ -33,7 +33,7 @@ def test_merged_model_computes_base_plus_adapters(adapters, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    info = merge.run(adapters, out)  # no config: the base comes from adapter_config.json
+    info = merge.merge_adapters(adapters, out)  # no config: the base comes from adapter_config.json
     assert info["base_model"] == str(TINY_MODEL) and info["stored_dtype"] == "float32"  # the tiny base's own
     assert info["max_abs_diff"] <= info["tolerance"] == 1e-3 and info["storage_rounding_max_abs"] is None
 
@@ -69,7 +69,7 @@ def test_cli_with_config_states_diff_and_tolerance(adapters, tmp_path):
 def test_bf16_storage_is_merged_in_float32_then_rounded(adapters, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    info = merge.run(adapters, tmp_path / "merged", dtype="bfloat16")
+    info = merge.merge_adapters(adapters, tmp_path / "merged", dtype="bfloat16")
     assert info["merged_in"] == "float32" and info["max_abs_diff"] <= 1e-3  # the check is the float32 one
     assert info["stored_dtype"] == "bfloat16" and info["storage_rounding_max_abs"] > 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
@@ -78,7 +78,7 @@ def test_bf16_storage_is_merged_in_float32_then_rounded(adapters, tmp_path):
 def test_out_of_tolerance_writes_nothing(adapters, tmp_path, monkeypatch):
     monkeypatch.setattr(merge, "MAX_ABS_DIFF", -1.0)  # no merge can pass this
     with pytest.raises(UserError, match=r"differs from base \+ adapters by .* nothing written"):
-        merge.run(adapters, tmp_path / "merged")
+        merge.merge_adapters(adapters, tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from samsum_qlora import model as modeling
-from samsum_qlora.config import Config, LoraArgs, load_config
+from samsum_qlora.config import Config, ModelArgs, load_config
 from samsum_qlora.errors import UserError
 
 from conftest import REFERENCE, SMOKE_CONFIG, TINY_MODEL, smoke_overrides
@@ -19,26 +19,39 @@ def test_library_configs_from_ours():
     assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (8, 16, {"q_proj", "k_proj", "v_proj", "o_proj"})
 
 
+def lora_parameter_count(hidden: int, kv_dim: int, layers: int, r: int, targets) -> int:
+    """Trainable LoRA parameters for q/k/v/o of a Llama: r x (in + out) per adapted matrix."""
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv_dim), "v_proj": (hidden, kv_dim),
+              "o_proj": (hidden, hidden)}
+    return layers * sum(r * sum(shapes[m]) for m in targets)
+
+
+def with_adapters(cfg):
+    return modeling.attach_new_adapters(modeling.load_model(cfg.model, cfg.quantization, training=True), cfg.lora,
+                                        cfg.quantization, gradient_checkpointing=False, half_precision=False)
+
+
 def test_real_llama_shape_has_1_7m_lora_parameters():
     path = REFERENCE / "llama-3.2-1b-instruct-shape" / "config.json"
     if not path.is_file():
         pytest.skip("../shared/reference is not here")
     c = json.loads(path.read_text())
     kv = c["num_key_value_heads"] * c["head_dim"]
-    assert modeling.lora_parameter_count(c["hidden_size"], kv, c["num_hidden_layers"], LoraArgs()) == 1_703_936
+    lora = Config().lora
+    assert lora_parameter_count(c["hidden_size"], kv, c["num_hidden_layers"], lora.lora_r, lora.target_modules) == 1_703_936
 
 
 def test_4bit_load_and_lora_count_on_tiny_model(tmp_path):
     import bitsandbytes as bnb
 
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"quantization.dequantize_once": False}))
-    model = modeling.attach_new_adapters(modeling.load_model(cfg, training=True), cfg)
+    model = with_adapters(cfg)
     base = model.get_base_model()
     assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
     assert base.model.layers[0].self_attn.q_proj.base_layer.weight.quant_type == "nf4"
     c = base.config
-    expected = modeling.lora_parameter_count(c.hidden_size, c.num_key_value_heads * c.head_dim,
-                                             c.num_hidden_layers, cfg.lora)
+    expected = lora_parameter_count(c.hidden_size, c.num_key_value_heads * c.head_dim, c.num_hidden_layers,
+                                    cfg.lora.lora_r, cfg.lora.target_modules)
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == expected == 7168
 
@@ -47,7 +60,7 @@ def test_dequantize_once_holds_exactly_the_nf4_weights(tmp_path):
     import bitsandbytes as bnb
 
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
-    quantized = modeling.load_model(cfg, training=False)
+    quantized = modeling.load_model(cfg.model, cfg.quantization, training=False)
     q4 = quantized.model.layers[1].mlp.down_proj
     assert isinstance(q4, bnb.nn.Linear4bit)
     expected = bnb.functional.dequantize_4bit(q4.weight.data, q4.weight.quant_state).float()
@@ -58,25 +71,27 @@ def test_dequantize_once_holds_exactly_the_nf4_weights(tmp_path):
     # kernel repacks the weight on its first call, and multiplies in bf16, hence the tolerance)
     x = torch.randn(3, q4.in_features)
     with torch.no_grad():
-        y4 = modeling.load_model(cfg, training=False).model.layers[1].mlp.down_proj(x)
+        y4 = modeling.load_model(cfg.model, cfg.quantization, training=False).model.layers[1].mlp.down_proj(x)
         assert ((plain(x) - y4).norm() / y4.norm()).item() < 1e-2
     # and the NF4 weights are not the float originals: the copy is of the quantised model
-    full = modeling.load_model(load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"quantization.load_in_4bit": False})),
-                               training=False)
+    plain = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"quantization.load_in_4bit": False}))
+    full = modeling.load_model(plain.model, plain.quantization, training=False)
     assert not torch.equal(full.model.layers[1].mlp.down_proj.weight.float(), expected)
 
 
 def test_cuda_only_settings_without_cuda_say_what_to_set():
+    from samsum_qlora import trainer as training
+
     with pytest.raises(UserError, match="--set train.fp16=false"):
-        modeling.check_device_settings(load_config(None, {"train.bf16": False, "train.fp16": True}), cuda=False, cpu_bf16=True)
+        training.check_precision(load_config(None, {"train.bf16": False, "train.fp16": True}).train, False, True)
     with pytest.raises(UserError, match="--set train.bf16=false"):
-        modeling.check_device_settings(Config(), cuda=False, cpu_bf16=False)
-    modeling.check_device_settings(Config(), cuda=True, cpu_bf16=False)  # fine on a GPU
+        training.check_precision(Config().train, cuda=False, cpu_bf16=False)
+    training.check_precision(Config().train, cuda=True, cpu_bf16=False)  # fine on a GPU
 
 
 def test_missing_model_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="could not load a tokenizer"):
-        modeling.load_tokenizer(str(tmp_path / "no-model"))
+    with pytest.raises(UserError, match=r"model .*no-model does not exist \(give a model folder or a Hub id\)"):
+        modeling.load_tokenizer(ModelArgs(name=str(tmp_path / "no-model")))
 
 
 def test_generation_model_keeps_rope_frequencies_and_adapters_in_float32(tmp_path):
@@ -84,8 +99,8 @@ def test_generation_model_keeps_rope_frequencies_and_adapters_in_float32(tmp_pat
     position's rotation a little (it halved greedy agreement with the per-example loop on a trained
     1B stand-in), and the adapters stay float32 as in the loop."""
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"quantization.bnb_4bit_compute_dtype": "bfloat16"}))
-    modeling.attach_new_adapters(modeling.load_model(cfg, training=False), cfg).save_pretrained(tmp_path / "adapters")
-    model = modeling.load_generation_model(cfg, tmp_path / "adapters")
+    with_adapters(cfg).save_pretrained(tmp_path / "adapters")
+    model = modeling.load_generation_model(cfg.model, cfg.quantization, tmp_path / "adapters", merge=False)
     inv_freq = [b for n, b in model.named_buffers() if n.endswith("inv_freq")]
     assert inv_freq and all(b.dtype == torch.float32 for b in inv_freq)
     weights = dict(model.named_parameters())

@@ -67,7 +67,7 @@ def run_dir(tmp_path):
 
 
 def test_report_markdown_is_exact(run_dir, tmp_path):
-    markdown = report.run([run_dir], tmp_path / "out")
+    markdown = report.write_report([run_dir], tmp_path / "out")
     assert (tmp_path / "out" / "report.md").read_text() == markdown
     assert TABLE in markdown  # the seed's table, rows in the tutorial's order: base, API, QLoRA
     assert markdown == (
@@ -78,7 +78,7 @@ def test_report_markdown_is_exact(run_dir, tmp_path):
 
 
 def test_chart_is_a_png(run_dir, tmp_path):
-    report.run([run_dir], tmp_path / "out")
+    report.write_report([run_dir], tmp_path / "out")
     png = (tmp_path / "out" / "report.png").read_bytes()
     assert len(png) > 10_000 and png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
@@ -97,7 +97,7 @@ def test_bootstrap_is_deterministic_given_the_seed(run_dir, tmp_path):
     first = report.bootstrap_interval(values, seed=0)
     assert report.bootstrap_interval(values, seed=0) == first
     assert report.bootstrap_interval(values, seed=1) != first
-    assert report.run([run_dir], tmp_path / "a") == report.run([run_dir], tmp_path / "b")
+    assert report.write_report([run_dir], tmp_path / "a") == report.write_report([run_dir], tmp_path / "b")
     assert (tmp_path / "a" / "report.png").read_bytes() == (tmp_path / "b" / "report.png").read_bytes()
 
 
@@ -122,7 +122,7 @@ def test_cli_prints_the_markdown_and_writes_both_files(run_dir, tmp_path, monkey
 def test_stale_metrics_warn_and_the_predictions_win(run_dir, tmp_path, capsys):
     meta = json.loads((run_dir / "eval" / "metrics.json").read_text())
     files.write_json(run_dir / "eval" / "metrics.json", {**meta, "rouge1": 0.5})
-    markdown = report.run([run_dir / "eval"], tmp_path / "out")
+    markdown = report.write_report([run_dir / "eval"], tmp_path / "out")
     assert "| 100.00 | 83.33 | 93.75 |" in markdown
     assert "rouge1 in metrics.json is 0.5000, predictions.jsonl gives 1.0000" in capsys.readouterr().err
 
@@ -130,7 +130,7 @@ def test_stale_metrics_warn_and_the_predictions_win(run_dir, tmp_path, capsys):
 def test_different_examples_are_flagged(run_dir, tmp_path):
     records = files.read_jsonl(run_dir / "eval" / "predictions.jsonl")[:3]
     files.write_jsonl(run_dir / "eval" / "predictions.jsonl", records)
-    assert "did not score the same examples" in report.run([run_dir], tmp_path / "out")
+    assert "did not score the same examples" in report.write_report([run_dir], tmp_path / "out")
 
 
 @pytest.mark.parametrize("breakage, needle", [
@@ -164,6 +164,6 @@ def test_bad_folders_are_one_line_errors_and_write_nothing(run_dir, tmp_path, br
     elif breakage == "no-rows":
         (target / "predictions.jsonl").write_text("")
     with pytest.raises(UserError, match=needle):
-        report.run([run_dir / "eval-base", target], tmp_path / "out")
+        report.write_report([run_dir / "eval-base", target], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # every folder is read before anything is written
     one_line_error(run_cli(["report", str(target), "--out", str(tmp_path / "out")]), needle)

@@ -92,7 +92,7 @@ def test_sigterm_saves_exits_nonzero_and_resumes(tmp_path, uninterrupted):
 
 def short_run(tmp_path, **extra):
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.max_steps": 20, "train.save_steps": 10, **extra}))
-    train.run(cfg)
+    train.train_adapters(cfg)
     return tmp_path / "run" / "checkpoints"
 
 
@@ -112,5 +112,5 @@ def test_resume_with_changed_config_names_the_difference(tmp_path):
     (tmp_path / "run" / "lora_adapters").rename(tmp_path / "run" / "old")  # pretend it was interrupted
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"lora.lora_r": 16, "train.max_steps": 30}))
     with pytest.raises(UserError, match=r"lora.lora_r: 8 -> 16"):
-        train.run(cfg)
+        train.train_adapters(cfg)
     assert checkpoints.newest_complete(ckpts) is not None

@@ -11,7 +11,7 @@ from wandb_records import history, run_files
 
 def test_without_wandb_in_report_to_nothing_changes(tmp_path):
     env = {"HOME": str(tmp_path)}
-    assert tracking.prepare_wandb(["none"], tmp_path / "run", env) == ["none"]
+    assert tracking.prepare_wandb(["none"], tmp_path / "run", env=env) == ["none"]
     assert env == {"HOME": str(tmp_path)}
     assert not (tmp_path / "run").exists()
 
@@ -19,7 +19,7 @@ def test_without_wandb_in_report_to_nothing_changes(tmp_path):
 def test_no_credentials_means_offline_said_in_one_line(tmp_path, capsys):
     env = {"HOME": str(tmp_path)}  # no WANDB_API_KEY, no ~/.netrc
     out = tmp_path / "run"
-    assert tracking.prepare_wandb(["wandb"], out, env) == ["wandb"]
+    assert tracking.prepare_wandb(["wandb"], out, env=env) == ["wandb"]
     notice = capsys.readouterr().out.strip()
     assert len(notice.splitlines()) == 1 and "offline" in notice and "wandb sync" in notice
     run_id = (out / "wandb_run_id.txt").read_text().strip()
@@ -32,20 +32,20 @@ def test_no_credentials_means_offline_said_in_one_line(tmp_path, capsys):
 def test_a_rerun_into_the_same_dir_continues_the_same_run(tmp_path):
     # What a resume or a managed job's recovery does: a fresh process, the same output dir.
     first, again, other = ({"HOME": str(tmp_path)} for _ in range(3))
-    tracking.prepare_wandb(["wandb"], tmp_path / "a", first)
-    tracking.prepare_wandb(["wandb"], tmp_path / "a", again)
-    tracking.prepare_wandb(["wandb"], tmp_path / "b", other)
+    tracking.prepare_wandb(["wandb"], tmp_path / "a", env=first)
+    tracking.prepare_wandb(["wandb"], tmp_path / "a", env=again)
+    tracking.prepare_wandb(["wandb"], tmp_path / "b", env=other)
     assert first["WANDB_RUN_ID"] == again["WANDB_RUN_ID"] != other["WANDB_RUN_ID"]
 
 
 def test_explicit_settings_win_and_an_explicit_run_id_is_remembered(tmp_path, capsys):
     env = {"HOME": str(tmp_path), "WANDB_API_KEY": "k" * 40, "WANDB_PROJECT": "mine",
            "WANDB_DIR": "/elsewhere", "WANDB_RUN_ID": "chosen1"}
-    tracking.prepare_wandb(["wandb", "tensorboard"], tmp_path / "run", env)
+    tracking.prepare_wandb(["wandb", "tensorboard"], tmp_path / "run", env=env)
     assert "WANDB_MODE" not in env and capsys.readouterr().out == ""  # a key means online
     assert (env["WANDB_PROJECT"], env["WANDB_DIR"], env["WANDB_RUN_ID"]) == ("mine", "/elsewhere", "chosen1")
     later = {"HOME": str(tmp_path), "WANDB_MODE": "online"}
-    tracking.prepare_wandb(["wandb"], tmp_path / "run", later)
+    tracking.prepare_wandb(["wandb"], tmp_path / "run", env=later)
     assert (later["WANDB_RUN_ID"], later["WANDB_MODE"]) == ("chosen1", "online")
 
 
@@ -53,24 +53,24 @@ def test_wandb_login_in_netrc_counts_as_credentials(tmp_path):
     (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "p" * 40 + "\n")
     (tmp_path / ".netrc").chmod(0o600)
     env = {"HOME": str(tmp_path)}
-    tracking.prepare_wandb(["wandb"], tmp_path / "run", env)
+    tracking.prepare_wandb(["wandb"], tmp_path / "run", env=env)
     assert "WANDB_MODE" not in env
     assert not tracking.has_credentials({"HOME": str(tmp_path), "WANDB_BASE_URL": "https://wandb.example.com"})
 
 
 def test_disabled_drops_wandb_and_other_ranks_only_read(tmp_path):
-    assert tracking.prepare_wandb(["wandb"], tmp_path / "a", {"WANDB_MODE": "disabled"}) == ["none"]
-    assert tracking.prepare_wandb(["wandb", "tensorboard"], tmp_path / "a", {"WANDB_MODE": "disabled"}) == ["tensorboard"]
-    rank1 = {"HOME": str(tmp_path), "RANK": "1"}
-    assert tracking.prepare_wandb(["wandb"], tmp_path / "b", rank1) == ["wandb"]
-    assert rank1 == {"HOME": str(tmp_path), "RANK": "1"} and not (tmp_path / "b").exists()
+    assert tracking.prepare_wandb(["wandb"], tmp_path / "a", env={"WANDB_MODE": "disabled"}) == ["none"]
+    assert tracking.prepare_wandb(["wandb", "tensorboard"], tmp_path / "a", env={"WANDB_MODE": "disabled"}) == ["tensorboard"]
+    rank1 = {"HOME": str(tmp_path)}
+    assert tracking.prepare_wandb(["wandb"], tmp_path / "b", is_main=False, env=rank1) == ["wandb"]
+    assert rank1 == {"HOME": str(tmp_path)} and not (tmp_path / "b").exists()
 
 
 def test_wandb_not_installed_is_a_user_error_naming_the_install(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(UserError, match=r"pip install 'samsum-qlora\[cloud\]'"):
-        tracking.prepare_wandb(["wandb"], tmp_path / "run", {})
+        tracking.prepare_wandb(["wandb"], tmp_path / "run", env={})
     assert tracking.log_eval_to_wandb({"rouge1": 0.5}, [], tmp_path, {}) is False
 
 

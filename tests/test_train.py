@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from samsum_qlora import train
-from samsum_qlora.config import config_from_dict, load_config
+from samsum_qlora.config import load_config
 from samsum_qlora.errors import UserError
 
 from conftest import SMOKE_CONFIG, smoke_overrides
@@ -18,7 +17,7 @@ from conftest import SMOKE_CONFIG, smoke_overrides
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(out))
-    metrics = train.run(cfg)
+    metrics = train.train_adapters(cfg)
     return cfg, metrics, out / "run"
 
 
@@ -32,7 +31,7 @@ def test_outputs_a_person_and_eval_can_use(trained_run):
     cfg, metrics, run_dir = trained_run
     adapters = run_dir / "lora_adapters"
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapters.iterdir()}
-    assert config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())) == cfg
+    assert load_config(run_dir / "config.yaml") == cfg  # a rerunnable --config
     saved = json.loads((run_dir / "train_metrics.json").read_text())
     assert saved["trainable_parameters"] == 7168 and saved["rows"] == 60
     info = json.loads((run_dir / "run.json").read_text())
@@ -48,7 +47,7 @@ def test_rerun_without_overwrite_changes_no_byte(trained_run):
     cfg, _, run_dir = trained_run
     before = _digest(run_dir / "lora_adapters")
     with pytest.raises(UserError, match="already holds a finished run; pass --overwrite"):
-        train.run(cfg)
+        train.train_adapters(cfg)
     assert _digest(run_dir / "lora_adapters") == before
 
 
@@ -59,7 +58,8 @@ def test_saved_adapters_reload_to_the_same_logits(tmp_path):
 
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     torch.manual_seed(0)
-    peft_model = modeling.attach_new_adapters(modeling.load_model(cfg, training=False), cfg)
+    peft_model = modeling.attach_new_adapters(modeling.load_model(cfg.model, cfg.quantization, training=False), cfg.lora,
+                                              cfg.quantization, gradient_checkpointing=False, half_precision=False)
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:  # B starts at zero; give the adapters an effect to preserve
             p.data.normal_(0, 0.5)
@@ -70,7 +70,7 @@ def test_saved_adapters_reload_to_the_same_logits(tmp_path):
         with peft_model.disable_adapter():
             base = peft_model(input_ids=ids).logits
     peft_model.save_pretrained(tmp_path / "adapters")
-    reloaded = modeling.load_generation_model(cfg, tmp_path / "adapters")  # the path eval takes
+    reloaded = modeling.load_generation_model(cfg.model, cfg.quantization, tmp_path / "adapters", merge=False)
     assert isinstance(reloaded, PeftModel)
     with torch.no_grad():
         after = reloaded(input_ids=ids).logits

@@ -1,0 +1,201 @@
+"""Batched greedy decoding: prompt ids in, summary ids out, each row stopping at its end of turn.
+
+Our own loop rather than `model.generate`, because at SAMSum's sizes decoding is bound by kernel
+launches and Python, not by the GPU: one forward per step into a preallocated KV cache
+(`SlotCache`), no host synchronisation but a check every few steps, and on CUDA each step
+captured once per batch as a CUDA graph and replayed: one launch per generated token instead of
+hundreds. Without graphs (CPU, or `eval.cuda_graphs: false`) a step computes exactly what
+`generate` computes: the same masks, the same kernels, so the same greedy tokens (a test keeps it
+so). Any decoder-only Hugging Face model that accepts a 4-D attention mask decodes this way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from samsum_qlora.chat import pad
+
+CHECK_EVERY = 8  # steps between looks at whether every row has stopped (each look syncs the GPU)
+
+
+@dataclass
+class Decoded:
+    ids: list[int]  # the generated ids, up to the first stop id (excluded)
+    ended: bool  # stopped at a stop id, rather than at max_new_tokens
+
+
+class SlotCache:
+    """Keys and values of every layer in buffers allocated once per batch, [rows, kv heads,
+    capacity, head dim], written in place at `slot` (a device tensor): fixed shapes and addresses,
+    which a CUDA graph needs. With `full_view` a layer attends over the whole buffer (the mask
+    hides what is not written yet); without, over the filled part only, as `DynamicCache` does."""
+
+    def __init__(self, capacity: int, full_view: bool, device):
+        self.capacity, self.full_view = capacity, full_view
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.filled = 0  # host copy of the filled length, for the partial view (eager mode only)
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx not in self.keys:
+            rows, heads, _, _ = key_states.shape
+            self.keys[layer_idx] = key_states.new_zeros(rows, heads, self.capacity, key_states.shape[-1])
+            self.values[layer_idx] = value_states.new_zeros(rows, heads, self.capacity, value_states.shape[-1])
+        n = key_states.shape[-2]
+        where = self.slot + torch.arange(n, device=self.slot.device)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, where, key_states)
+        values.index_copy_(2, where, value_states)
+        if self.full_view:
+            return keys, values
+        return keys[:, :, : self.filled + n], values[:, :, : self.filled + n]
+
+    def advance(self, n: int) -> None:
+        self.slot += n
+        self.filled += n
+
+    # what transformers' mask code asks a cache before a forward (when no 4-D mask is given)
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.filled
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.filled
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.filled + query_length, 0
+
+
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: `cache` in newer transformers, `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(base, "model", base)
+    return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
+
+
+def attention_mask(valid: torch.Tensor, start: int, queries: int, keys: int) -> torch.Tensor:
+    """Boolean [rows, 1, queries, keys] mask of the queries at positions start.. over the first
+    `keys` positions: causal, and blind to padding. A padding query (left padding) sees itself,
+    so no row of the softmax is empty: an empty row is NaN, and 0 x NaN would reach the real rows."""
+    q = torch.arange(start, start + queries, device=valid.device)[:, None]
+    k = torch.arange(keys, device=valid.device)[None, :]
+    mask = (k <= q) & (valid[:, None, :keys] | (k == q))
+    return mask[:, None]
+
+
+@torch.inference_mode()
+def decode_batch(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
+                 stop_ids: tuple[int, ...], graphs: bool = False, full_view: bool | None = None) -> list[Decoded]:
+    """Greedy continuations of `prompts`, left-padded into one batch. `full_view` (implied by
+    `graphs`) attends over the whole preallocated cache, as a captured graph must."""
+    full_view = graphs if full_view is None else full_view
+    device = next(model.parameters()).device
+    ids, real = (t.to(device) for t in pad(prompts, pad_id, left=True))
+    rows, width = ids.shape
+    padded = bool((real == 0).any())
+    cache = SlotCache(width + max_new_tokens, full_view=full_view, device=device)
+    valid = torch.zeros(rows, width + max_new_tokens, dtype=torch.bool, device=device)
+    valid[:, :width] = real.bool()
+    kwarg = cache_keyword(model)
+
+    def forward(input_ids, positions, mask):
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **{kwarg: cache})
+        return out.logits[:, -1]
+
+    # --- prefill: the prompts, in one forward ---
+    keys = cache.capacity if full_view else width
+    positions = (real.cumsum(-1) - 1).clamp(min=0)
+    logits = forward(ids, positions, attention_mask(valid, 0, width, keys) if padded or full_view else None)
+    cache.advance(width)
+    stop_tensor = torch.tensor(stop_ids, device=device)
+    step = _Step(forward, rows, positions[:, -1:] + 1, valid, graphs, padded)
+    generated = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        token = logits.argmax(-1).masked_fill(done, pad_id)
+        generated[:, t] = token
+        done |= torch.isin(token, stop_tensor)
+        if t + 1 == max_new_tokens or ((t + 1) % CHECK_EVERY == 0 and bool(done.all())):
+            break
+        logits = step(token, cache)
+    stops = set(stop_ids)
+    return [cut(seq, stops) for seq in generated.tolist()]
+
+
+class _Step:
+    """One decoding step: the new tokens at the next slot. With `graphs`, the inputs live in fixed
+    buffers and the forward is captured as a CUDA graph on first use, then replayed."""
+
+    def __init__(self, forward: Callable, rows: int, next_positions, valid, graphs: bool, padded: bool):
+        self.forward, self.valid, self.graphs, self.padded = forward, valid, graphs, padded
+        self.positions = next_positions.clone()
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=valid.device)
+        self.graph = None
+        self.logits = None
+
+    def mask(self, cache: SlotCache):
+        if cache.full_view:  # a view: what is written into `valid` later reaches a captured graph
+            return self.valid[:, None, None, :]
+        return attention_mask(self.valid, cache.filled, 1, cache.filled + 1) if self.padded else None
+
+    def __call__(self, token, cache: SlotCache):
+        self.tokens.copy_(token[:, None])
+        self.valid.index_fill_(1, cache.slot, True)
+        if not self.graphs:
+            logits = self.forward(self.tokens, self.positions, self.mask(cache))
+        else:
+            if self.graph is None:
+                self._capture(self.mask(cache))
+            self.graph.replay()
+            logits = self.logits
+        cache.advance(1)
+        self.positions += 1
+        return logits
+
+    def _capture(self, mask) -> None:
+        def run():
+            return self.forward(self.tokens, self.positions, mask)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lazily created kernels and workspaces
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = run()
+
+
+def cut(seq: list[int], stops: set[int]) -> Decoded:
+    """A generated sequence up to its first stop id."""
+    end = next((i for i, t in enumerate(seq) if t in stops), None)
+    return Decoded(seq if end is None else seq[:end], end is not None)
+
+
+def generate(model, prompts: list[list[int]], batches: list[list[int]], *, max_new_tokens: int, pad_id: int,
+             stop_ids: tuple[int, ...], graphs: bool, on_batch: Callable[[list[int], list[Decoded]], None],
+             progress: bool = True) -> None:
+    """Decode `batches` (lists of indices into `prompts`); `on_batch(indices, decoded)` after each."""
+    from tqdm.auto import tqdm
+
+    graphs = graphs and next(model.parameters()).is_cuda
+    with tqdm(total=sum(map(len, batches)), desc="generating", unit="summary", disable=not progress) as bar:
+        for idx in batches:
+            batch = [prompts[i] for i in idx]
+            try:
+                decoded = decode_batch(model, batch, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                       stop_ids=stop_ids, graphs=graphs)
+            except RuntimeError as e:
+                if not graphs or "graph" not in str(e).lower():
+                    raise
+                print(f"note: CUDA graph capture failed ({str(e).splitlines()[0][:120]}); decoding without")
+                graphs = False
+                decoded = decode_batch(model, batch, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                       stop_ids=stop_ids, graphs=False)
+            on_batch(idx, decoded)
+            bar.update(len(idx))

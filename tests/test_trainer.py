@@ -1,0 +1,120 @@
+"""The Trainer as train and bench use it: token-budget batches, the collator, the trained-logits
+loss equal to the model's own on the plain padded 4-bit path, and readable logs."""
+
+import pytest
+import torch
+
+from samsum_qlora import batching, chat, data
+from samsum_qlora import model as modeling
+from samsum_qlora import trainer as training
+from samsum_qlora.config import load_config
+
+from conftest import SAMPLE_DATA, SMOKE_CONFIG, smoke_overrides
+
+
+def encoded(tokenizer, cfg, n=24):
+    rows = data.load_rows(str(SAMPLE_DATA), "train")[:n]
+    columns, _ = chat.ChatFormat.build(tokenizer, cfg.data).encode_rows(rows, progress=False)
+    return columns
+
+
+def with_adapters(cfg):
+    base = modeling.load_model(cfg.model, cfg.quantization, training=True)
+    return modeling.attach_new_adapters(base, cfg.lora, cfg.quantization,
+                                        gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                        half_precision=cfg.train.bf16)
+
+
+def test_token_budget_batches_cover_every_row_once_within_budget():
+    lengths = [5, 300, 40, 41, 39, 120, 7, 800, 64, 64]
+    batches = batching.token_budget_batches(lengths, max_tokens=256, seed=1, pool=4)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 256
+    assert batching.token_budget_batches(lengths, 256, seed=1, pool=4) == batches  # seeded
+
+
+def test_generation_batches_are_longest_first_within_rows_and_tokens():
+    lengths = [5, 9, 9, 3, 7, 1, 8, 2, 6, 4, 9]
+    batches = batching.generation_batches(lengths, max_rows=3, max_tokens=10**6, new_tokens=4)
+    assert [len(b) for b in batches] == [3, 3, 3, 2]
+    assert [lengths[i] for i in batches[0]] == [9, 9, 9]  # longest first
+    by_tokens = batching.generation_batches(lengths, max_rows=100, max_tokens=40, new_tokens=4)
+    for b in by_tokens:  # rows x (longest prompt + new tokens) within the cache budget
+        assert len(b) * (max(lengths[i] for i in b) + 4) <= 40
+    assert sorted(i for b in by_tokens for i in b) == list(range(len(lengths)))
+    assert batching.generation_batches([50, 2], max_rows=8, max_tokens=10, new_tokens=4) == [[0], [1]]
+
+
+def test_padding_is_small_with_token_budget_batches(tokenizer, smoke_cfg):
+    lengths = [len(ids) for ids in encoded(tokenizer, smoke_cfg, n=60)["input_ids"]]
+    batches = batching.token_budget_batches(lengths, max_tokens=1024, seed=0)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert 1 - sum(lengths) / padded < 0.10
+
+
+def test_collator_pads_right_and_masks_padding(tokenizer, smoke_cfg):
+    fmt = chat.ChatFormat.build(tokenizer, smoke_cfg.data)
+    a, b = fmt.encode("Ana: hi\nBo: hello there", "Ana greets Bo."), fmt.encode("A: x", "Short.")
+    batch = training.Collator(fmt.pad_id)([{"input_ids": a.input_ids, "labels": a.labels},
+                                           {"input_ids": b.input_ids, "labels": b.labels}])
+    n = len(b.input_ids)
+    assert batch["input_ids"].shape == (2, max(len(a.input_ids), n))
+    assert batch["input_ids"][1, n:].tolist() == [fmt.pad_id] * (batch["input_ids"].shape[1] - n)
+    assert batch["labels"][1, n:].eq(chat.IGNORE_INDEX).all()
+    assert batch["attention_mask"][1].sum().item() == n
+
+
+def test_batch_without_trained_tokens_is_an_error():
+    with pytest.raises(ValueError, match="no trained token"):
+        training.Collator(0)([{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}])
+
+
+def test_fast_path_loss_equals_plain_padded_path(tmp_path, tokenizer):
+    plain_cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{
+        "quantization.dequantize_once": False, "train.trained_logits_only": False,
+        "train.max_tokens_per_batch": None}))
+    fast_cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    assert fast_cfg.quantization.dequantize_once and fast_cfg.train.trained_logits_only
+    columns = encoded(tokenizer, plain_cfg)
+
+    torch.manual_seed(0)
+    plain = with_adapters(plain_cfg)
+    for name, p in plain.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)  # adapters that change the loss, so a wrong path shows
+    fast = with_adapters(fast_cfg)
+    lora = {k: v for k, v in plain.state_dict().items() if "lora_" in k}
+    result = fast.load_state_dict(lora, strict=False)
+    assert lora and not result.unexpected_keys
+
+    pad = chat.pad_id(tokenizer)
+    everything = training.Collator(pad)([{"input_ids": i, "labels": l}
+                                         for i, l in zip(columns["input_ids"], columns["labels"])])
+    with torch.no_grad():
+        plain_loss = plain(**everything).loss.item()
+
+    trainer = training.build_trainer(fast_cfg.train, fast, training.training_set(fast_cfg.train, columns),
+                                     training.Collator(pad), tmp_path / "ck")
+    total = sum(sum(label != -100 for label in row[1:]) for row in columns["labels"])
+    fast_loss = 0.0
+    with torch.no_grad():
+        for item in trainer.train_dataset:
+            batch = training.Collator(pad)([item])
+            fast_loss += trainer.compute_loss(fast, batch, num_items_in_batch=total).item()
+    assert len(trainer.train_dataset) > 1  # several token-budget batches, not one
+    assert fast_loss == pytest.approx(plain_loss, rel=1e-3)
+
+
+def test_training_arguments_pass_our_fields_through(tmp_path):
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.weight_decay": 0.1, "train.warmup_steps": 3}))
+    args = training.training_arguments(cfg.train, tmp_path / "ck", cuda=False)
+    assert (args.learning_rate, args.weight_decay, args.warmup_steps, args.max_steps) == (0.01, 0.1, 3, 40)
+    assert args.per_device_train_batch_size == 1  # token-budget batches arrive whole
+    assert args.optim == "adamw_torch" and not args.logging_nan_inf_filter and args.output_dir == str(tmp_path / "ck")
+
+
+def test_logs_are_numbers_not_strings():
+    line = training.format_log(10, 40, {"loss": 7.26812, "grad_norm": 0.5312, "learning_rate": 2e-05,
+                                        "epoch": 0.25, "total_flos": 1e12})
+    assert line == "step 10/40: loss 7.268, grad_norm 0.5312, learning_rate 2.000e-05, epoch 0.25"
