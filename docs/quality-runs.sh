@@ -26,8 +26,10 @@ write("full", "train", val); write("full", "test", test)
 write("select", "train", val[:668]); write("select", "test", val[668:])
 EOF
 
-full=(--set "model.name=$MODEL" --set "data.source=$RUNS/data/full")
-select=(--set "model.name=$MODEL" --set "data.source=$RUNS/data/select")
+# shellcheck disable=SC2206  # EXTRA: more --set options for every command (a quick trial: max_steps, limit)
+extra=(${EXTRA:-})
+full=(--set "model.name=$MODEL" --set "data.source=$RUNS/data/full" "${extra[@]}")
+select=(--set "model.name=$MODEL" --set "data.source=$RUNS/data/select" "${extra[@]}")
 epochs3=(--set train.num_train_epochs=3)
 tutorial=(--set train.max_tokens_per_batch=null --set train.per_device_train_batch_size=4
           --set train.gradient_accumulation_steps=4 --set train.optim=paged_adamw_8bit --set lora.lora_dropout=0.05)
