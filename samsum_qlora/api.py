@@ -72,8 +72,15 @@ def parse_answer(payload: dict) -> tuple[Prediction, dict[str, int]]:
     return Prediction((content or "").strip(), ended), {k: int(usage.get(k) or 0) for k in USAGE_KEYS}
 
 
-def retry_delay(attempt: int, retry_after: str | None = None, retry_after_ms: str | None = None, *,
-                backoff: float, max_wait: float, jitter: float = 0.0) -> float:
+def retry_delay(
+    attempt: int,
+    retry_after: str | None = None,
+    retry_after_ms: str | None = None,
+    *,
+    backoff: float,
+    max_wait: float,
+    jitter: float = 0.0,
+) -> float:
     """Seconds to wait after failed attempt number `attempt` (1-based).
 
     The server's own `retry-after-ms` or `Retry-After` (seconds or an HTTP date) wins; else
@@ -140,10 +147,14 @@ def _post_once(url: str, body: bytes, key: str | None, timeout: float) -> dict:
         except (OSError, http.client.HTTPException):  # the error body itself did not arrive
             message = e.reason or "no details"
         if e.code in RETRY_STATUS:
-            raise _Transient(f"HTTP {e.code}: {message}", e.headers.get("Retry-After"),
-                             e.headers.get("retry-after-ms")) from None
-        hint = {401: " (check $OPENAI_API_KEY)", 403: " (check $OPENAI_API_KEY)",
-                404: " (check --api-base and --api-model)"}.get(e.code, "")
+            raise _Transient(
+                f"HTTP {e.code}: {message}", e.headers.get("Retry-After"), e.headers.get("retry-after-ms")
+            ) from None
+        hint = {
+            401: " (check $OPENAI_API_KEY)",
+            403: " (check $OPENAI_API_KEY)",
+            404: " (check --api-base and --api-model)",
+        }.get(e.code, "")
         raise UserError(f"{url} answered HTTP {e.code}{hint}: {message}") from None
     except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
         raise _Transient(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
@@ -155,8 +166,17 @@ def _post_once(url: str, body: bytes, key: str | None, timeout: float) -> dict:
         raise UserError(f"{url} did not answer JSON: {raw[:200]!r}") from None
 
 
-def complete(url: str, body: dict, *, key: str | None, timeout: float, max_attempts: int, backoff: float,
-             max_wait: float, stop: threading.Event | None = None) -> tuple[Prediction, dict[str, int], int]:
+def complete(
+    url: str,
+    body: dict,
+    *,
+    key: str | None,
+    timeout: float,
+    max_attempts: int,
+    backoff: float,
+    max_wait: float,
+    stop: threading.Event | None = None,
+) -> tuple[Prediction, dict[str, int], int]:
     """One chat completion -> (summary, usage, retries), retrying transient failures with backoff
     until `stop` is set."""
     stop = stop or threading.Event()
@@ -174,8 +194,14 @@ def complete(url: str, body: dict, *, key: str | None, timeout: float, max_attem
                 ) from None
             if stop.is_set():
                 raise _Stopped(reason) from None
-            wait = retry_delay(attempt, e.retry_after, e.retry_after_ms, backoff=backoff, max_wait=max_wait,
-                               jitter=random.random() * 0.25)
+            wait = retry_delay(
+                attempt,
+                e.retry_after,
+                e.retry_after_ms,
+                backoff=backoff,
+                max_wait=max_wait,
+                jitter=random.random() * 0.25,
+            )
             print(f"api: {reason}; retry {attempt}/{max_attempts - 1} in {wait:.1f}s", file=sys.stderr, flush=True)
             if stop.wait(wait):
                 raise _Stopped(reason) from None
@@ -191,9 +217,19 @@ def complete(url: str, body: dict, *, key: str | None, timeout: float, max_attem
 # --- the predictor -------------------------------------------------------------------------------
 
 
-def predictor(base: str, *, model: str, instruction: str, max_tokens: int, key: str | None,
-              concurrency: int = 8, timeout: float = 60.0, max_attempts: int = 6, backoff: float = 1.0,
-              max_wait: float = 60.0) -> Predict:
+def predictor(
+    base: str,
+    *,
+    model: str,
+    instruction: str,
+    max_tokens: int,
+    key: str | None,
+    concurrency: int = 8,
+    timeout: float = 60.0,
+    max_attempts: int = 6,
+    backoff: float = 1.0,
+    max_wait: float = 60.0,
+) -> Predict:
     """A `predictions.Predict` that asks `base`/chat/completions for every row, `concurrency` at a time.
 
     Checks everything it can before returning, so a bad option fails before any file is written.
@@ -217,9 +253,20 @@ def predictor(base: str, *, model: str, instruction: str, max_tokens: int, key: 
         # The pool's size is the bound on requests in flight; the rest wait in its queue.
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="api")
         stop = threading.Event()
-        futures = {pool.submit(complete, url, body, key=key, timeout=timeout, max_attempts=max_attempts,
-                               backoff=backoff, max_wait=max_wait, stop=stop): i
-                   for i, body in enumerate(bodies)}
+        futures = {
+            pool.submit(
+                complete,
+                url,
+                body,
+                key=key,
+                timeout=timeout,
+                max_attempts=max_attempts,
+                backoff=backoff,
+                max_wait=max_wait,
+                stop=stop,
+            ): i
+            for i, body in enumerate(bodies)
+        }
         try:
             usage = _gather(futures, save, stop, f"asking {model}")
         finally:

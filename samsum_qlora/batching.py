@@ -9,8 +9,9 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def token_budget_batches(lengths: list[int], max_tokens: int, seed: int, pool: int = 1024,
-                         multiple: int = 1) -> list[list[int]]:
+def token_budget_batches(
+    lengths: list[int], max_tokens: int, seed: int, pool: int = 1024, multiple: int = 1
+) -> list[list[int]]:
     """Row indices grouped into training batches whose padded size (rows x longest, rounded up to
     `multiple`) stays within `max_tokens`.
 

@@ -8,7 +8,6 @@ same process; `--eval` times `eval`'s generation against the tutorial's per-exam
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +31,15 @@ def peak_flops(device_name: str | None) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if device_name and k in device_name), None)
 
 
-def summarise(real_tokens: int, padded_tokens: int, seconds: float, n_params: int, device: str | None,
-              peak_bytes: int | None, epoch_tokens: int) -> dict:
+def summarise(
+    real_tokens: int,
+    padded_tokens: int,
+    seconds: float,
+    n_params: int,
+    device: str | None,
+    peak_bytes: int | None,
+    epoch_tokens: int,
+) -> dict:
     """Figures of one timed run. FLOPs per trained token: 4 x parameters (forward 2, backward
     through the frozen weights 2; LoRA's own weight gradients are negligible)."""
     tps = real_tokens / seconds
@@ -44,7 +50,8 @@ def summarise(real_tokens: int, padded_tokens: int, seconds: float, n_params: in
         "peak_memory_gib": round(peak_bytes / GIB, 2) if peak_bytes is not None else None,
         "mfu": round(tps * 4 * n_params / flops, 4) if flops else None,
         "epoch_minutes": round(epoch_tokens / tps / 60, 2),
-        "timed_tokens": real_tokens, "timed_seconds": round(seconds, 3),
+        "timed_tokens": real_tokens,
+        "timed_seconds": round(seconds, 3),
     }
 
 
@@ -66,10 +73,14 @@ def random_model_dir(cfg: Config, out: Path) -> Path:
             raise UserError(f"--model-dir {out} holds a model of shape {found}, not {cfg.model.name}'s {wanted}")
         return out
     if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--model-dir {out} is not empty and holds no model (config.json, *.safetensors): "
-                        "give a model folder or a new one")
+        raise UserError(
+            f"--model-dir {out} is not empty and holds no model (config.json, *.safetensors): "
+            "give a model folder or a new one"
+        )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=modeling.torch_dtype(cfg.quantization.bnb_4bit_compute_dtype))
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=modeling.torch_dtype(cfg.quantization.bnb_4bit_compute_dtype)
+    )
     with files.staged_dir(out) as staging:
         model.save_pretrained(staging)
         modeling.load_tokenizer(cfg.model).save_pretrained(staging)
@@ -123,28 +134,44 @@ class Clock(TrainerCallback):
         self.stamps.append(time.perf_counter())
 
 
-def time_training(cfg: Config, model_dir: Path, columns: dict, steps: int, warmup: int, epoch_tokens: int,
-                  workdir: Path) -> dict:
-    cfg = with_overrides(cfg, {"model": {"name": str(model_dir)}, "train": {
-        "max_steps": warmup + steps, "save_steps": 10**9, "logging_steps": 10**9, "report_to": ["none"]}})
+def time_training(
+    cfg: Config, model_dir: Path, columns: dict, steps: int, warmup: int, epoch_tokens: int, workdir: Path
+) -> dict:
+    cfg = with_overrides(
+        cfg,
+        {
+            "model": {"name": str(model_dir)},
+            "train": {"max_steps": warmup + steps, "save_steps": 10**9, "logging_steps": 10**9, "report_to": ["none"]},
+        },
+    )
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     pad_id = chat.pad_id(modeling.load_tokenizer(cfg.model))
-    model = modeling.attach_new_adapters(modeling.load_model(cfg.model, cfg.quantization, training=True), cfg.lora,
-                                         cfg.quantization, gradient_checkpointing=cfg.train.gradient_checkpointing,
-                                         half_precision=cfg.train.bf16 or cfg.train.fp16)
+    model = modeling.attach_new_adapters(
+        modeling.load_model(cfg.model, cfg.quantization, training=True),
+        cfg.lora,
+        cfg.quantization,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        half_precision=cfg.train.bf16 or cfg.train.fp16,
+    )
     clock, counting = Clock(), Counting(training.Collator(pad_id, cfg.train.pad_to_multiple_of))
-    trainer = training.build_trainer(cfg.train, model, training.training_set(cfg.train, columns), counting,
-                                     workdir / "ckpt", [clock])
+    trainer = training.build_trainer(
+        cfg.train, model, training.training_set(cfg.train, columns), counting, workdir / "ckpt", [clock]
+    )
     trainer.train()
     micro = cfg.train.gradient_accumulation_steps
     timed = counting.counts[warmup * micro : (warmup + steps) * micro]
     figures = summarise(
-        sum(r for r, _ in timed), sum(p for _, p in timed), clock.stamps[warmup + steps - 1] - clock.stamps[warmup - 1],
-        base_parameter_count(model_dir), torch.cuda.get_device_name() if cuda else None,
-        torch.cuda.max_memory_allocated() if cuda else None, epoch_tokens)
+        sum(r for r, _ in timed),
+        sum(p for _, p in timed),
+        clock.stamps[warmup + steps - 1] - clock.stamps[warmup - 1],
+        base_parameter_count(model_dir),
+        torch.cuda.get_device_name() if cuda else None,
+        torch.cuda.max_memory_allocated() if cuda else None,
+        epoch_tokens,
+    )
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
@@ -157,8 +184,13 @@ def time_training(cfg: Config, model_dir: Path, columns: dict, steps: int, warmu
 def random_adapters(cfg: Config, out: Path) -> Path:
     """Adapters with an effect (B != 0), saved, so eval's loading path reads them like real ones."""
     torch.manual_seed(0)
-    model = modeling.attach_new_adapters(modeling.load_model(cfg.model, cfg.quantization, training=False), cfg.lora,
-                                         cfg.quantization, gradient_checkpointing=False, half_precision=False)
+    model = modeling.attach_new_adapters(
+        modeling.load_model(cfg.model, cfg.quantization, training=False),
+        cfg.lora,
+        cfg.quantization,
+        gradient_checkpointing=False,
+        half_precision=False,
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.02)
@@ -181,14 +213,23 @@ def fast_path(cfg: Config, adapters: Path, fmt: chat.ChatFormat, prompts: list[l
     """`eval`'s generation of every prompt: ({index: Decoded}, seconds), after a small warm-up."""
     e = cfg.eval
     model = modeling.load_generation_model(cfg.model, cfg.quantization, adapters, merge=e.merge_adapters)
-    batches = batching.generation_batches([len(p) for p in prompts], max_rows=e.batch_size,
-                                          max_tokens=e.max_tokens_per_batch, new_tokens=e.max_new_tokens)
+    batches = batching.generation_batches(
+        [len(p) for p in prompts], max_rows=e.batch_size, max_tokens=e.max_tokens_per_batch, new_tokens=e.max_new_tokens
+    )
     out: dict[int, generation.Decoded] = {}
 
     def run(chosen):
-        generation.generate(model, prompts, chosen, max_new_tokens=e.max_new_tokens, pad_id=fmt.pad_id,
-                            stop_ids=fmt.stop_ids, graphs=e.cuda_graphs, progress=False,
-                            on_batch=lambda idx, decoded: out.update(zip(idx, decoded)))
+        generation.generate(
+            model,
+            prompts,
+            chosen,
+            max_new_tokens=e.max_new_tokens,
+            pad_id=fmt.pad_id,
+            stop_ids=fmt.stop_ids,
+            graphs=e.cuda_graphs,
+            progress=False,
+            on_batch=lambda idx, decoded: out.update(zip(idx, decoded)),
+        )
 
     run([batches[-1][:2]])  # warm-up: kernels, workspaces, graph machinery
     _synchronize()
@@ -206,29 +247,26 @@ def per_example_paths(cfg: Config, adapters: Path, fmt: chat.ChatFormat, prompts
     arithmetic, so it must give the same tokens. Returns ({i: loop ids}, {i: our ids}, loop seconds)."""
     seed = with_overrides(cfg, SEED_RECIPE)
     model = modeling.load_generation_model(seed.model, seed.quantization, adapters, merge=False)
-    device = next(model.parameters()).device
     budget = cfg.eval.max_new_tokens
     loop, ours = {}, {}
     _synchronize()
     started = time.perf_counter()
     for i in sample:
-        ids = torch.tensor([prompts[i]], device=device)
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
-                                 do_sample=False, temperature=None, top_p=None, top_k=None,
-                                 eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id)
-        loop[i] = generation.cut(out[0, len(prompts[i]) :].tolist(), set(fmt.stop_ids)).ids
+        loop[i] = generation.generate_one(model, prompts[i], max_new_tokens=budget, pad_id=fmt.pad_id,
+                                          stop_ids=fmt.stop_ids).ids  # fmt: skip
     _synchronize()
     seconds = time.perf_counter() - started
     for i in sample:
-        ours[i] = generation.decode_batch(model, [prompts[i]], max_new_tokens=budget, pad_id=fmt.pad_id,
-                                          stop_ids=fmt.stop_ids, graphs=False)[0].ids
+        ours[i] = generation.decode_batch(
+            model, [prompts[i]], max_new_tokens=budget, pad_id=fmt.pad_id, stop_ids=fmt.stop_ids, graphs=False
+        )[0].ids
     _release(model)
     return loop, ours, seconds
 
 
-def time_generation(cfg: Config, model_dir: Path, adapters: Path | None, rows: list[dict], loop_sample: int,
-                    workdir: Path) -> dict:
+def time_generation(
+    cfg: Config, model_dir: Path, adapters: Path | None, rows: list[dict], loop_sample: int, workdir: Path
+) -> dict:
     """`eval`'s batched generation of every prompt at eval.max_new_tokens with real stopping,
     against the tutorial's per-example loop on `loop_sample` prompts spread over the split."""
     cfg = with_overrides(cfg, {"model": {"name": str(model_dir)}})
@@ -241,11 +279,16 @@ def time_generation(cfg: Config, model_dir: Path, adapters: Path | None, rows: l
     new_tokens = sum(len(d.ids) + d.ended for d in fast.values())
     loop_tokens = sum(len(ids) + (len(ids) < cfg.eval.max_new_tokens) for ids in loop.values())
     figures = {
-        "examples": len(prompts), "max_new_tokens": cfg.eval.max_new_tokens, "merged_adapters": cfg.eval.merge_adapters,
-        "cuda_graphs": cfg.eval.cuda_graphs, "batched_seconds": round(fast_s, 2), "batched_new_tokens": new_tokens,
+        "examples": len(prompts),
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "merged_adapters": cfg.eval.merge_adapters,
+        "cuda_graphs": cfg.eval.cuda_graphs,
+        "batched_seconds": round(fast_s, 2),
+        "batched_new_tokens": new_tokens,
         "batched_tokens_per_s": round(new_tokens / fast_s, 1),
         "ended_share": round(sum(d.ended for d in fast.values()) / len(fast), 4),
-        "loop_sample": len(sample), "loop_tokens_per_s": round(loop_tokens / loop_s, 1),
+        "loop_sample": len(sample),
+        "loop_tokens_per_s": round(loop_tokens / loop_s, 1),
         "loop_projected_seconds": round(loop_s / len(sample) * len(prompts), 1),
         "same_outputs_as_loop": round(sum(fast[i].ids == loop[i] for i in sample) / len(sample), 4),
         "same_arithmetic_same_outputs": round(sum(ours[i] == loop[i] for i in sample) / len(sample), 4),
@@ -255,7 +298,8 @@ def time_generation(cfg: Config, model_dir: Path, adapters: Path | None, rows: l
         refs = [chat.clean(rows[i]["summary"]) for i in sample]
         figures["rouge_sample"] = {
             "batched": rouge([fmt.decode(fast[i].ids) for i in sample], refs),
-            "loop": rouge([fmt.decode(loop[i]) for i in sample], refs)}
+            "loop": rouge([fmt.decode(loop[i]) for i in sample], refs),
+        }
     return figures
 
 
@@ -264,7 +308,7 @@ def time_generation(cfg: Config, model_dir: Path, adapters: Path | None, rows: l
 
 def benchmark(cfg: Config, *, split: str, steps: int, warmup: int, compare_seed: bool, with_eval: bool,
               loop_sample: int, epoch_tokens: int | None, json_path: Path | None, model_dir: Path | None = None,
-              adapters: Path | None = None) -> dict:
+              adapters: Path | None = None) -> dict:  # fmt: skip
     if json_path is not None:
         files.ensure_writable_dir(json_path.parent)
     if adapters is not None and not adapters.is_dir():
@@ -280,22 +324,24 @@ def benchmark(cfg: Config, *, split: str, steps: int, warmup: int, compare_seed:
     device = runtime.device_name()
     print(f"bench on {device}: {stats.kept} rows of {cfg.data.source} ({split}), {stats.tokens:,} tokens")
     result: dict = {"device": device, "model": cfg.model.name, "split": split, "rows": stats.kept,
-                    "epoch_tokens": epoch_tokens or stats.tokens, "steps": steps, "warmup": warmup}
+                    "epoch_tokens": epoch_tokens or stats.tokens, "steps": steps, "warmup": warmup}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         # --- the weights ---
         model_dir = random_model_dir(cfg, model_dir or workdir / "random-model")
         result["weights"] = weights_label(model_dir)
+
         # --- training: the seed first (liger-kernel patches transformers for the whole process) ---
-        seed = (time_training(with_overrides(cfg, SEED_RECIPE), model_dir, columns, steps, warmup,
-                              result["epoch_tokens"], workdir) if compare_seed else None)
-        result.update(time_training(cfg, model_dir, columns, steps, warmup, result["epoch_tokens"], workdir))
+        def timed(config):
+            return time_training(config, model_dir, columns, steps, warmup, result["epoch_tokens"], workdir)
+
+        seed = timed(with_overrides(cfg, SEED_RECIPE)) if compare_seed else None
+        result.update(timed(cfg))
         if seed is not None:
             result["seed"], result["ratio"] = seed, round(result["tokens_per_s"] / seed["tokens_per_s"], 2)
         # --- generation ---
         if with_eval:
             result["eval"] = time_generation(cfg, model_dir, adapters, rows, loop_sample, workdir)
-        shutil.rmtree(workdir / "ckpt", ignore_errors=True)
     print(report(result))
     if json_path is not None:
         files.write_json(json_path, result)
@@ -307,12 +353,17 @@ def report(r: dict) -> str:
     def line(name, f):
         mem = f"{f['peak_memory_gib']:.2f} GiB" if f["peak_memory_gib"] is not None else "n/a"
         mfu = f"{100 * f['mfu']:.1f}%" if f["mfu"] is not None else "n/a"
-        return (f"| {name} | {f['tokens_per_s']:,.0f} | {100 * f['padding_fraction']:.1f}% | {mem} | {mfu} "
-                f"| {f['epoch_minutes']:.1f} min |")
+        return (
+            f"| {name} | {f['tokens_per_s']:,.0f} | {100 * f['padding_fraction']:.1f}% | {mem} | {mfu} "
+            f"| {f['epoch_minutes']:.1f} min |"
+        )
 
-    out = [f"device: {r['device']}; {r['model']}'s shape, weights: {r['weights']}",
-           "| recipe | real tokens/s | padding | peak memory | MFU | epoch |", "|---|---|---|---|---|---|",
-           line("this config", r)]
+    out = [
+        f"device: {r['device']}; {r['model']}'s shape, weights: {r['weights']}",
+        "| recipe | real tokens/s | padding | peak memory | MFU | epoch |",
+        "|---|---|---|---|---|---|",
+        line("this config", r),
+    ]
     if "seed" in r:
         out += [line("seed recipe", r["seed"]), f"speed-up over the seed recipe: {r['ratio']:.1f}x"]
     if "eval" in r:
@@ -326,10 +377,14 @@ def eval_lines(e: dict) -> list[str]:
         f"turn: {e['batched_seconds']:.2f} s ({e['batched_new_tokens']:,} tokens, {e['batched_tokens_per_s']:,.0f} "
         f"tokens/s; {100 * e['ended_share']:.0f}% ended); the per-example loop {e['loop_tokens_per_s']:,.1f} "
         f"tokens/s, {e['loop_projected_seconds']:.0f} s projected: {e['ratio']:.0f}x",
-        f"on {e['loop_sample']} sampled prompts, same output as the loop: batched {100 * e['same_outputs_as_loop']:.1f}%,"
-        f" our decoder one at a time on the loop's model {100 * e['same_arithmetic_same_outputs']:.1f}%"]
+        f"on {e['loop_sample']} sampled prompts, same output as the loop: batched "
+        f"{100 * e['same_outputs_as_loop']:.1f}%, our decoder one at a time on the loop's model "
+        f"{100 * e['same_arithmetic_same_outputs']:.1f}%",
+    ]
     if "rouge_sample" in e:
         for path, scores in e["rouge_sample"].items():
-            lines.append(f"ROUGE-1/2/L on the sample, {path}: " + " / ".join(
-                f"{100 * scores[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL")))
+            lines.append(
+                f"ROUGE-1/2/L on the sample, {path}: "
+                + " / ".join(f"{100 * scores[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL"))
+            )
     return lines

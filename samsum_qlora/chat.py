@@ -41,8 +41,9 @@ def clean(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
-def build_messages(dialogue: str, instruction: str, summary: str | None = None, *,
-                   system_role: bool = True) -> list[dict[str, str]]:
+def build_messages(
+    dialogue: str, instruction: str, summary: str | None = None, *, system_role: bool = True
+) -> list[dict[str, str]]:
     """system (the task) + user (the dialogue) [+ assistant (the summary), for training]. Without
     a system role the task opens the user turn."""
     if system_role:
@@ -77,8 +78,9 @@ def pad_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def pad(sequences: list[list[int]], value: int, *, left: bool = False,
-        multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(
+    sequences: list[list[int]], value: int, *, left: bool = False, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask): `sequences` padded with `value` to the longest, rounded up to `multiple`, on
     the right (training) or on the left (generation: every prompt ends where generation starts).
     The mask is 1 at real positions: padding is told by position, never by id."""
@@ -96,8 +98,9 @@ def pad(sequences: list[list[int]], value: int, *, left: bool = False,
     return ids, mask
 
 
-def fit_dialogue(tokenizer, dialogue: str, render: Callable[[str], list[int]], max_length: int,
-                 rendered: list[int] | None = None) -> tuple[str, list[int]] | None:
+def fit_dialogue(
+    tokenizer, dialogue: str, render: Callable[[str], list[int]], max_length: int, rendered: list[int] | None = None
+) -> tuple[str, list[int]] | None:
     """Shorten the dialogue's tail until `render(dialogue)` fits `max_length` tokens.
 
     Cuts at token boundaries mapped back to characters, so a multi-byte character is never split
@@ -138,10 +141,12 @@ class EncodeStats:
     trained_tokens: int = 0
 
     def describe(self, where: str, max_length: int) -> str:
-        return (f"{self.kept} training rows from {where} ({self.trained_tokens:,} trained of {self.tokens:,} "
-                f"tokens); skipped {self.skipped_empty} with an empty dialogue or summary, dropped "
-                f"{self.dropped_too_long} whose summary cannot fit {max_length} tokens, shortened "
-                f"{self.truncated} dialogues")
+        return (
+            f"{self.kept} training rows from {where} ({self.trained_tokens:,} trained of {self.tokens:,} "
+            f"tokens); skipped {self.skipped_empty} with an empty dialogue or summary, dropped "
+            f"{self.dropped_too_long} whose summary cannot fit {max_length} tokens, shortened "
+            f"{self.truncated} dialogues"
+        )
 
 
 @dataclass(eq=False)
@@ -161,7 +166,8 @@ class ChatFormat:
     @classmethod
     def build(cls, tokenizer, data: DataArgs, generation_eos: Iterable[int] = ()) -> ChatFormat:
         specials = frozenset(tokenizer.all_special_tokens) | {
-            t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+            t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+        }
         fmt = cls(tokenizer, data.task_instruction, data.max_length, data.date_string, _specials=specials)
         fmt.system_role = fmt._renders_system()
         fmt.end_of_turn = fmt._closing_token()
@@ -179,10 +185,12 @@ class ChatFormat:
     def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt, date_string=self.date_string)
+                messages, tokenize=False, add_generation_prompt=generation_prompt, date_string=self.date_string
+            )
         except Exception as e:  # jinja's TemplateError, or whatever the template raises
-            raise UserError(f"the chat template of {self.name} failed: {str(e).splitlines()[0]}; "
-                            f"{TEMPLATE_HINT}") from None
+            raise UserError(
+                f"the chat template of {self.name} failed: {str(e).splitlines()[0]}; {TEMPLATE_HINT}"
+            ) from None
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -198,8 +206,9 @@ class ChatFormat:
     def _renders_system(self) -> bool:
         probe = build_messages(_PROBE_DIALOGUE, _PROBE_SYSTEM)
         try:
-            text = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True,
-                                                      date_string=self.date_string)
+            text = self.tokenizer.apply_chat_template(
+                probe, tokenize=False, add_generation_prompt=True, date_string=self.date_string
+            )
         except Exception:  # e.g. "System role not supported"
             return False
         return _PROBE_SYSTEM in text
@@ -207,8 +216,10 @@ class ChatFormat:
     def _completion(self, prompt_text: str, full_text: str) -> str:
         """What the template writes after the generation prompt: the assistant's turn."""
         if not full_text.startswith(prompt_text):
-            raise UserError(f"the chat template of {self.name} does not begin the conversation with its "
-                            f"generation prompt, so the summary cannot be told from the prompt; {TEMPLATE_HINT}")
+            raise UserError(
+                f"the chat template of {self.name} does not begin the conversation with its "
+                f"generation prompt, so the summary cannot be told from the prompt; {TEMPLATE_HINT}"
+            )
         return full_text[len(prompt_text) :]
 
     def _closing_token(self) -> int:
@@ -217,13 +228,17 @@ class ChatFormat:
         completion = self._completion(prompt, self.render(self.messages(_PROBE_DIALOGUE, _PROBE_SUMMARY), False))
         at = completion.find(_PROBE_SUMMARY)
         if at < 0:
-            raise UserError(f"the chat template of {self.name} does not write the assistant's message after "
-                            f"its generation prompt; {TEMPLATE_HINT}")
+            raise UserError(
+                f"the chat template of {self.name} does not write the assistant's message after "
+                f"its generation prompt; {TEMPLATE_HINT}"
+            )
         specials = special_ids(self.tokenizer)
         closing = next((i for i in self.ids(completion[at + len(_PROBE_SUMMARY) :]) if i in specials), None)
         if closing is None:
-            raise UserError(f"the chat template of {self.name} closes the assistant's turn with no special "
-                            f"token, so a model could not learn where a summary ends; {TEMPLATE_HINT}")
+            raise UserError(
+                f"the chat template of {self.name} closes the assistant's turn with no special "
+                f"token, so a model could not learn where a summary ends; {TEMPLATE_HINT}"
+            )
         return closing
 
     # --- tokens ---
@@ -297,7 +312,9 @@ class ChatFormat:
     def decode(self, ids: list[int]) -> str:
         """A generated summary as text: up to the first stop id, without special-token text."""
         cut = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
-        return self.plain(self.tokenizer.decode(ids[:cut], skip_special_tokens=True))
+        # no clean-up: it would take the spaces out of "Bo is late ." -style text on BPE tokenizers
+        text = self.tokenizer.decode(ids[:cut], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.plain(text)
 
     def ended(self, ids: list[int]) -> bool:
         """Whether generation stopped at an end of turn (not at max_new_tokens)."""

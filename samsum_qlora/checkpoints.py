@@ -20,9 +20,18 @@ MANIFEST = "samsum_manifest.json"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 # Keys that change how a run is computed, watched or saved, not what it learns: they may change
 # between an interruption and the resume. Every other key (the eval section aside) must match.
-FREE_KEYS = {"model.attn_implementation", "model.liger_kernels", "model.cudnn_attention", "train.output_dir",
-             "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.report_to",
-             "train.run_name", "train.dataloader_num_workers"}
+FREE_KEYS = {
+    "model.attn_implementation",
+    "model.liger_kernels",
+    "model.cudnn_attention",
+    "train.output_dir",
+    "train.logging_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.report_to",
+    "train.run_name",
+    "train.dataloader_num_workers",
+}
 
 
 def _sha256(path: Path) -> str:
@@ -34,8 +43,11 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(checkpoint: Path, config: dict[str, Any]) -> None:
-    entries = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-               for p in sorted(checkpoint.iterdir()) if p.is_file() and p.name != MANIFEST}
+    entries = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(checkpoint.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
     tmp = checkpoint / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"files": entries, "config": config}, indent=2))
     tmp.replace(checkpoint / MANIFEST)
@@ -77,15 +89,22 @@ def newest_complete(folder: Path, warn=print) -> Path | None:
 
 
 def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, section in tree.items() if isinstance(section, dict) and s != "eval"
-            for k, v in section.items()}
+    return {
+        f"{s}.{k}": v
+        for s, section in tree.items()
+        if isinstance(section, dict) and s != "eval"
+        for k, v in section.items()
+    }
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: saved -> now' for each key that changes what is learned."""
     a, b = _flatten(saved), _flatten(current)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in FREE_KEYS and a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if k not in FREE_KEYS and a.get(k) != b.get(k)
+    ]
 
 
 def saved_config(checkpoint: Path) -> dict[str, Any]:
@@ -98,8 +117,10 @@ def check_resumable(checkpoint: Path, current: dict[str, Any]) -> None:
         raise UserError(f"cannot resume from {checkpoint}: {why}")
     diffs = config_differences(saved_config(checkpoint), current)
     if diffs:
-        raise UserError(f"cannot resume from {checkpoint}: the config changed ({'; '.join(diffs)}); "
-                        "restore those values, pass --overwrite to start over, or use a new train.output_dir")
+        raise UserError(
+            f"cannot resume from {checkpoint}: the config changed ({'; '.join(diffs)}); "
+            "restore those values, pass --overwrite to start over, or use a new train.output_dir"
+        )
 
 
 def finished_training(checkpoint: Path) -> bool:
@@ -111,8 +132,7 @@ def finished_training(checkpoint: Path) -> bool:
         return False
 
 
-def start_point(run: RunDir, config: dict[str, Any], *, overwrite: bool, resume: str | None,
-                warn=print) -> Path | None:
+def start_point(run: RunDir, config: dict[str, Any], *, overwrite: bool, resume: str | None, warn=print) -> Path | None:
     """The checkpoint training resumes from, or None to start at step 0 (then any checkpoints in
     the folder are an earlier run's, and the caller clears them).
 
@@ -131,8 +151,9 @@ def start_point(run: RunDir, config: dict[str, Any], *, overwrite: bool, resume:
         check_resumable(newest, config)
         return newest
     if run.adapters.exists() and not overwrite:
-        raise UserError(f"{run.adapters} already holds a finished run; pass --overwrite or set another "
-                        "train.output_dir")
+        raise UserError(
+            f"{run.adapters} already holds a finished run; pass --overwrite or set another train.output_dir"
+        )
     if newest is not None and not overwrite and not run.adapters.exists():
         check_resumable(newest, config)  # trained to the end, cut off before publishing
         return newest

@@ -87,14 +87,36 @@ def train(config_path, overrides, overwrite, resume):
 @click.option("--limit", type=int, default=None, help="Score only the first N examples.")
 @click.option("--output-dir", type=click.Path(), help="Where metrics.json and predictions.jsonl go.")
 @click.option("--overwrite", is_flag=True, help="Replace an output dir that holds another evaluation.")
-@click.option("--api-model", default=None, metavar="NAME",
-              help="Score this model of an OpenAI-compatible API instead (key from $OPENAI_API_KEY).")
-@click.option("--api-base", default=None, metavar="URL",
-              help="API root for --api-model, e.g. http://localhost:8000/v1 (default: https://api.openai.com/v1).")
+@click.option(
+    "--api-model",
+    default=None,
+    metavar="NAME",
+    help="Score this model of an OpenAI-compatible API instead (key from $OPENAI_API_KEY).",
+)
+@click.option(
+    "--api-base",
+    default=None,
+    metavar="URL",
+    help="API root for --api-model, e.g. http://localhost:8000/v1 (default: https://api.openai.com/v1).",
+)
 @click.option("--api-concurrency", type=int, default=None, help="Requests in flight at once (default: 8).")
-@click.option("--api-timeout", type=float, default=None, help="Seconds to wait for one answer before retrying (default: 60).")
-def evaluate_cmd(config_path, overrides, adapters, base_only, split, limit, output_dir, overwrite,
-                 api_model, api_base, api_concurrency, api_timeout):
+@click.option(
+    "--api-timeout", type=float, default=None, help="Seconds to wait for one answer before retrying (default: 60)."
+)
+def evaluate_cmd(
+    config_path,
+    overrides,
+    adapters,
+    base_only,
+    split,
+    limit,
+    output_dir,
+    overwrite,
+    api_model,
+    api_base,
+    api_concurrency,
+    api_timeout,
+):
     """Generate summaries in batches and score them with ROUGE.
 
     With --api-model, the summaries come from a Chat Completions endpoint (OpenAI, vLLM, Ollama,
@@ -103,16 +125,29 @@ def evaluate_cmd(config_path, overrides, adapters, base_only, split, limit, outp
     from samsum_qlora.evaluate import evaluate_model, plan_eval
 
     cfg = _config(config_path, overrides)
-    plan = plan_eval(cfg, adapters=adapters, base_only=base_only, split=split, limit=limit,
-                     output_dir=output_dir, api_model=api_model, api_base=api_base)
+    plan = plan_eval(
+        cfg,
+        adapters=adapters,
+        base_only=base_only,
+        split=split,
+        limit=limit,
+        output_dir=output_dir,
+        api_model=api_model,
+        api_base=api_base,
+    )
     predict = None
     if plan.api_base is not None:
         from samsum_qlora import api
 
-        predict = api.predictor(plan.api_base, model=plan.model, instruction=cfg.data.task_instruction,
-                                max_tokens=cfg.eval.max_new_tokens, key=os.environ.get(api.KEY_ENV),
-                                concurrency=8 if api_concurrency is None else api_concurrency,
-                                timeout=60.0 if api_timeout is None else api_timeout)
+        predict = api.predictor(
+            plan.api_base,
+            model=plan.model,
+            instruction=cfg.data.task_instruction,
+            max_tokens=cfg.eval.max_new_tokens,
+            key=os.environ.get(api.KEY_ENV),
+            concurrency=8 if api_concurrency is None else api_concurrency,
+            timeout=60.0 if api_timeout is None else api_timeout,
+        )
     elif api_concurrency is not None or api_timeout is not None:
         raise UserError("--api-concurrency and --api-timeout need --api-model")
     evaluate_model(cfg, plan, overwrite=overwrite, predict=predict)
@@ -147,8 +182,14 @@ def preprocess(config_path, overrides, split, out_dir, show):
 
 @main.command()
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="RUN_OR_EVAL_DIR...")
-@click.option("--out", "out_dir", default="report", show_default=True, type=click.Path(path_type=Path),
-              help="Where report.md and report.png go.")
+@click.option(
+    "--out",
+    "out_dir",
+    default="report",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Where report.md and report.png go.",
+)
 def report(dirs, out_dir):
     """Compare evaluations: the ROUGE table with bootstrap 95% intervals, as Markdown and a chart.
 
@@ -161,22 +202,33 @@ def report(dirs, out_dir):
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="YAML config naming the base model (default: the adapters' adapter_config.json).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="YAML config naming the base model (default: the adapters' adapter_config.json).",
+)
 @set_option
 @click.option("--adapters", required=True, type=click.Path(path_type=Path), help="LoRA adapters folder.")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="New folder for the merged model.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
-              help="Dtype to store the merged weights in (default: the base checkpoint's own). The merge and "
-                   "its check always run in float32.")
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="New folder for the merged model."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default=None,
+    help="Dtype to store the merged weights in (default: the base checkpoint's own). The merge and "
+    "its check always run in float32.",
+)
 def merge(config_path, overrides, adapters, out_dir, dtype):
     """Merge LoRA adapters into the base weights and save a plain model.
 
     The merged model's logits must match base + adapters on probe prompts, else nothing is written."""
     from samsum_qlora.merge import merge_adapters
 
-    merge_adapters(adapters, out_dir, cfg=_config(config_path, overrides) if config_path or overrides else None,
-                   dtype=dtype)
+    merge_adapters(
+        adapters, out_dir, cfg=_config(config_path, overrides) if config_path or overrides else None, dtype=dtype
+    )
 
 
 @main.command()
@@ -188,15 +240,37 @@ def merge(config_path, overrides, adapters, out_dir, dtype):
 @click.option("--compare", type=click.Choice(["seed"]), help="Also time the seed tutorial's recipe, same process.")
 @click.option("--eval", "with_eval", is_flag=True, help="Also time batched generation against the per-example loop.")
 @click.option("--loop-sample", type=int, default=16, show_default=True, help="Examples the slow loop times.")
-@click.option("--epoch-tokens", type=int, default=None, help="Tokens in one epoch for the projection (default: the split's).")
+@click.option(
+    "--epoch-tokens", type=int, default=None, help="Tokens in one epoch for the projection (default: the split's)."
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the figures as JSON here.")
-@click.option("--model-dir", "--random-model-dir", "model_dir", type=click.Path(file_okay=False),
-              help="Weights to time: a folder holding a model is used as it is (real weights make the "
-                   "agreement and ROUGE figures meaningful); otherwise the random model is written there.")
-@click.option("--adapters", type=click.Path(file_okay=False),
-              help="Trained adapters for --eval (default: random ones with an effect).")
-def bench(config_path, overrides, split, steps, warmup, compare, with_eval, loop_sample, epoch_tokens, json_path,
-          model_dir, adapters):
+@click.option(
+    "--model-dir",
+    "--random-model-dir",
+    "model_dir",
+    type=click.Path(file_okay=False),
+    help="Weights to time: a folder holding a model is used as it is (real weights make the "
+    "agreement and ROUGE figures meaningful); otherwise the random model is written there.",
+)
+@click.option(
+    "--adapters",
+    type=click.Path(file_okay=False),
+    help="Trained adapters for --eval (default: random ones with an effect).",
+)
+def bench(
+    config_path,
+    overrides,
+    split,
+    steps,
+    warmup,
+    compare,
+    with_eval,
+    loop_sample,
+    epoch_tokens,
+    json_path,
+    model_dir,
+    adapters,
+):
     """Time training (real tokens/s, padding, peak memory, MFU, epoch time) and generation on
     model.name's architecture with random weights (no weight download needed), or --model-dir's."""
     from samsum_qlora.bench import benchmark
@@ -204,10 +278,19 @@ def bench(config_path, overrides, split, steps, warmup, compare, with_eval, loop
     cfg = _config(config_path, overrides)
     if steps < 1 or warmup < 1 or loop_sample < 1:
         raise UserError("--steps, --warmup and --loop-sample must be at least 1")
-    benchmark(cfg, split=split or cfg.data.train_split, steps=steps, warmup=warmup, compare_seed=compare == "seed",
-              with_eval=with_eval, loop_sample=loop_sample, epoch_tokens=epoch_tokens,
-              json_path=Path(json_path) if json_path else None, model_dir=Path(model_dir) if model_dir else None,
-              adapters=Path(adapters) if adapters else None)
+    benchmark(
+        cfg,
+        split=split or cfg.data.train_split,
+        steps=steps,
+        warmup=warmup,
+        compare_seed=compare == "seed",
+        with_eval=with_eval,
+        loop_sample=loop_sample,
+        epoch_tokens=epoch_tokens,
+        json_path=Path(json_path) if json_path else None,
+        model_dir=Path(model_dir) if model_dir else None,
+        adapters=Path(adapters) if adapters else None,
+    )
 
 
 if __name__ == "__main__":

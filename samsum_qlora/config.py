@@ -121,8 +121,7 @@ class DataArgs:
         _check(bool(self.task_instruction.strip()), "data.task_instruction is empty")
         _check(
             self.max_train_samples is None or self.max_train_samples >= 1,
-            f"data.max_train_samples must be at least 1 (or null for every row), "
-            f"got {self.max_train_samples}",
+            f"data.max_train_samples must be at least 1 (or null for every row), got {self.max_train_samples}",
         )
 
 
@@ -163,26 +162,44 @@ class TrainArgs:
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
         _check(bool(self.output_dir.strip()), "train.output_dir is empty: name a folder for the run")
-        _check(not (self.bf16 and self.fp16),
-               "train.bf16 and train.fp16 are both true: pick one (--set train.fp16=false)")
-        _check(self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,
-               "train.per_device_train_batch_size and train.gradient_accumulation_steps must be >= 1")
-        _check(self.max_steps > 0 or (_finite(self.num_train_epochs) and self.num_train_epochs > 0),
-               "set train.max_steps > 0 or train.num_train_epochs > 0, or there is nothing to train")
-        _check(self.pad_to_multiple_of >= 1,
-               f"train.pad_to_multiple_of must be at least 1, got {self.pad_to_multiple_of}")
-        _check(self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 16,
-               f"train.max_tokens_per_batch must be at least 16 (or null), got {self.max_tokens_per_batch}")
-        _check(_finite(self.learning_rate) and self.learning_rate > 0,
-               f"train.learning_rate must be a positive finite number, got {self.learning_rate}")
-        _check(_finite(self.warmup_steps) and self.warmup_steps >= 0,
-               f"train.warmup_steps must be >= 0 (a fraction of all steps when < 1), got {self.warmup_steps}")
-        _check(_finite(self.weight_decay) and self.weight_decay >= 0,
-               f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        _check(_finite(self.max_grad_norm) and self.max_grad_norm >= 0,
-               f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
-        _check(self.logging_steps >= 1 and self.save_steps >= 1 and self.save_total_limit >= 1,
-               "train.logging_steps, train.save_steps and train.save_total_limit must be >= 1")
+        _check(
+            not (self.bf16 and self.fp16), "train.bf16 and train.fp16 are both true: pick one (--set train.fp16=false)"
+        )
+        _check(
+            self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,
+            "train.per_device_train_batch_size and train.gradient_accumulation_steps must be >= 1",
+        )
+        _check(
+            self.max_steps > 0 or (_finite(self.num_train_epochs) and self.num_train_epochs > 0),
+            "set train.max_steps > 0 or train.num_train_epochs > 0, or there is nothing to train",
+        )
+        _check(
+            self.pad_to_multiple_of >= 1, f"train.pad_to_multiple_of must be at least 1, got {self.pad_to_multiple_of}"
+        )
+        _check(
+            self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 16,
+            f"train.max_tokens_per_batch must be at least 16 (or null), got {self.max_tokens_per_batch}",
+        )
+        _check(
+            _finite(self.learning_rate) and self.learning_rate > 0,
+            f"train.learning_rate must be a positive finite number, got {self.learning_rate}",
+        )
+        _check(
+            _finite(self.warmup_steps) and self.warmup_steps >= 0,
+            f"train.warmup_steps must be >= 0 (a fraction of all steps when < 1), got {self.warmup_steps}",
+        )
+        _check(
+            _finite(self.weight_decay) and self.weight_decay >= 0,
+            f"train.weight_decay must be >= 0, got {self.weight_decay}",
+        )
+        _check(
+            _finite(self.max_grad_norm) and self.max_grad_norm >= 0,
+            f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}",
+        )
+        _check(
+            self.logging_steps >= 1 and self.save_steps >= 1 and self.save_total_limit >= 1,
+            "train.logging_steps, train.save_steps and train.save_total_limit must be >= 1",
+        )
         self._check_library_names()
 
     def _check_library_names(self) -> None:
@@ -190,8 +207,10 @@ class TrainArgs:
         from transformers.trainer_utils import SchedulerType
         from transformers.training_args import OptimizerNames
 
-        for key, value, choices in (("optim", self.optim, OptimizerNames),
-                                    ("lr_scheduler_type", self.lr_scheduler_type, SchedulerType)):
+        for key, value, choices in (
+            ("optim", self.optim, OptimizerNames),
+            ("lr_scheduler_type", self.lr_scheduler_type, SchedulerType),
+        ):
             names = [c.value for c in choices]
             if value not in names:
                 close = difflib.get_close_matches(value, names, n=3, cutoff=0.5)
@@ -219,12 +238,16 @@ class EvalArgs:
 
     def __post_init__(self):
         _check(self.batch_size >= 1, f"eval.batch_size must be at least 1, got {self.batch_size}")
-        _check(self.max_tokens_per_batch >= 16,
-               f"eval.max_tokens_per_batch must be at least 16, got {self.max_tokens_per_batch}")
+        _check(
+            self.max_tokens_per_batch >= 16,
+            f"eval.max_tokens_per_batch must be at least 16, got {self.max_tokens_per_batch}",
+        )
         _check(self.max_new_tokens >= 1, f"eval.max_new_tokens must be at least 1, got {self.max_new_tokens}")
         _check(self.limit is None or self.limit >= 1, f"eval.limit must be at least 1, got {self.limit}")
-        _check(self.output_dir is None or bool(self.output_dir.strip()),
-               "eval.output_dir is empty: name a folder, or null for the default")
+        _check(
+            self.output_dir is None or bool(self.output_dir.strip()),
+            "eval.output_dir is empty: name a folder, or null for the default",
+        )
 
 
 @dataclass
@@ -240,12 +263,21 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelArgs, "quantization": QuantArgs, "lora": LoraArgs, "data": DataArgs,
-            "train": TrainArgs, "eval": EvalArgs}
+SECTIONS = {
+    "model": ModelArgs,
+    "quantization": QuantArgs,
+    "lora": LoraArgs,
+    "data": DataArgs,
+    "train": TrainArgs,
+    "eval": EvalArgs,
+}
 # Keys of the tutorial's flat config.yaml that are not our field names.
 FLAT_ALIASES = {
-    "model_name": "model.name", "model_id": "model.name", "dataset_name": "data.source",
-    "dataset": "data.source", "max_seq_length": "data.max_length",
+    "model_name": "model.name",
+    "model_id": "model.name",
+    "dataset_name": "data.source",
+    "dataset": "data.source",
+    "max_seq_length": "data.max_length",
     "task_instruction": "data.task_instruction",
 }
 
@@ -255,8 +287,12 @@ FLAT_ALIASES = {
 # kernels, torch's attention backends as they come.
 SEED_LEARNING = {
     "lora": {"lora_dropout": 0.05},
-    "train": {"max_tokens_per_batch": None, "per_device_train_batch_size": 4,
-              "gradient_accumulation_steps": 4, "optim": "paged_adamw_8bit"},
+    "train": {
+        "max_tokens_per_batch": None,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 4,
+        "optim": "paged_adamw_8bit",
+    },
 }
 SEED_KERNELS = {
     "model": {"liger_kernels": False, "cudnn_attention": True},

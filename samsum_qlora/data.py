@@ -28,8 +28,10 @@ def split_file(directory: Path, split: str) -> Path:
     found = [directory / f"{split}{ext}" for ext in FORMATS if (directory / f"{split}{ext}").is_file()]
     if not found:
         have = sorted(p.name for p in directory.iterdir() if p.suffix in FORMATS)
-        raise UserError(f"no '{split}' split in {directory}: expected {split}.jsonl, .json, .csv or .parquet"
-                        + (f" (found {', '.join(have)})" if have else ""))
+        raise UserError(
+            f"no '{split}' split in {directory}: expected {split}.jsonl, .json, .csv or .parquet"
+            + (f" (found {', '.join(have)})" if have else "")
+        )
     if len(found) > 1:
         raise UserError(f"split '{split}' is ambiguous in {directory}: {', '.join(p.name for p in found)}")
     return found[0]
@@ -56,8 +58,11 @@ def _row(record: dict[str, Any], i: int, where: str) -> Row:
         if value is not None and not isinstance(value, str):
             raise UserError(f"{where} row {i + 1}: {column} is {type(value).__name__} {value!r:.40}, not text")
     ident = record.get("id")
-    return {"id": str(i) if ident is None or ident == "" else str(ident),
-            "dialogue": record.get("dialogue") or "", "summary": record.get("summary") or ""}
+    return {
+        "id": str(i) if ident is None or ident == "" else str(ident),
+        "dialogue": record.get("dialogue") or "",
+        "summary": record.get("summary") or "",
+    }
 
 
 # --- local files ---------------------------------------------------------------------------------
@@ -69,8 +74,9 @@ def _text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): "
-                        "save the file as UTF-8") from None
+        raise UserError(
+            f"{path} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save the file as UTF-8"
+        ) from None
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -106,8 +112,9 @@ def _json(path: Path) -> list[dict[str, Any]]:
                     raise UserError(f"{path} line {number} is not valid JSON: {e.msg}") from None
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
-            raise UserError(f"{path} record {number} is {type(record).__name__}, not an object with "
-                            "dialogue and summary")
+            raise UserError(
+                f"{path} record {number} is {type(record).__name__}, not an object with dialogue and summary"
+            )
     return records
 
 
@@ -131,8 +138,10 @@ def _parquet(path: Path) -> list[dict[str, Any]]:
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path} could not be read as parquet: {str(e).splitlines()[0]}") from None
     for column in REQUIRED_COLUMNS:
-        if column in table.column_names and not (pa.types.is_string(table.schema.field(column).type)
-                                                 or pa.types.is_large_string(table.schema.field(column).type)):
+        if column in table.column_names and not (
+            pa.types.is_string(table.schema.field(column).type)
+            or pa.types.is_large_string(table.schema.field(column).type)
+        ):
             raise UserError(f"{path}: column {column} holds {table.schema.field(column).type}, not text")
     return table.to_pylist()
 
@@ -152,6 +161,7 @@ def _hub_records(source: str, split: str, revision: str | None) -> list[dict[str
         raise UserError(f"could not load Hub dataset {source}: {str(e).splitlines()[0]}") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
     if missing:
-        raise UserError(f"{source} ({split}) has no column {', '.join(missing)} "
-                        f"(columns: {', '.join(ds.column_names)})")
+        raise UserError(
+            f"{source} ({split}) has no column {', '.join(missing)} (columns: {', '.join(ds.column_names)})"
+        )
     return ds.to_list()

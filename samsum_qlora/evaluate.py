@@ -19,9 +19,17 @@ from samsum_qlora.layout import EvalDir, RunDir
 from samsum_qlora.predictions import EvalPlan, Predict, Prediction
 
 
-def plan_eval(cfg: Config, *, adapters: str | None = None, base_only: bool = False, split: str | None = None,
-              limit: int | None = None, output_dir: str | None = None, api_model: str | None = None,
-              api_base: str | None = None) -> EvalPlan:
+def plan_eval(
+    cfg: Config,
+    *,
+    adapters: str | None = None,
+    base_only: bool = False,
+    split: str | None = None,
+    limit: int | None = None,
+    output_dir: str | None = None,
+    api_model: str | None = None,
+    api_base: str | None = None,
+) -> EvalPlan:
     """What the command line asks to score, checked before anything is loaded."""
     run = RunDir(Path(cfg.train.output_dir))
     limit = limit if limit is not None else cfg.eval.limit
@@ -36,8 +44,15 @@ def plan_eval(cfg: Config, *, adapters: str | None = None, base_only: bool = Fal
         if adapters or base_only:
             raise UserError("--api-model scores a remote model: drop --adapters/--base-only")
         out = output_dir or cfg.eval.output_dir or run.eval_dir(api_model=api_model)
-        return EvalPlan(api_model.strip(), predictions.KIND_API, None, split, limit, Path(out),
-                        api_base=api.normalise_base(api_base or api.DEFAULT_BASE))
+        return EvalPlan(
+            api_model.strip(),
+            predictions.KIND_API,
+            None,
+            split,
+            limit,
+            Path(out),
+            api_base=api.normalise_base(api_base or api.DEFAULT_BASE),
+        )
     if base_only and adapters:
         raise UserError("--base-only and --adapters contradict each other: give one")
     adapter_dir = None if base_only else Path(adapters) if adapters else run.adapters
@@ -64,20 +79,32 @@ def local_predictor(cfg: Config, plan: EvalPlan, shard: tuple[int, int] = (0, 1)
         prompts = [fmt.prompt(r["dialogue"]) for r in rows]
         rank, processes = shard
         batches = batching.generation_batches(
-            [len(p) for p in prompts], max_rows=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens_per_batch,
-            new_tokens=cfg.eval.max_new_tokens)[rank::processes]
+            [len(p) for p in prompts],
+            max_rows=cfg.eval.batch_size,
+            max_tokens=cfg.eval.max_tokens_per_batch,
+            new_tokens=cfg.eval.max_new_tokens,
+        )[rank::processes]
         if not batches:
             return  # fewer batches than processes: nothing for this one, so no model to load
-        model = modeling.load_generation_model(cfg.model, cfg.quantization, plan.adapters,
-                                               merge=cfg.eval.merge_adapters)
+        model = modeling.load_generation_model(
+            cfg.model, cfg.quantization, plan.adapters, merge=cfg.eval.merge_adapters
+        )
         modeling.check_vocabulary(model, tokenizer)
 
         def on_batch(indices, decoded):
             save(indices, [Prediction(fmt.decode(d.ids), d.ended) for d in decoded])
 
-        generation.generate(model, prompts, batches, max_new_tokens=cfg.eval.max_new_tokens, pad_id=fmt.pad_id,
-                            stop_ids=fmt.stop_ids, graphs=cfg.eval.cuda_graphs, on_batch=on_batch,
-                            progress=rank == 0)
+        generation.generate(
+            model,
+            prompts,
+            batches,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            pad_id=fmt.pad_id,
+            stop_ids=fmt.stop_ids,
+            graphs=cfg.eval.cuda_graphs,
+            on_batch=on_batch,
+            progress=rank == 0,
+        )
 
     return predict
 
@@ -140,11 +167,16 @@ def _evaluate_sharded(cfg: Config, plan: EvalPlan, rows: list[dict], *, overwrit
                 files.ensure_writable_dir(folder.root)  # on another node's disk, too
                 with folder.partial(rt.rank).open("a", encoding="utf-8") as sink:
                     local_predictor(cfg, plan, shard=(rt.rank, rt.world_size))(
-                        [rows[i] for i in todo], predictions.saver(sink, rows, todo, share))
+                        [rows[i] for i in todo], predictions.saver(sink, rows, todo, share)
+                    )
             shares = [None] * rt.world_size if rt.is_main else None
             dist.gather_object(share, shares, dst=0)
-            metrics = _broadcast_from_main(rt, lambda: _publish_shares(
-                cfg, plan, folder, rows, outcome["done"], shares, time.perf_counter() - started))
+            metrics = _broadcast_from_main(
+                rt,
+                lambda: _publish_shares(
+                    cfg, plan, folder, rows, outcome["done"], shares, time.perf_counter() - started
+                ),
+            )
         folder.partial(rt.rank).unlink(missing_ok=True)  # rank 0 removed those it sees, not other nodes'
         return metrics
     finally:

@@ -118,8 +118,10 @@ def hold(folder: Path, command: str) -> Iterator[None]:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise UserError(f"{folder} is in use by another samsum-qlora {command} (pid {holder}); "
-                        "wait for it to finish or choose another folder") from None
+        raise UserError(
+            f"{folder} is in use by another samsum-qlora {command} (pid {holder}); "
+            "wait for it to finish or choose another folder"
+        ) from None
     except OSError:
         print(f"note: {folder} cannot be locked here; make sure no other run writes into it")
     os.ftruncate(fd, 0)
@@ -147,6 +149,7 @@ def disk_full_is_user_error(folder: Path, doing: str) -> Iterator[None]:
         yield
     except (OSError, RuntimeError) as e:
         if _disk_full(e, folder):
-            raise UserError(f"no space left on the device of {folder} while {doing}; free some "
-                            "space, then rerun the same command") from None
+            raise UserError(
+                f"no space left on the device of {folder} while {doing}; free some space, then rerun the same command"
+            ) from None
         raise

@@ -29,31 +29,35 @@ class Decoded:
 
 
 class SlotCache:
-    """Keys and values of every layer in buffers allocated once per batch, [rows, kv heads,
-    capacity, head dim], written in place at `slot` (a device tensor): fixed shapes and addresses,
-    which a CUDA graph needs. With `full_view` a layer attends over the whole buffer (the mask
-    hides what is not written yet); without, over the filled part only, as `DynamicCache` does."""
+    """Keys and values of every layer. With `full_view` (what a CUDA graph needs): buffers
+    allocated once per batch, [rows, kv heads, capacity, head dim], written in place at `slot` (a
+    device tensor), every step attending over the whole buffer while the mask hides what is not
+    written yet: fixed shapes and addresses. Without: grown by concatenation, exactly as
+    transformers' `DynamicCache` grows, so a step runs the same kernels on the same layout as
+    `generate` does."""
 
     def __init__(self, capacity: int, full_view: bool, device):
         self.capacity, self.full_view = capacity, full_view
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.filled = 0  # host copy of the filled length, for the partial view (eager mode only)
+        self.filled = 0  # host copy of the filled length
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.full_view:
+            if layer_idx in self.keys:
+                key_states = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+                value_states = torch.cat([self.values[layer_idx], value_states], dim=-2)
+            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+            return key_states, value_states
         if layer_idx not in self.keys:
             rows, heads, _, _ = key_states.shape
             self.keys[layer_idx] = key_states.new_zeros(rows, heads, self.capacity, key_states.shape[-1])
             self.values[layer_idx] = value_states.new_zeros(rows, heads, self.capacity, value_states.shape[-1])
-        n = key_states.shape[-2]
-        where = self.slot + torch.arange(n, device=self.slot.device)
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys.index_copy_(2, where, key_states)
-        values.index_copy_(2, where, value_states)
-        if self.full_view:
-            return keys, values
-        return keys[:, :, : self.filled + n], values[:, :, : self.filled + n]
+        where = self.slot + torch.arange(key_states.shape[-2], device=self.slot.device)
+        self.keys[layer_idx].index_copy_(2, where, key_states)
+        self.values[layer_idx].index_copy_(2, where, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
 
     def advance(self, n: int) -> None:
         self.slot += n
@@ -88,8 +92,16 @@ def attention_mask(valid: torch.Tensor, start: int, queries: int, keys: int) -> 
 
 
 @torch.inference_mode()
-def decode_batch(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
-                 stop_ids: tuple[int, ...], graphs: bool = False, full_view: bool | None = None) -> list[Decoded]:
+def decode_batch(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    stop_ids: tuple[int, ...],
+    graphs: bool = False,
+    full_view: bool | None = None,
+) -> list[Decoded]:
     """Greedy continuations of `prompts`, left-padded into one batch. `full_view` (implied by
     `graphs`) attends over the whole preallocated cache, as a captured graph must."""
     full_view = graphs if full_view is None else full_view
@@ -103,8 +115,14 @@ def decode_batch(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id
     kwarg = cache_keyword(model)
 
     def forward(input_ids, positions, mask):
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **{kwarg: cache})
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{kwarg: cache},
+        )
         return out.logits[:, -1]
 
     # --- prefill: the prompts, in one forward ---
@@ -177,9 +195,29 @@ def cut(seq: list[int], stops: set[int]) -> Decoded:
     return Decoded(seq if end is None else seq[:end], end is not None)
 
 
-def generate(model, prompts: list[list[int]], batches: list[list[int]], *, max_new_tokens: int, pad_id: int,
-             stop_ids: tuple[int, ...], graphs: bool, on_batch: Callable[[list[int], list[Decoded]], None],
-             progress: bool = True) -> None:
+@torch.inference_mode()
+def generate_one(model, prompt: list[int], *, max_new_tokens: int, pad_id: int, stop_ids: tuple[int, ...]) -> Decoded:
+    """The tutorial's per-example loop, one prompt: transformers' `generate`, greedy, stopping at
+    the end of turn. What our decoder is compared with."""
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=list(stop_ids),
+                         pad_token_id=pad_id)  # fmt: skip
+    return cut(out[0, len(prompt) :].tolist(), set(stop_ids))
+
+
+def generate(
+    model,
+    prompts: list[list[int]],
+    batches: list[list[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    stop_ids: tuple[int, ...],
+    graphs: bool,
+    on_batch: Callable[[list[int], list[Decoded]], None],
+    progress: bool = True,
+) -> None:
     """Decode `batches` (lists of indices into `prompts`); `on_batch(indices, decoded)` after each."""
     from tqdm.auto import tqdm
 
@@ -188,14 +226,16 @@ def generate(model, prompts: list[list[int]], batches: list[list[int]], *, max_n
         for idx in batches:
             batch = [prompts[i] for i in idx]
             try:
-                decoded = decode_batch(model, batch, max_new_tokens=max_new_tokens, pad_id=pad_id,
-                                       stop_ids=stop_ids, graphs=graphs)
+                decoded = decode_batch(
+                    model, batch, max_new_tokens=max_new_tokens, pad_id=pad_id, stop_ids=stop_ids, graphs=graphs
+                )
             except RuntimeError as e:
                 if not graphs or "graph" not in str(e).lower():
                     raise
                 print(f"note: CUDA graph capture failed ({str(e).splitlines()[0][:120]}); decoding without")
                 graphs = False
-                decoded = decode_batch(model, batch, max_new_tokens=max_new_tokens, pad_id=pad_id,
-                                       stop_ids=stop_ids, graphs=False)
+                decoded = decode_batch(
+                    model, batch, max_new_tokens=max_new_tokens, pad_id=pad_id, stop_ids=stop_ids, graphs=False
+                )
             on_batch(idx, decoded)
             bar.update(len(idx))

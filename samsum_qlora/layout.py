@@ -1,10 +1,10 @@
 """The folders a run leaves behind, named once, and the readers of their files.
 
-    <train.output_dir>/               RunDir
-      lora_adapters/                  the adapters (peft format) and the tokenizer
-      checkpoints/checkpoint-N/       for resuming
-      config.yaml  run.json  train_metrics.json
-      eval/  eval-base/  eval-api-<model>/     EvalDir: metrics.json, predictions.jsonl
+<train.output_dir>/               RunDir
+  lora_adapters/                  the adapters (peft format) and the tokenizer
+  checkpoints/checkpoint-N/       for resuming
+  config.yaml  run.json  train_metrics.json
+  eval/  eval-base/  eval-api-<model>/     EvalDir: metrics.json, predictions.jsonl
 """
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ def adapter_base(adapters: Path) -> tuple[str, str | None]:
     meta = adapter_config(adapters)
     base = meta.get("base_model_name_or_path")
     if not base:
-        raise UserError(f"{adapters / ADAPTER_CONFIG} names no base_model_name_or_path: "
-                        "pass --config (or --set model.name=...)")
+        raise UserError(
+            f"{adapters / ADAPTER_CONFIG} names no base_model_name_or_path: pass --config (or --set model.name=...)"
+        )
     return base, meta.get("revision")
 
 

@@ -59,9 +59,13 @@ def base_config(adapters: Path, cfg: Config | None) -> tuple[Config, str]:
         return cfg, "the config"
     base, revision = layout.adapter_base(adapters)
     if not Path(base).expanduser().exists() and (base.startswith((".", "/", "~")) or base.count("/") > 1):
-        raise UserError(f"the adapters' base {base} is not here (relative to another folder?); "
-                        "pass --config or --set model.name=PATH")
-    return with_overrides(Config(), {"model": {"name": base, "revision": revision}}), str(adapters / layout.ADAPTER_CONFIG)
+        raise UserError(
+            f"the adapters' base {base} is not here (relative to another folder?); "
+            "pass --config or --set model.name=PATH"
+        )
+    return with_overrides(Config(), {"model": {"name": base, "revision": revision}}), str(
+        adapters / layout.ADAPTER_CONFIG
+    )
 
 
 @contextlib.contextmanager
@@ -90,8 +94,7 @@ def merge_adapters(adapters: Path, out: Path, *, cfg: Config | None = None, dtyp
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     cfg, source = base_config(adapters, cfg)
-    print(f"base: {cfg.model.name} (from {source}), merged in float32 on {runtime.device_name()}; "
-          f"adapters: {adapters}")
+    print(f"base: {cfg.model.name} (from {source}), merged in float32 on {runtime.device_name()}; adapters: {adapters}")
     f32 = with_overrides(cfg, {"quantization": {"load_in_4bit": False, "bnb_4bit_compute_dtype": "float32"}})
 
     # --- base, then base + adapters, then merged: logits on the same probe prompts ---
@@ -115,8 +118,14 @@ def merge_adapters(adapters: Path, out: Path, *, cfg: Config | None = None, dtyp
         info["storage_rounding_max_abs"] = rounding
 
     # --- save: stage, then rename into place ---
-    info |= {"base_model": cfg.model.name, "base_revision": cfg.model.revision, "adapters": str(adapters),
-             "merged_in": "float32", "stored_dtype": target, "samsum_qlora": __version__}
+    info |= {
+        "base_model": cfg.model.name,
+        "base_revision": cfg.model.revision,
+        "adapters": str(adapters),
+        "merged_in": "float32",
+        "stored_dtype": target,
+        "samsum_qlora": __version__,
+    }
     files.ensure_writable_dir(out.parent)
     with contextlib.suppress(OSError):
         out.rmdir()  # an empty folder: make room for the rename
@@ -132,12 +141,20 @@ def verify(merged, unmerged, base_logits) -> dict:
     """The merged model must compute what base + adapters compute, or nothing is written."""
     max_diff = (merged - unmerged).abs().max().item()
     effect = (unmerged - base_logits).abs().max().item()
-    print(f"max |merged - (base + adapters)| over {merged.shape[0]} probe tokens x {merged.shape[1]} logits: "
-          f"{max_diff:.3e} (tolerance {MAX_ABS_DIFF:.0e}, float32); the adapters move logits by up to {effect:.3e}")
+    print(
+        f"max |merged - (base + adapters)| over {merged.shape[0]} probe tokens x {merged.shape[1]} logits: "
+        f"{max_diff:.3e} (tolerance {MAX_ABS_DIFF:.0e}, float32); the adapters move logits by up to {effect:.3e}"
+    )
     if not max_diff <= MAX_ABS_DIFF:
-        raise UserError(f"merged model differs from base + adapters by {max_diff:.3e} > {MAX_ABS_DIFF:.0e}; "
-                        "nothing written")
+        raise UserError(
+            f"merged model differs from base + adapters by {max_diff:.3e} > {MAX_ABS_DIFF:.0e}; nothing written"
+        )
     if effect == 0:
         print("warning: the adapters do not change the base's logits (untrained adapters?)")
-    return {"max_abs_diff": max_diff, "tolerance": MAX_ABS_DIFF, "adapter_effect_max_abs": effect,
-            "storage_rounding_max_abs": None, "probe_tokens": int(merged.shape[0])}
+    return {
+        "max_abs_diff": max_diff,
+        "tolerance": MAX_ABS_DIFF,
+        "adapter_effect_max_abs": effect,
+        "storage_rounding_max_abs": None,
+        "probe_tokens": int(merged.shape[0]),
+    }

@@ -28,5 +28,7 @@ def results_table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
     """The seed's Markdown table; rows are (model, type, metrics with fractions 0-1)."""
     lines = ["| Model | Type | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---|---|---|---|"]
     for model, kind, m in rows:
-        lines.append(f"| {model} | {kind} | {100 * m['rouge1']:.2f} | {100 * m['rouge2']:.2f} | {100 * m['rougeL']:.2f} |")
+        lines.append(
+            f"| {model} | {kind} | {100 * m['rouge1']:.2f} | {100 * m['rouge2']:.2f} | {100 * m['rougeL']:.2f} |"
+        )
     return "\n".join(lines)

@@ -43,8 +43,14 @@ def lora_config(lora: LoraArgs):
     """peft.LoraConfig from our LoraArgs."""
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                      target_modules=list(lora.target_modules), bias="none", task_type=TaskType.CAUSAL_LM)
+    return LoraConfig(
+        r=lora.lora_r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
 
 
 def model_shape(model_config) -> dict:
@@ -80,8 +86,10 @@ def load_tokenizer(m: ModelArgs):
         is_file = len(m.chat_template) < 4096 and "{" not in m.chat_template and path.is_file()
         tokenizer.chat_template = path.read_text(encoding="utf-8") if is_file else m.chat_template
     if not tokenizer.chat_template:
-        raise UserError(f"the tokenizer of {m.name} has no chat template; set model.chat_template to a Jinja "
-                        "chat template (text or a .jinja file), or use an Instruct model")
+        raise UserError(
+            f"the tokenizer of {m.name} has no chat template; set model.chat_template to a Jinja "
+            "chat template (text or a .jinja file), or use an Instruct model"
+        )
     return tokenizer
 
 
@@ -126,8 +134,10 @@ def check_lora_targets(m: ModelArgs, lora: LoraArgs) -> None:
     missing = [t for t in lora.target_modules if t not in names]
     if missing:
         linear = sorted(n for n in names if n.endswith("_proj"))
-        raise UserError(f"lora.target_modules: {m.name} has no module {', '.join(missing)}"
-                        + (f" (its projections: {', '.join(linear)})" if linear else ""))
+        raise UserError(
+            f"lora.target_modules: {m.name} has no module {', '.join(missing)}"
+            + (f" (its projections: {', '.join(linear)})" if linear else "")
+        )
 
 
 # --- loading: the one place that touches the GPU ---------------------------------------------------
@@ -152,8 +162,11 @@ def load_model(m: ModelArgs, q: QuantArgs, *, training: bool):
     try:
         with _quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(
-                m.name, revision=m.revision, quantization_config=quantization_config(q),
-                dtype=torch_dtype(q.bnb_4bit_compute_dtype), attn_implementation=m.attn_implementation,
+                m.name,
+                revision=m.revision,
+                quantization_config=quantization_config(q),
+                dtype=torch_dtype(q.bnb_4bit_compute_dtype),
+                attn_implementation=m.attn_implementation,
                 device_map={"": rt.local_rank if cuda else "cpu"},  # one process = one device
             )
     except ValueError as e:
@@ -186,8 +199,10 @@ def check_vocabulary(model, tokenizer) -> None:
     """Token ids beyond the embedding would index out of range on the first batch."""
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        raise UserError(f"the tokenizer has {len(tokenizer):,} tokens but the model embeds only {rows:,}: "
-                        "they do not belong together")
+        raise UserError(
+            f"the tokenizer has {len(tokenizer):,} tokens but the model embeds only {rows:,}: "
+            "they do not belong together"
+        )
 
 
 def apply_fused_kernels(model) -> bool:
@@ -202,8 +217,9 @@ def apply_fused_kernels(model) -> bool:
     except ImportError:
         print("note: pip install liger-kernel for fused kernels (faster training, less memory)")
         return False
-    liger.apply_liger_kernel_to_llama(model=model, rope=True, rms_norm=True, swiglu=True,
-                                      cross_entropy=False, fused_linear_cross_entropy=False)
+    liger.apply_liger_kernel_to_llama(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
     return True
 
 
@@ -221,8 +237,13 @@ def dequantize_base(model, dtype_name: str):
         for name, child in list(parent.named_children()):
             if isinstance(child, bnb.nn.Linear4bit):
                 weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
-                plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                        device=weight.device, dtype=dtype)
+                plain = torch.nn.Linear(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    device=weight.device,
+                    dtype=dtype,
+                )
                 plain.weight = torch.nn.Parameter(weight, requires_grad=False)
                 if child.bias is not None:
                     plain.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
@@ -231,15 +252,17 @@ def dequantize_base(model, dtype_name: str):
     return model
 
 
-def attach_new_adapters(model, lora: LoraArgs, q: QuantArgs, *, gradient_checkpointing: bool,
-                        half_precision: bool):
+def attach_new_adapters(model, lora: LoraArgs, q: QuantArgs, *, gradient_checkpointing: bool, half_precision: bool):
     """Fresh LoRA adapters on the base: the QLoRA recipe (prepare_model_for_kbit_training on the
     4-bit model), or on the dequantised copy for the fast path."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if q.load_in_4bit and not q.dequantize_once:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
         return get_peft_model(model, lora_config(lora))
     if q.load_in_4bit:
         model = dequantize_base(model, q.bnb_4bit_compute_dtype)
@@ -274,8 +297,9 @@ def attach_saved_adapters(model, adapters: Path, base_name: str, merge: bool = F
     try:
         model = PeftModel.from_pretrained(model, str(adapters))
     except (RuntimeError, ValueError, KeyError, OSError) as e:  # size mismatch, unknown modules, bad file
-        raise UserError(f"adapters in {adapters} do not fit base model {base_name}: "
-                        f"{str(e).splitlines()[0][:200]}") from None
+        raise UserError(
+            f"adapters in {adapters} do not fit base model {base_name}: {str(e).splitlines()[0][:200]}"
+        ) from None
     return model.merge_and_unload() if merge else model
 
 

@@ -56,14 +56,20 @@ def _sha256(data: bytes) -> str:
 
 def _files_stamp(folder: Path) -> dict:
     """Size and modification time of a local model's files: a rewritten model is another model."""
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir())
-            if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()}
+    return {
+        p.name: [p.stat().st_size, p.stat().st_mtime_ns]
+        for p in sorted(folder.iterdir())
+        if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()
+    }
 
 
 def identity(cfg: Config, plan: EvalPlan, rows: list[dict]) -> dict:
     """Everything that decides the predictions. Equal identities, equal predictions."""
     ident = {
-        "model": plan.model, "type": plan.kind, "split": plan.split, "limit": plan.limit,
+        "model": plan.model,
+        "type": plan.kind,
+        "split": plan.split,
+        "limit": plan.limit,
         "data": [cfg.data.source, cfg.data.revision],
         "rows_sha256": _sha256(json.dumps([[r["id"], r["dialogue"], r["summary"]] for r in rows]).encode()),
         "prompt": [cfg.data.task_instruction, cfg.data.max_length, cfg.data.date_string],
@@ -74,16 +80,26 @@ def identity(cfg: Config, plan: EvalPlan, rows: list[dict]) -> dict:
     local = Path(cfg.model.name).expanduser()
     adapters = None
     if plan.adapters is not None:
-        adapters = {name: _sha256((plan.adapters / name).read_bytes())
-                    for name in (layout.ADAPTER_CONFIG, layout.ADAPTER_WEIGHTS) if (plan.adapters / name).is_file()}
+        adapters = {
+            name: _sha256((plan.adapters / name).read_bytes())
+            for name in (layout.ADAPTER_CONFIG, layout.ADAPTER_WEIGHTS)
+            if (plan.adapters / name).is_file()
+        }
     q, e = cfg.quantization, cfg.eval
     return ident | {
         "model_revision": cfg.model.revision,
         "model_files": _files_stamp(local) if local.is_dir() else None,
         "chat_template": cfg.model.chat_template,
         "adapters": adapters,
-        "arithmetic": [q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant,
-                       q.bnb_4bit_compute_dtype, q.dequantize_once, e.merge_adapters, e.cuda_graphs],
+        "arithmetic": [
+            q.load_in_4bit,
+            q.bnb_4bit_quant_type,
+            q.bnb_4bit_use_double_quant,
+            q.bnb_4bit_compute_dtype,
+            q.dequantize_once,
+            e.merge_adapters,
+            e.cuda_graphs,
+        ],
     }
 
 
@@ -102,8 +118,10 @@ def resume(folder: EvalDir, ident: dict, *, overwrite: bool, say=print) -> dict[
     if (saved is not None and saved != ident) or (saved is None and leftovers):
         what = f"{_changed(saved, ident)} changed" if saved is not None else "no record of what it scored"
         if not overwrite:
-            raise UserError(f"{folder.root} holds another evaluation ({what}); pass --overwrite to replace it, "
-                            "or --output-dir for a new folder")
+            raise UserError(
+                f"{folder.root} holds another evaluation ({what}); pass --overwrite to replace it, "
+                "or --output-dir for a new folder"
+            )
         for stale in leftovers:
             stale.unlink()
     files.write_json(folder.identity, ident)
@@ -124,8 +142,13 @@ def saver(sink, rows: list[dict], todo: list[int], into: dict[int, dict]) -> Sav
     def save(indices: list[int], predictions: list[Prediction]) -> None:
         for i, p in zip(indices, predictions):
             row = todo[i]
-            record = {"index": row, "id": rows[row]["id"], "reference": clean(rows[row]["summary"]),
-                      "prediction": p.text, "ended": p.ended}
+            record = {
+                "index": row,
+                "id": rows[row]["id"],
+                "reference": clean(rows[row]["summary"]),
+                "prediction": p.text,
+                "ended": p.ended,
+            }
             into[row] = record
             sink.write(json.dumps(record, ensure_ascii=False) + "\n")
         sink.flush()
@@ -144,18 +167,23 @@ def finished_metrics(folder: EvalDir) -> dict:
     return metrics
 
 
-def publish(cfg: Config, plan: EvalPlan, folder: EvalDir, rows: list[dict], done: dict[int, dict],
-            extra: dict) -> dict:
+def publish(cfg: Config, plan: EvalPlan, folder: EvalDir, rows: list[dict], done: dict[int, dict], extra: dict) -> dict:
     """Score the predictions and write them, in dataset order, with metrics.json."""
     records = [done[i] for i in range(len(rows))]
     texts = [r["prediction"] for r in records]
     ended = sum(bool(r.get("ended")) for r in records)
     empty = sum(not t.strip() for t in texts)
     metrics = {
-        **rouge(texts, [r["reference"] for r in records]), "n_examples": len(records),
-        "ended_share": round(ended / len(records), 4), "empty_predictions": empty,
-        "model": plan.model, "type": plan.kind, "adapters": str(plan.adapters) if plan.adapters else None,
-        "split": plan.split, **extra, "config": cfg.to_dict(),
+        **rouge(texts, [r["reference"] for r in records]),
+        "n_examples": len(records),
+        "ended_share": round(ended / len(records), 4),
+        "empty_predictions": empty,
+        "model": plan.model,
+        "type": plan.kind,
+        "adapters": str(plan.adapters) if plan.adapters else None,
+        "split": plan.split,
+        **extra,
+        "config": cfg.to_dict(),
     }
     files.write_jsonl(folder.predictions, records)
     files.write_json(folder.metrics, metrics)
@@ -163,8 +191,10 @@ def publish(cfg: Config, plan: EvalPlan, folder: EvalDir, rows: list[dict], done
         partial.unlink(missing_ok=True)
     print(results_table([(plan.model, plan.kind, metrics)]))
     if ended < MIN_ENDED * len(records):
-        print(f"warning: only {ended} of {len(records)} summaries ended at the end of turn; the rest ran "
-              f"to eval.max_new_tokens={cfg.eval.max_new_tokens} (looping, or a stop token the model does not use)")
+        print(
+            f"warning: only {ended} of {len(records)} summaries ended at the end of turn; the rest ran "
+            f"to eval.max_new_tokens={cfg.eval.max_new_tokens} (looping, or a stop token the model does not use)"
+        )
     if empty:
         print(f"warning: {empty} of {len(records)} predictions are empty; ROUGE counts them as 0")
     print(f"wrote {folder.metrics} and {folder.predictions}")

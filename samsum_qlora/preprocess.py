@@ -20,8 +20,10 @@ def marked(tokenizer, input_ids: list[int], labels: list[int]) -> str:
         if not spans or spans[-1][0] != trained:
             spans.append((trained, []))
         spans[-1][1].append(tok)
-    return "".join(click.style(f"⟦{tokenizer.decode(ids)}⟧", fg="green", bold=True) if trained
-                   else tokenizer.decode(ids) for trained, ids in spans)
+    return "".join(
+        click.style(f"⟦{tokenizer.decode(ids)}⟧", fg="green", bold=True) if trained else tokenizer.decode(ids)
+        for trained, ids in spans
+    )
 
 
 def tokenize_split(cfg: Config, *, split: str, out_dir: Path, show: int) -> None:
@@ -41,6 +43,8 @@ def tokenize_split(cfg: Config, *, split: str, out_dir: Path, show: int) -> None
     for i in range(min(show, stats.kept)):
         click.echo(f"--- {columns['id'][i]} ({len(columns['input_ids'][i])} tokens) ---")
         click.echo(marked(tokenizer, columns["input_ids"][i], columns["labels"][i]))
-    click.echo(f"wrote {stats.kept} rows to {out_dir}: {stats.tokens:,} tokens, {stats.trained_tokens:,} trained; "
-               f"skipped {stats.skipped_empty} empty, dropped {stats.dropped_too_long} too long, "
-               f"shortened {stats.truncated}")
+    click.echo(
+        f"wrote {stats.kept} rows to {out_dir}: {stats.tokens:,} tokens, {stats.trained_tokens:,} trained; "
+        f"skipped {stats.skipped_empty} empty, dropped {stats.dropped_too_long} too long, "
+        f"shortened {stats.truncated}"
+    )

@@ -61,7 +61,9 @@ def eval_dirs(paths: list[Path]) -> list[Path]:
             continue
         inside = [p for p in path.glob("eval*") if p.is_dir() and is_eval_dir(p)]
         if not inside:
-            raise UserError(f"{path} holds no metrics.json and no eval*/ folder with one: run `samsum-qlora eval` first")
+            raise UserError(
+                f"{path} holds no metrics.json and no eval*/ folder with one: run `samsum-qlora eval` first"
+            )
         found += sorted(inside, key=lambda p: (_kind_rank(p), p.name))
     unique: dict[Path, Path] = {}
     for path in found:
@@ -92,20 +94,29 @@ def load_scored(folder: Path) -> Scored:
     if any(not isinstance(r, dict) or not {"id", "prediction", "reference"} <= set(r) for r in records):
         raise UserError(f"{predictions_file} has a row without id, prediction and reference")
     per_example = rouge_per_example([str(r["prediction"]) for r in records], [str(r["reference"]) for r in records])
-    scored = Scored(folder=folder, model=str(meta["model"]), kind=str(meta["type"]),
-                    ids=[str(r["id"]) for r in records], per_example=per_example)
+    scored = Scored(
+        folder=folder,
+        model=str(meta["model"]),
+        kind=str(meta["type"]),
+        ids=[str(r["id"]) for r in records],
+        per_example=per_example,
+    )
     for metric, _ in SHOWN:  # a hand-edited or stale folder would make the table disagree with its eval
         if metric in meta and abs(float(meta[metric]) - scored.mean(metric)) > 5e-5:
-            print(f"warning: {folder}: {metric} in metrics.json is {meta[metric]:.4f}, predictions.jsonl gives "
-                  f"{scored.mean(metric):.4f}; the report uses the latter", file=sys.stderr)
+            print(
+                f"warning: {folder}: {metric} in metrics.json is {meta[metric]:.4f}, predictions.jsonl gives "
+                f"{scored.mean(metric):.4f}; the report uses the latter",
+                file=sys.stderr,
+            )
     return scored
 
 
 # --- statistics (pure) ---------------------------------------------------------------------------
 
 
-def bootstrap_interval(values: list[float], *, resamples: int = RESAMPLES, seed: int = SEED,
-                       level: float = LEVEL) -> tuple[float, float]:
+def bootstrap_interval(
+    values: list[float], *, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean: resample the examples with replacement.
 
     The same seed draws the same example indices for every evaluation of the same size, so rows
@@ -131,8 +142,10 @@ def intervals(scored: Scored, **kwargs) -> dict[str, tuple[float, float]]:
 
 def interval_table(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]) -> str:
     """Percent, 2 decimals, like the seed's table; n = examples scored."""
-    lines = ["| Model | Type | n | " + " | ".join(f"{label} 95% CI" for _, label in SHOWN) + " |",
-             "|---|---|---|" + "---|" * len(SHOWN)]
+    lines = [
+        "| Model | Type | n | " + " | ".join(f"{label} 95% CI" for _, label in SHOWN) + " |",
+        "|---|---|---|" + "---|" * len(SHOWN),
+    ]
     for row, ci in zip(rows, cis):
         cells = [f"{100 * ci[m][0]:.2f} – {100 * ci[m][1]:.2f}" for m, _ in SHOWN]
         lines.append(f"| {row.model} | {row.kind} | {len(row.ids)} | " + " | ".join(cells) + " |")
@@ -142,12 +155,20 @@ def interval_table(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]
 def render_markdown(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]) -> str:
     table = results_table([(r.model, r.kind, {m: r.mean(m) for m, _ in SHOWN}) for r in rows])
     parts = [
-        "## ROUGE on SAMSum", "", table, "",
+        "## ROUGE on SAMSum",
+        "",
+        table,
+        "",
         f"{int(LEVEL * 100)}% bootstrap confidence intervals ({RESAMPLES} resamples of the examples, seed {SEED}):",
-        "", interval_table(rows, cis), "",
+        "",
+        interval_table(rows, cis),
+        "",
     ]
     if len({tuple(r.ids) for r in rows}) > 1:
-        parts += ["Note: these evaluations did not score the same examples, so their rows are not directly comparable.", ""]
+        parts += [
+            "Note: these evaluations did not score the same examples, so their rows are not directly comparable.",
+            "",
+        ]
     parts += ["Sources: " + ", ".join(f"`{r.folder}`" for r in rows), ""]
     return "\n".join(parts)
 
@@ -171,8 +192,9 @@ def render_chart(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]) 
         hi = np.array([100 * ci[m][1] for m, _ in SHOWN])
         # clip at 0: percentile interpolation can leave a bound a hair past the mean
         yerr = np.clip(np.vstack([means - lo, hi - means]), 0, None)
-        ax.bar(x + (k - (len(rows) - 1) / 2) * width, means, width, yerr=yerr, capsize=3,
-               label=f"{row.model} ({row.kind})")
+        ax.bar(
+            x + (k - (len(rows) - 1) / 2) * width, means, width, yerr=yerr, capsize=3, label=f"{row.model} ({row.kind})"
+        )
         top = max(top, float(hi.max()))
     ax.set_xticks(x, [label for _, label in SHOWN])
     ax.set_ylabel("F-measure (%)")
@@ -188,10 +210,19 @@ def render_chart(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]) 
     return buf.getvalue()
 
 
+def name_apart(rows: list[Scored]) -> list[Scored]:
+    """Rows of the same model and type (two recipes of one base) get their run folder's name."""
+    seen = [(r.model, r.kind) for r in rows]
+    for r in rows:
+        if seen.count((r.model, r.kind)) > 1:
+            r.model = f"{r.model} ({r.folder.resolve().parent.name})"
+    return rows
+
+
 def write_report(paths: list[Path], out_dir: Path) -> str:
     """Report on every evaluation under `paths`; writes <out>/report.md and report.png, returns the Markdown."""
     folders = eval_dirs(paths)
-    rows = [load_scored(f) for f in folders]  # every folder is read before anything is written
+    rows = name_apart([load_scored(f) for f in folders])  # every folder is read before anything is written
     cis = [intervals(r) for r in rows]
     markdown = render_markdown(rows, cis)
     png = render_chart(rows, cis)

@@ -34,8 +34,9 @@ class Runtime:
 @functools.cache
 def current() -> Runtime:
     env = os.environ
-    return Runtime(rank=int(env.get("RANK", 0)), world_size=int(env.get("WORLD_SIZE", 1)),
-                   local_rank=int(env.get("LOCAL_RANK", 0)))
+    return Runtime(
+        rank=int(env.get("RANK", 0)), world_size=int(env.get("WORLD_SIZE", 1)), local_rank=int(env.get("LOCAL_RANK", 0))
+    )
 
 
 def has_cuda() -> bool:

@@ -40,13 +40,17 @@ def _mode(env: MutableMapping[str, str]) -> str | None:
     """WANDB_MODE as chosen, else "offline" when there are no credentials (with a notice)."""
     if env.get("WANDB_MODE") or has_credentials(env):
         return env.get("WANDB_MODE") or None
-    print("WANDB_API_KEY is not set and no `wandb login` found: W&B logs offline "
-          "(upload later with `wandb sync <dir>/wandb/offline-run-*`)", flush=True)
+    print(
+        "WANDB_API_KEY is not set and no `wandb login` found: W&B logs offline "
+        "(upload later with `wandb sync <dir>/wandb/offline-run-*`)",
+        flush=True,
+    )
     return "offline"
 
 
-def prepare_wandb(report_to: list[str], output_dir: Path, *, is_main: bool = True,
-                  env: MutableMapping[str, str] = os.environ) -> list[str]:
+def prepare_wandb(
+    report_to: list[str], output_dir: Path, *, is_main: bool = True, env: MutableMapping[str, str] = os.environ
+) -> list[str]:
     """Set W&B's environment for a training run into `output_dir`; returns the Trainer's report_to.
 
     Only when "wandb" is in `report_to`: WANDB_PROJECT defaults to samsum-qlora; without
@@ -82,8 +86,9 @@ def prepare_wandb(report_to: list[str], output_dir: Path, *, is_main: bool = Tru
     return list(report_to)
 
 
-def log_eval_to_wandb(metrics: dict, predictions: list[dict], train_dir: Path,
-                      env: MutableMapping[str, str] = os.environ) -> bool:
+def log_eval_to_wandb(
+    metrics: dict, predictions: list[dict], train_dir: Path, env: MutableMapping[str, str] = os.environ
+) -> bool:
     """Log eval/<metric> and a table of the first SAMPLE_ROWS predictions to W&B.
 
     Goes to the active W&B run, else reopens the run whose id `<train_dir>/wandb_run_id.txt`
@@ -100,8 +105,11 @@ def log_eval_to_wandb(metrics: dict, predictions: list[dict], train_dir: Path,
         if not id_file.is_file():
             return False
         run = wandb.init(
-            project=env.get("WANDB_PROJECT") or DEFAULT_PROJECT, id=id_file.read_text(encoding="utf-8").strip(),
-            resume="allow", dir=env.get("WANDB_DIR") or str(train_dir), mode=_mode(env),
+            project=env.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+            id=id_file.read_text(encoding="utf-8").strip(),
+            resume="allow",
+            dir=env.get("WANDB_DIR") or str(train_dir),
+            mode=_mode(env),
         )
         opened = True
     scores = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

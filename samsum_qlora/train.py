@@ -30,17 +30,11 @@ def train_adapters(cfg: Config, *, overwrite: bool = False, resume: str | None =
 
 
 def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, resume: str | None) -> dict:
-    import torch
     from transformers import set_seed
-    from transformers.utils import is_torch_bf16_available_on_device
 
     # --- where to start: step 0, or the checkpoint an interrupted run left ---
     config_tree = cfg.to_dict()
-    training.check_precision(cfg.train, torch.cuda.is_available(), is_torch_bf16_available_on_device("cpu"))
-    resume_from = checkpoints.start_point(run, config_tree, overwrite=overwrite, resume=resume, warn=rt.say)
-    if resume_from is None and rt.is_main:
-        shutil.rmtree(run.checkpoints, ignore_errors=True)  # an earlier run's: they must not mix with ours
-    modeling.check_lora_targets(cfg.model, cfg.lora)
+    resume_from = start_point(cfg, run, rt, overwrite=overwrite, resume=resume)
 
     # --- seed ---
     set_seed(cfg.train.seed)
@@ -56,7 +50,7 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
     modeling.check_vocabulary(model, tokenizer)
     model = modeling.attach_new_adapters(model, cfg.lora, cfg.quantization,
                                          gradient_checkpointing=cfg.train.gradient_checkpointing,
-                                         half_precision=cfg.train.bf16 or cfg.train.fp16)
+                                         half_precision=cfg.train.bf16 or cfg.train.fp16)  # fmt: skip
     trainable, total = model.get_nb_trainable_parameters()
     rt.say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
@@ -65,28 +59,49 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
     trainer = make_trainer(train_args, model, columns, fmt.pad_id, run, config_tree, stop)
 
     # --- train ---
-    if resume_from is not None:
-        rt.say(f"resuming from {resume_from} (step {resume_from.name.split('-')[-1]})")
     started = time.perf_counter()
-    try:
-        with files.disk_full_is_user_error(run.root, "saving a checkpoint"):
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
-        stop.restore()
-    if stop.received is not None:
-        raise training.Stopped(f"stopped by {stop.received.name} at step {trainer.state.global_step}; "
-                               "rerun the same command to resume", training.EXIT_CODES[stop.received])
+    result = fit(trainer, stop, run, resume_from, rt)
     check_finite(model, trainer.args.learning_rate)
 
     # --- save: the adapters and what a later reader needs, whole or not at all ---
     metrics = train_metrics(trainer, result, time.perf_counter() - started, stats, resume_from=resume_from,
-                            processes=rt.world_size, trainable=trainable, train_args=train_args)
+                            processes=rt.world_size, trainable=trainable, train_args=train_args)  # fmt: skip
     if rt.is_main:
         with files.disk_full_is_user_error(run.root, "saving the adapters"):
             publish(cfg, run, model, tokenizer, metrics)
         print(f"saved adapters to {run.adapters}; train loss {result.training_loss:.4f}")
     trainer.accelerator.wait_for_everyone()  # every process returns once the adapters are in place
     return metrics
+
+
+def start_point(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, resume: str | None):
+    """The checkpoint to resume from (None: step 0), after the checks that need no model."""
+    import torch
+    from transformers.utils import is_torch_bf16_available_on_device
+
+    training.check_precision(cfg.train, torch.cuda.is_available(), is_torch_bf16_available_on_device("cpu"))
+    resume_from = checkpoints.start_point(run, cfg.to_dict(), overwrite=overwrite, resume=resume, warn=rt.say)
+    if resume_from is None and rt.is_main:
+        shutil.rmtree(run.checkpoints, ignore_errors=True)  # an earlier run's: they must not mix with ours
+    modeling.check_lora_targets(cfg.model, cfg.lora)
+    return resume_from
+
+
+def fit(trainer, stop, run: RunDir, resume_from, rt: runtime.Runtime):
+    """trainer.train(), resuming where asked; a signal ends it with a checkpoint and `Stopped`."""
+    if resume_from is not None:
+        rt.say(f"resuming from {resume_from} (step {resume_from.name.split('-')[-1]})")
+    try:
+        with files.disk_full_is_user_error(run.root, "saving a checkpoint"):
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        stop.restore()
+    if stop.received is not None:
+        raise training.Stopped(
+            f"stopped by {stop.received.name} at step {trainer.state.global_step}; rerun the same command to resume",
+            training.EXIT_CODES[stop.received],
+        )
+    return result
 
 
 def encode_training_rows(cfg: Config, fmt: chat.ChatFormat, rt: runtime.Runtime):
@@ -105,17 +120,24 @@ def per_process_args(cfg: Config, run: RunDir, rt: runtime.Runtime):
     if note:
         rt.say(note)
     report_to = tracking.prepare_wandb(cfg.train.report_to, run.root, is_main=rt.is_main)
-    return dataclasses.replace(cfg.train, max_tokens_per_batch=tokens, gradient_accumulation_steps=accumulation,
-                               report_to=report_to)
+    return dataclasses.replace(
+        cfg.train, max_tokens_per_batch=tokens, gradient_accumulation_steps=accumulation, report_to=report_to
+    )
 
 
 def make_trainer(train_args, model, columns: dict, pad_id: int, run: RunDir, config_tree: dict, stop):
     callbacks = [training.ManifestCallback(config_tree), stop]
     if "wandb" in train_args.report_to:
         callbacks.append(training.ConfigToWandb(config_tree))
-    return training.build_trainer(train_args, model, training.training_set(train_args, columns),
-                                  training.Collator(pad_id, train_args.pad_to_multiple_of), run.checkpoints,
-                                  callbacks, count_tokens=True)
+    return training.build_trainer(
+        train_args,
+        model,
+        training.training_set(train_args, columns),
+        training.Collator(pad_id, train_args.pad_to_multiple_of),
+        run.checkpoints,
+        callbacks,
+        count_tokens=True,
+    )
 
 
 def check_finite(model, learning_rate: float) -> None:
@@ -123,26 +145,36 @@ def check_finite(model, learning_rate: float) -> None:
 
     bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:
-        raise UserError(f"training diverged: {len(bad)} adapter weights are not finite; lower "
-                        f"train.learning_rate (now {learning_rate:g}); nothing was published")
+        raise UserError(
+            f"training diverged: {len(bad)} adapter weights are not finite; lower "
+            f"train.learning_rate (now {learning_rate:g}); nothing was published"
+        )
 
 
-def train_metrics(trainer, result, seconds: float, stats, *, resume_from, processes: int, trainable: int,
-                  train_args) -> dict:
+def train_metrics(
+    trainer, result, seconds: float, stats, *, resume_from, processes: int, trainable: int, train_args
+) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     seen = trainer.state.num_input_tokens_seen
     counts = {"rows": stats.kept} | {k: v for k, v in dataclasses.asdict(stats).items() if k != "kept"}
     return {
-        "train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
-        "last_logged_loss": losses[-1] if losses else None, "global_step": result.global_step,
-        "train_seconds": round(seconds, 2), "trainable_parameters": trainable, **counts,
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "global_step": result.global_step,
+        "train_seconds": round(seconds, 2),
+        "trainable_parameters": trainable,
+        **counts,
         "resumed_from": str(resume_from) if resume_from else None,
         # Real (non-padding) tokens trained by all processes, per second of this command's training
         # (not after a resume, which counts earlier ones too): what a throughput comparison needs.
-        "tokens_seen": seen, "tokens_per_second": None if resume_from else round(seen / seconds, 1),
+        "tokens_seen": seen,
+        "tokens_per_second": None if resume_from else round(seen / seconds, 1),
         "processes": processes,
-        "per_process_batch": {"max_tokens_per_batch": train_args.max_tokens_per_batch,
-                              "gradient_accumulation_steps": train_args.gradient_accumulation_steps},
+        "per_process_batch": {
+            "max_tokens_per_batch": train_args.max_tokens_per_batch,
+            "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
+        },
     }
 
 
@@ -166,7 +198,12 @@ def run_info(model) -> dict:
 
     return {
         "model_shape": modeling.model_shape(model.get_base_model().config),
-        "versions": {"samsum_qlora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__},
+        "versions": {
+            "samsum_qlora": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__,
+        },
         "cuda_device": runtime.device_name(),
     }

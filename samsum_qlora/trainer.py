@@ -23,8 +23,14 @@ from samsum_qlora.chat import IGNORE_INDEX, pad
 from samsum_qlora.config import TrainArgs
 from samsum_qlora.errors import UserError
 
-OUR_FIELDS = {"max_tokens_per_batch", "trained_logits_only", "pad_to_multiple_of", "output_dir",
-              "per_device_train_batch_size", "gradient_checkpointing"}
+OUR_FIELDS = {
+    "max_tokens_per_batch",
+    "trained_logits_only",
+    "pad_to_multiple_of",
+    "output_dir",
+    "per_device_train_batch_size",
+    "gradient_checkpointing",
+}
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal, what job schedulers expect
 
 
@@ -46,8 +52,7 @@ def check_precision(t: TrainArgs, cuda: bool, cpu_bf16: bool) -> None:
     if t.fp16:
         raise UserError("train.fp16 needs a CUDA GPU and none was found; use --set train.fp16=false")
     if t.bf16 and not cpu_bf16:
-        raise UserError("train.bf16 is not supported by this CPU and no CUDA GPU was found; "
-                        "use --set train.bf16=false")
+        raise UserError("train.bf16 is not supported by this CPU and no CUDA GPU was found; use --set train.bf16=false")
 
 
 def per_process_batch(t: TrainArgs, processes: int) -> tuple[int | None, int, str]:
@@ -65,23 +70,42 @@ def per_process_batch(t: TrainArgs, processes: int) -> tuple[int | None, int, st
         budget = t.max_tokens_per_batch
         tokens = budget // n
         if tokens < 16:
-            raise UserError(f"train.max_tokens_per_batch={budget} split over {n} processes leaves {tokens} "
-                            f"tokens each; set it to at least {16 * n} or launch fewer processes")
+            raise UserError(
+                f"train.max_tokens_per_batch={budget} split over {n} processes leaves {tokens} "
+                f"tokens each; set it to at least {16 * n} or launch fewer processes"
+            )
         kept = f"{budget:,}" if tokens * n == budget else f"{budget:,} (rounded down to {tokens * n:,})"
-        return tokens, accumulation, f"{n} processes: {tokens:,} tokens per device per step{steps} keeps the global {kept}"
+        return (
+            tokens,
+            accumulation,
+            f"{n} processes: {tokens:,} tokens per device per step{steps} keeps the global {kept}",
+        )
     rows = t.per_device_train_batch_size
     if accumulation % n:
         total = rows * accumulation
         fits = [str(d) for d in range(1, accumulation + 1) if accumulation % d == 0]
         counts = ", ".join(fits[:-1]) + f" or {fits[-1]} processes" if len(fits) > 1 else "one process"
-        fix = next((f"--set train.per_device_train_batch_size={total // a} --set train.gradient_accumulation_steps={a}"
-                    for a in range(n, total + 1, n) if total % a == 0), None)
+        fix = next(
+            (
+                f"--set train.per_device_train_batch_size={total // a} --set train.gradient_accumulation_steps={a}"
+                for a in range(n, total + 1, n)
+                if total % a == 0
+            ),
+            None,
+        )
         raise UserError(
             f"the global batch of {rows} rows x {accumulation} accumulation steps does not split over {n} processes: "
             + (f"keep its {total} rows per step with {fix}, " if fix else "")
-            + f"launch {counts}, or use token budgets (train.max_tokens_per_batch)")
-    return None, accumulation // n, (f"{n} processes: {rows} rows x {accumulation // n} accumulation steps per device "
-                                     f"keeps the global {rows * accumulation} rows per step")
+            + f"launch {counts}, or use token budgets (train.max_tokens_per_batch)"
+        )
+    return (
+        None,
+        accumulation // n,
+        (
+            f"{n} processes: {rows} rows x {accumulation // n} accumulation steps per device "
+            f"keeps the global {rows * accumulation} rows per step"
+        ),
+    )
 
 
 def training_arguments(t: TrainArgs, checkpoint_dir: Path, *, cuda: bool, count_tokens: bool = False):
@@ -93,17 +117,26 @@ def training_arguments(t: TrainArgs, checkpoint_dir: Path, *, cuda: bool, count_
         output_dir=str(checkpoint_dir),
         # token-budget batches arrive pre-formed, one dataset item each
         per_device_train_batch_size=1 if t.max_tokens_per_batch else t.per_device_train_batch_size,
-        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-           if t.gradient_checkpointing else {}),
-        save_strategy="steps", data_seed=t.seed, remove_unused_columns=False, label_names=["labels"],
-        use_cpu=not cuda, include_num_input_tokens_seen="non_padding" if count_tokens else "no",
+        **(
+            {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+            if t.gradient_checkpointing
+            else {}
+        ),
+        save_strategy="steps",
+        data_seed=t.seed,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=not cuda,
+        include_num_input_tokens_seen="non_padding" if count_tokens else "no",
         logging_nan_inf_filter=False,  # a non-finite loss stops the run (Trainer.training_step) instead
         # under torchrun every LoRA weight gets a gradient each step: DDP need not search the graph
         ddp_find_unused_parameters=False,
     )
     if args.n_gpu > 1:  # one process seeing several GPUs: the Trainer would wrap the model in nn.DataParallel
-        print(f"note: {args.n_gpu} GPUs visible to one process; training on one. "
-              f"torchrun --nproc_per_node {args.n_gpu} uses them all")
+        print(
+            f"note: {args.n_gpu} GPUs visible to one process; training on one. "
+            f"torchrun --nproc_per_node {args.n_gpu} uses them all"
+        )
         args._n_gpu = 1
     return args
 
@@ -121,8 +154,11 @@ class Collator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if features and features[0]["input_ids"] and isinstance(features[0]["input_ids"][0], list):
-            features = [{"input_ids": ids, "labels": labels}
-                        for f in features for ids, labels in zip(f["input_ids"], f["labels"])]
+            features = [
+                {"input_ids": ids, "labels": labels}
+                for f in features
+                for ids, labels in zip(f["input_ids"], f["labels"])
+            ]
         input_ids, attention_mask = pad([f["input_ids"] for f in features], self.pad_id, multiple=self.multiple)
         labels, _ = pad([f["labels"] for f in features], IGNORE_INDEX, multiple=self.multiple)
         if not (labels != IGNORE_INDEX).any():
@@ -137,8 +173,9 @@ def training_set(t: TrainArgs, columns: dict):
     rows = {"input_ids": columns["input_ids"], "labels": columns["labels"]}
     if t.max_tokens_per_batch:
         lengths = [len(ids) for ids in rows["input_ids"]]
-        rows = batching.group_rows(rows, batching.token_budget_batches(
-            lengths, t.max_tokens_per_batch, t.seed, multiple=t.pad_to_multiple_of))
+        rows = batching.group_rows(
+            rows, batching.token_budget_batches(lengths, t.max_tokens_per_batch, t.seed, multiple=t.pad_to_multiple_of)
+        )
     return Dataset.from_dict(rows)
 
 
@@ -191,7 +228,8 @@ class LossTrainer(Trainer):
         if not torch.isfinite(loss):  # the Trainer synchronises here anyway to log the loss
             raise UserError(
                 f"training diverged at step {self.state.global_step + 1}: the loss is {loss.item()}; "
-                f"lower train.learning_rate (now {self.args.learning_rate:g}); nothing was published")
+                f"lower train.learning_rate (now {self.args.learning_rate:g}); nothing was published"
+            )
         return loss
 
 
@@ -223,8 +261,11 @@ class StopOnSignal(TrainerCallback):
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum)
-        print(f"{self.received.name} received: saving a checkpoint after this step "
-              + ("(Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""), flush=True)
+        print(
+            f"{self.received.name} received: saving a checkpoint after this step "
+            + ("(Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""),
+            flush=True,
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.received is not None:
@@ -270,11 +311,15 @@ class ReadableProgress(ProgressCallback):
             self.training_bar.write(format_log(state.global_step, state.max_steps, logs or {}))
 
 
-def build_trainer(t: TrainArgs, model, train_set, collator, checkpoint_dir: Path, callbacks=(),
-                  count_tokens: bool = False) -> LossTrainer:
+def build_trainer(
+    t: TrainArgs, model, train_set, collator, checkpoint_dir: Path, callbacks=(), count_tokens: bool = False
+) -> LossTrainer:
     """The Trainer exactly as `train` uses it (`bench` times the same one)."""
     trainer = LossTrainer(
-        model=model, train_dataset=train_set, data_collator=collator, callbacks=list(callbacks),
+        model=model,
+        train_dataset=train_set,
+        data_collator=collator,
+        callbacks=list(callbacks),
         args=training_arguments(t, checkpoint_dir, cuda=torch.cuda.is_available(), count_tokens=count_tokens),
         trained_logits_only=t.trained_logits_only,
     )

@@ -60,99 +60,99 @@ FAMILIES: tuple[str, ...] = ("llama3", "smollm2", "qwen2", "gemma", "mistral", "
 
 # meta-llama/Llama-3.2-1B-Instruct, tokenizer_config.json "chat_template", in full.
 LLAMA32_TEMPLATE = (
-    '{{- bos_token }}\n'
-    '{%- if custom_tools is defined %}\n'
-    '    {%- set tools = custom_tools %}\n'
-    '{%- endif %}\n'
-    '{%- if not tools_in_user_message is defined %}\n'
-    '    {%- set tools_in_user_message = true %}\n'
-    '{%- endif %}\n'
-    '{%- if not date_string is defined %}\n'
-    '    {%- if strftime_now is defined %}\n'
+    "{{- bos_token }}\n"
+    "{%- if custom_tools is defined %}\n"
+    "    {%- set tools = custom_tools %}\n"
+    "{%- endif %}\n"
+    "{%- if not tools_in_user_message is defined %}\n"
+    "    {%- set tools_in_user_message = true %}\n"
+    "{%- endif %}\n"
+    "{%- if not date_string is defined %}\n"
+    "    {%- if strftime_now is defined %}\n"
     '        {%- set date_string = strftime_now("%d %b %Y") %}\n'
-    '    {%- else %}\n'
+    "    {%- else %}\n"
     '        {%- set date_string = "26 Jul 2024" %}\n'
-    '    {%- endif %}\n'
-    '{%- endif %}\n'
-    '{%- if not tools is defined %}\n'
-    '    {%- set tools = none %}\n'
-    '{%- endif %}\n'
-    '\n'
-    '{#- This block extracts the system message, so we can slot it into the right place. #}\n'
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+    "{%- if not tools is defined %}\n"
+    "    {%- set tools = none %}\n"
+    "{%- endif %}\n"
+    "\n"
+    "{#- This block extracts the system message, so we can slot it into the right place. #}\n"
     "{%- if messages[0]['role'] == 'system' %}\n"
     "    {%- set system_message = messages[0]['content']|trim %}\n"
-    '    {%- set messages = messages[1:] %}\n'
-    '{%- else %}\n'
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- else %}\n"
     '    {%- set system_message = "" %}\n'
-    '{%- endif %}\n'
-    '\n'
-    '{#- System message #}\n'
+    "{%- endif %}\n"
+    "\n"
+    "{#- System message #}\n"
     '{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}\n'
-    '{%- if tools is not none %}\n'
+    "{%- if tools is not none %}\n"
     '    {{- "Environment: ipython\\n" }}\n'
-    '{%- endif %}\n'
+    "{%- endif %}\n"
     '{{- "Cutting Knowledge Date: December 2023\\n" }}\n'
     '{{- "Today Date: " + date_string + "\\n\\n" }}\n'
-    '{%- if tools is not none and not tools_in_user_message %}\n'
+    "{%- if tools is not none and not tools_in_user_message %}\n"
     '    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}\n'
     '    {{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.\' }}\n'
     '    {{- "Do not use variables.\\n\\n" }}\n'
-    '    {%- for t in tools %}\n'
-    '        {{- t | tojson(indent=4) }}\n'
+    "    {%- for t in tools %}\n"
+    "        {{- t | tojson(indent=4) }}\n"
     '        {{- "\\n\\n" }}\n'
-    '    {%- endfor %}\n'
-    '{%- endif %}\n'
-    '{{- system_message }}\n'
+    "    {%- endfor %}\n"
+    "{%- endif %}\n"
+    "{{- system_message }}\n"
     '{{- "<|eot_id|>" }}\n'
-    '\n'
-    '{#- Custom tools are passed in a user message with some extra guidance #}\n'
-    '{%- if tools_in_user_message and not tools is none %}\n'
-    '    {#- Extract the first user message so we can plug it in here #}\n'
-    '    {%- if messages | length != 0 %}\n'
+    "\n"
+    "{#- Custom tools are passed in a user message with some extra guidance #}\n"
+    "{%- if tools_in_user_message and not tools is none %}\n"
+    "    {#- Extract the first user message so we can plug it in here #}\n"
+    "    {%- if messages | length != 0 %}\n"
     "        {%- set first_user_message = messages[0]['content']|trim %}\n"
-    '        {%- set messages = messages[1:] %}\n'
-    '    {%- else %}\n'
+    "        {%- set messages = messages[1:] %}\n"
+    "    {%- else %}\n"
     '        {{- raise_exception("Cannot put tools in the first user message when there\'s no first user message!") }}\n'
-    '{%- endif %}\n'
+    "{%- endif %}\n"
     "    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}\n"
     '    {{- "Given the following functions, please respond with a JSON for a function call " }}\n'
     '    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}\n'
     '    {{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.\' }}\n'
     '    {{- "Do not use variables.\\n\\n" }}\n'
-    '    {%- for t in tools %}\n'
-    '        {{- t | tojson(indent=4) }}\n'
+    "    {%- for t in tools %}\n"
+    "        {{- t | tojson(indent=4) }}\n"
     '        {{- "\\n\\n" }}\n'
-    '    {%- endfor %}\n'
+    "    {%- endfor %}\n"
     '    {{- first_user_message + "<|eot_id|>"}}\n'
-    '{%- endif %}\n'
-    '\n'
-    '{%- for message in messages %}\n'
+    "{%- endif %}\n"
+    "\n"
+    "{%- for message in messages %}\n"
     "    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}\n"
     "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"
     "    {%- elif 'tool_calls' in message %}\n"
-    '        {%- if not message.tool_calls|length == 1 %}\n'
+    "        {%- if not message.tool_calls|length == 1 %}\n"
     '            {{- raise_exception("This model only supports single tool-calls at once!") }}\n'
-    '        {%- endif %}\n'
-    '        {%- set tool_call = message.tool_calls[0].function %}\n'
+    "        {%- endif %}\n"
+    "        {%- set tool_call = message.tool_calls[0].function %}\n"
     "        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
-    '        {{- \'{"name": "\' + tool_call.name + \'", \' }}\n'
-    '        {{- \'"parameters": \' }}\n'
-    '        {{- tool_call.arguments | tojson }}\n'
+    "        {{- '{\"name\": \"' + tool_call.name + '\", ' }}\n"
+    "        {{- '\"parameters\": ' }}\n"
+    "        {{- tool_call.arguments | tojson }}\n"
     '        {{- "}" }}\n'
     '        {{- "<|eot_id|>" }}\n'
     '    {%- elif message.role == "tool" or message.role == "ipython" %}\n'
     '        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}\n'
-    '        {%- if message.content is mapping or message.content is iterable %}\n'
-    '            {{- message.content | tojson }}\n'
-    '        {%- else %}\n'
-    '            {{- message.content }}\n'
-    '        {%- endif %}\n'
+    "        {%- if message.content is mapping or message.content is iterable %}\n"
+    "            {{- message.content | tojson }}\n"
+    "        {%- else %}\n"
+    "            {{- message.content }}\n"
+    "        {%- endif %}\n"
     '        {{- "<|eot_id|>" }}\n'
-    '    {%- endif %}\n'
-    '{%- endfor %}\n'
-    '{%- if add_generation_prompt %}\n'
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
     "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
-    '{%- endif %}\n'
+    "{%- endif %}\n"
 )
 
 # HuggingFaceTB/SmolLM2-135M-Instruct.
@@ -304,7 +304,9 @@ class FamilySpec:
     # -- everything below has a default; faithful details the tests may want to look at --
     model_id: str = ""  # the released model this stands in for
     added_tokens: list[str] = field(default_factory=list)  # added but *not* special (Qwen's <tool_call>, Phi-3's </s>)
-    leading_tokens: list[str] = field(default_factory=list)  # laid at ids 0.. (SentencePiece control tokens); others go last
+    leading_tokens: list[str] = field(
+        default_factory=list
+    )  # laid at ids 0.. (SentencePiece control tokens); others go last
     rstrip_tokens: list[str] = field(default_factory=list)  # added tokens that swallow the whitespace after them
     add_bos_token: bool | None = None  # as declared in tokenizer_config.json (None: not declared)
     add_eos_token: bool | None = None
@@ -327,9 +329,17 @@ SPECS: dict[str, FamilySpec] = {
         model_id="meta-llama/Llama-3.2-1B-Instruct",
         chat_template=LLAMA32_TEMPLATE,
         special_tokens=[
-            "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-            "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
-            "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|reserved_special_token_0|>",
+            "<|reserved_special_token_1|>",
+            "<|finetune_right_pad_id|>",
+            "<|reserved_special_token_2|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eom_id|>",
+            "<|eot_id|>",
+            "<|python_tag|>",
         ],
         bos="<|begin_of_text|>",
         eos="<|eot_id|>",
@@ -347,14 +357,42 @@ SPECS: dict[str, FamilySpec] = {
         model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         chat_template=SMOLLM2_TEMPLATE,
         special_tokens=[
-            "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>", "<filename>",
-            "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>",
-            "<jupyter_code>", "<jupyter_output>", "<jupyter_script>", "<empty_output>",
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<repo_name>",
+            "<reponame>",
+            "<file_sep>",
+            "<filename>",
+            "<gh_stars>",
+            "<issue_start>",
+            "<issue_comment>",
+            "<issue_closed>",
+            "<jupyter_start>",
+            "<jupyter_text>",
+            "<jupyter_code>",
+            "<jupyter_output>",
+            "<jupyter_script>",
+            "<empty_output>",
         ],
         leading_tokens=[
-            "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>", "<filename>",
-            "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>",
-            "<jupyter_code>", "<jupyter_output>", "<jupyter_script>", "<empty_output>",
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<repo_name>",
+            "<reponame>",
+            "<file_sep>",
+            "<filename>",
+            "<gh_stars>",
+            "<issue_start>",
+            "<issue_comment>",
+            "<issue_closed>",
+            "<jupyter_start>",
+            "<jupyter_text>",
+            "<jupyter_code>",
+            "<jupyter_output>",
+            "<jupyter_script>",
+            "<empty_output>",
         ],
         bos="<|im_start|>",
         eos="<|im_end|>",
@@ -374,13 +412,30 @@ SPECS: dict[str, FamilySpec] = {
         model_id="Qwen/Qwen2.5-0.5B-Instruct",
         chat_template=QWEN25_TEMPLATE,
         special_tokens=[
-            "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-            "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|object_ref_start|>",
+            "<|object_ref_end|>",
+            "<|box_start|>",
+            "<|box_end|>",
+            "<|quad_start|>",
+            "<|quad_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|vision_pad|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
         ],
         added_tokens=[
-            "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-            "<|repo_name|>", "<|file_sep|>",
+            "<tool_call>",
+            "</tool_call>",
+            "<|fim_prefix|>",
+            "<|fim_middle|>",
+            "<|fim_suffix|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
         ],
         bos=None,
         eos="<|im_end|>",
@@ -444,15 +499,34 @@ SPECS: dict[str, FamilySpec] = {
         model_id="microsoft/Phi-3-mini-4k-instruct",
         chat_template=PHI3_TEMPLATE,
         special_tokens=[
-            "<unk>", "<s>", "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>",
-            "<|placeholder3|>", "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>",
+            "<unk>",
+            "<s>",
+            "<|endoftext|>",
+            "<|assistant|>",
+            "<|placeholder1|>",
+            "<|placeholder2|>",
+            "<|placeholder3|>",
+            "<|placeholder4|>",
+            "<|system|>",
+            "<|end|>",
+            "<|placeholder5|>",
+            "<|placeholder6|>",
             "<|user|>",
         ],
         added_tokens=["</s>"],  # special=False in the released tokenizer_config.json
         leading_tokens=["<unk>", "<s>", "</s>"],
         rstrip_tokens=[
-            "</s>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>", "<|placeholder4|>",
-            "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>",
+            "</s>",
+            "<|assistant|>",
+            "<|placeholder1|>",
+            "<|placeholder2|>",
+            "<|placeholder3|>",
+            "<|placeholder4|>",
+            "<|system|>",
+            "<|end|>",
+            "<|placeholder5|>",
+            "<|placeholder6|>",
+            "<|user|>",
         ],
         bos="<s>",
         eos="<|endoftext|>",
@@ -681,8 +755,14 @@ def _ids(tokenizer, tokens: list[str]) -> int | list[int] | None:
 
 # The family's own architecture (Phi-3's fused qkv_proj and gate_up_proj, Gemma's scaled embeddings,
 # Qwen2's attention biases), so generation and LoRA targets are exercised on each.
-ARCHITECTURE_NAMES = {"llama3": "LlamaConfig", "smollm2": "LlamaConfig", "qwen2": "Qwen2Config",
-                      "gemma": "GemmaConfig", "mistral": "MistralConfig", "phi3": "Phi3Config"}
+ARCHITECTURE_NAMES = {
+    "llama3": "LlamaConfig",
+    "smollm2": "LlamaConfig",
+    "qwen2": "Qwen2Config",
+    "gemma": "GemmaConfig",
+    "mistral": "MistralConfig",
+    "phi3": "Phi3Config",
+}
 # LoRA targets for a family whose layers are not named like Llama's
 LORA_TARGETS = {"phi3": ["qkv_proj", "o_proj"]}
 
@@ -703,7 +783,9 @@ def build_family(name: str, out_dir: Path, vocab_size: int = 600) -> Path:
     tokenizer.save_pretrained(out_dir)
     # transformers 5 neither saves nor reads add_bos_token/add_eos_token when a tokenizer.json is present (the
     # post-processor decides); write them anyway, as the released tokenizer_config.json declares them.
-    declared = {k: v for k, v in (("add_bos_token", spec.add_bos_token), ("add_eos_token", spec.add_eos_token)) if v is not None}
+    declared = {
+        k: v for k, v in (("add_bos_token", spec.add_bos_token), ("add_eos_token", spec.add_eos_token)) if v is not None
+    }
     if declared:
         config_path = out_dir / "tokenizer_config.json"
         config_path.write_text(json.dumps({**declared, **json.loads(config_path.read_text())}, indent=2) + "\n")
@@ -734,5 +816,12 @@ def build_family(name: str, out_dir: Path, vocab_size: int = 600) -> Path:
     return out_dir
 
 
-__all__ = ["FAMILIES", "LORA_TARGETS", "MISTRAL_V02_ORIGINAL_TEMPLATE", "SPECS", "FamilySpec", "build_family",
-           "build_tokenizer"]
+__all__ = [
+    "FAMILIES",
+    "LORA_TARGETS",
+    "MISTRAL_V02_ORIGINAL_TEMPLATE",
+    "SPECS",
+    "FamilySpec",
+    "build_family",
+    "build_tokenizer",
+]

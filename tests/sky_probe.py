@@ -18,12 +18,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import sky
 import yaml
-from sky import clouds, exceptions
 from sky.data import storage_utils
 from sky.provision.runpod.utils import GPU_NAME_MAP
 from sky.utils import command_runner, dag_utils
+
+import sky
+from sky import clouds, exceptions
 
 Feature = clouds.CloudImplementationFeatures
 SECRETS = [("HF_TOKEN", "hf_probe_token"), ("WANDB_API_KEY", "probe_wandb_key")]
@@ -38,8 +39,9 @@ def check(cloud, resources, features) -> str:
 
 
 def load(path: Path, env_overrides, secret_overrides):
-    (task,) = dag_utils.load_chain_dag_from_yaml(str(path), env_overrides=env_overrides,
-                                                 secret_overrides=secret_overrides).tasks
+    (task,) = dag_utils.load_chain_dag_from_yaml(
+        str(path), env_overrides=env_overrides, secret_overrides=secret_overrides
+    ).tasks
     return task
 
 
@@ -53,16 +55,27 @@ def describe(path: Path) -> dict:
     resources = []
     for r in sorted(task.resources, key=str):
         features = task_features | r.get_required_cloud_features()
-        resources.append({
-            "cloud": str(r.cloud), "accelerators": r.accelerators, "use_spot": r.use_spot,
-            "disk_size": r.disk_size, "job_recovery": r.job_recovery, "features": sorted(f.value for f in features),
-            "own_cloud_check": check(type(r.cloud), r, features),
-            "runpod_check": check(clouds.RunPod, r, features),  # RunPod judges features alone
-        })
+        resources.append(
+            {
+                "cloud": str(r.cloud),
+                "accelerators": r.accelerators,
+                "use_spot": r.use_spot,
+                "disk_size": r.disk_size,
+                "job_recovery": r.job_recovery,
+                "features": sorted(f.value for f in features),
+                "own_cloud_check": check(type(r.cloud), r, features),
+                "runpod_check": check(clouds.RunPod, r, features),  # RunPod judges features alone
+            }
+        )
     return {
-        "name": task.name, "workdir": task.workdir, "envs": dict(task.envs), "setup": task.setup, "run": task.run,
+        "name": task.name,
+        "workdir": task.workdir,
+        "envs": dict(task.envs),
+        "setup": task.setup,
+        "run": task.run,
         "secrets_required_at_launch": sorted(ref.name for ref in bare.managed_secret_refs),
-        "secrets": sorted(task.secrets), "resources": resources,
+        "secrets": sorted(task.secrets),
+        "resources": resources,
         "storage_mounts": {dst: {"name": s.name, "mode": s.mode.value} for dst, s in task.storage_mounts.items()},
     }
 
@@ -94,7 +107,9 @@ def main(repo: Path, stage_dir: Path) -> None:
     tmp = Path(tempfile.mkdtemp())
     train = repo / "sky" / "train.yaml"
     docker = tmp / "train-docker.yaml"  # the image_id route docs/cloud.md describes
-    docker.write_text(train.read_text().replace("  disk_size:", "  image_id: docker:samsum-qlora:probe\n  disk_size:", 1))
+    docker.write_text(
+        train.read_text().replace("  disk_size:", "  image_id: docker:samsum-qlora:probe\n  disk_size:", 1)
+    )
     runpod_cannot = {}
     probe_resources = next(iter(load(train, None, SECRETS).resources))
     for feature in (Feature.STOP, Feature.STORAGE_MOUNTING, Feature.MULTI_NODE):

@@ -7,16 +7,15 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import SAMPLE_DATA, SMOKE_CONFIG, set_args, smoke_overrides
+from test_cli import one_line_error, run_cli
 
 from samsum_qlora import api, chat, data, evaluate
 from samsum_qlora.config import load_config
-from samsum_qlora.layout import EvalDir
-from samsum_qlora.predictions import Prediction
 from samsum_qlora.errors import UserError
+from samsum_qlora.layout import EvalDir
 from samsum_qlora.metrics import rouge
-
-from conftest import SAMPLE_DATA, SMOKE_CONFIG, set_args, smoke_overrides
-from test_cli import one_line_error, run_cli
+from samsum_qlora.predictions import Prediction
 
 KEY = "sk-test-secret-123"
 TEST_ROWS = data.load_rows(str(SAMPLE_DATA), "test")
@@ -94,16 +93,28 @@ class FakeApi:
                     status, headers = step
                     return status, {"error": {"message": fake.error_message}}, headers
                 text = answer_for(dialogue)
-                used = {"prompt_tokens": sum(len(m["content"].split()) for m in body["messages"]),
-                        "completion_tokens": len(text.split())}
+                used = {
+                    "prompt_tokens": sum(len(m["content"].split()) for m in body["messages"]),
+                    "completion_tokens": len(text.split()),
+                }
                 used["total_tokens"] = used["prompt_tokens"] + used["completion_tokens"]
                 with fake.lock:
                     fake.served[row_id] = text
                     for k, v in used.items():
                         fake.usage[k] += v
-                return 200, {"id": "x", "object": "chat.completion", "model": body["model"],
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": "stop"}], "usage": used}, {}
+                return (
+                    200,
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                        ],
+                        "usage": used,
+                    },
+                    {},
+                )
 
         return Handler
 
@@ -134,17 +145,31 @@ def api_plan(cfg, base, **kw):
 def fast(base, cfg=None, **kw):
     """A predictor with test-sized waits, asking as `eval` asks."""
     cfg = cfg or load_config(SMOKE_CONFIG)
-    return api.predictor(base, **({"model": "fake-model", "instruction": cfg.data.task_instruction,
-                                   "max_tokens": cfg.eval.max_new_tokens, "key": KEY, "concurrency": 4,
-                                   "timeout": 0.3, "backoff": 0.02} | kw))
+    return api.predictor(
+        base,
+        **(
+            {
+                "model": "fake-model",
+                "instruction": cfg.data.task_instruction,
+                "max_tokens": cfg.eval.max_new_tokens,
+                "key": KEY,
+                "concurrency": 4,
+                "timeout": 0.3,
+                "backoff": 0.02,
+            }
+            | kw
+        ),
+    )
 
 
 def test_api_eval_retries_then_scores_what_was_served(tmp_path, serve):
-    fake = FakeApi(script={
-        "smp-test-002": [(429, {"Retry-After": "0.4"})],
-        "smp-test-003": [(500, {})],
-        "smp-test-004": [("slow", 1.0)],
-    })
+    fake = FakeApi(
+        script={
+            "smp-test-002": [(429, {"Retry-After": "0.4"})],
+            "smp-test-003": [(500, {})],
+            "smp-test-004": [("slow", 1.0)],
+        }
+    )
     base = serve(fake)
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     plan = api_plan(cfg, base)
@@ -153,7 +178,8 @@ def test_api_eval_retries_then_scores_what_was_served(tmp_path, serve):
 
     # every failure was retried exactly once; the rest asked once
     assert {r["id"]: fake.count(r["id"]) for r in TEST_ROWS} == {
-        r["id"]: 2 if r["id"] in ("smp-test-002", "smp-test-003", "smp-test-004") else 1 for r in TEST_ROWS}
+        r["id"]: 2 if r["id"] in ("smp-test-002", "smp-test-003", "smp-test-004") else 1 for r in TEST_ROWS
+    }
     times = [t for row, t, _, _ in fake.requests if row == "smp-test-002"]
     assert times[1] - times[0] >= 0.4  # Retry-After honoured (our own backoff would be 0.02 s)
 
@@ -175,8 +201,11 @@ def test_api_eval_retries_then_scores_what_was_served(tmp_path, serve):
     assert saved["api_usage"] == {**fake.usage, "answers": 12, "retries": 3} == metrics["api_usage"]
     prompt_words = sum(len(cfg.data.task_instruction.split()) + len(r["dialogue"].split()) for r in TEST_ROWS)
     answer_words = sum(len(t.split()) for t in served)
-    assert fake.usage == {"prompt_tokens": prompt_words, "completion_tokens": answer_words,
-                          "total_tokens": prompt_words + answer_words}  # each answer counted once
+    assert fake.usage == {
+        "prompt_tokens": prompt_words,
+        "completion_tokens": answer_words,
+        "total_tokens": prompt_words + answer_words,
+    }  # each answer counted once
     predictions = [json.loads(line) for line in (plan.output_dir / "predictions.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in predictions] == served
 
@@ -245,8 +274,7 @@ def test_ctrl_c_keeps_the_answers_in_flight_and_asks_nothing_new(tmp_path, serve
 
 
 def test_rejected_key_fails_at_once_without_echoing_it(tmp_path, serve):
-    fake = FakeApi(script={r["id"]: [(401, {})] for r in TEST_ROWS},
-                   error_message=f"Incorrect API key provided: {KEY}")
+    fake = FakeApi(script={r["id"]: [(401, {})] for r in TEST_ROWS}, error_message=f"Incorrect API key provided: {KEY}")
     base = serve(fake)
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     with pytest.raises(UserError, match=r"HTTP 401 \(check \$OPENAI_API_KEY\)") as e:
@@ -260,8 +288,22 @@ def test_cli_api_eval_without_a_key_on_a_custom_base(tmp_path, serve, monkeypatc
     fake = FakeApi()
     base = serve(fake)
     args = set_args(smoke_overrides(tmp_path))
-    result = run_cli(["eval", *args, "--api-model", "fake-model", "--api-base", base + "/", "--limit", "3",
-                      "--api-concurrency", "2", "--api-timeout", "5"])
+    result = run_cli(
+        [
+            "eval",
+            *args,
+            "--api-model",
+            "fake-model",
+            "--api-base",
+            base + "/",
+            "--limit",
+            "3",
+            "--api-concurrency",
+            "2",
+            "--api-timeout",
+            "5",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert "| fake-model | API |" in result.output
     saved = json.loads((tmp_path / "run" / "eval-api-fake-model" / "metrics.json").read_text())
@@ -276,15 +318,21 @@ def test_cli_openai_without_a_key_is_one_line_and_writes_nothing(tmp_path, monke
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--api-base", "http://localhost:8000/v1"], "--api-base needs --api-model"),
-    (["--api-model", "m", "--base-only"], "drop --adapters/--base-only"),
-    (["--api-model", "m", "--api-base", "localhost:8000"], "--api-base must be an http(s) URL"),
-    (["--api-model", "m", "--api-base", "http://h/v1/chat/completions"], "drop the /chat/completions"),
-    (["--api-model", "m", "--api-base", "http://h/v1", "--api-concurrency", "0"], "--api-concurrency must be at least 1"),
-    (["--api-model", "m", "--api-base", "http://h/v1", "--api-timeout", "0"], "--api-timeout must be more than 0"),
-    (["--base-only", "--api-timeout", "3"], "--api-concurrency and --api-timeout need --api-model"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--api-base", "http://localhost:8000/v1"], "--api-base needs --api-model"),
+        (["--api-model", "m", "--base-only"], "drop --adapters/--base-only"),
+        (["--api-model", "m", "--api-base", "localhost:8000"], "--api-base must be an http(s) URL"),
+        (["--api-model", "m", "--api-base", "http://h/v1/chat/completions"], "drop the /chat/completions"),
+        (
+            ["--api-model", "m", "--api-base", "http://h/v1", "--api-concurrency", "0"],
+            "--api-concurrency must be at least 1",
+        ),
+        (["--api-model", "m", "--api-base", "http://h/v1", "--api-timeout", "0"], "--api-timeout must be more than 0"),
+        (["--base-only", "--api-timeout", "3"], "--api-concurrency and --api-timeout need --api-model"),
+    ],
+)
 def test_cli_bad_api_options(tmp_path, extra, needle):
     one_line_error(run_cli(["eval", *set_args(smoke_overrides(tmp_path)), *extra]), needle)
     assert not (tmp_path / "run").exists()
@@ -305,12 +353,21 @@ def test_plan_folder_name_and_identity(smoke_cfg):
     assert "api_base" not in predictions.identity(smoke_cfg, local, rows)
 
 
-@pytest.mark.parametrize("attempt, after, after_ms, expected", [
-    (1, None, None, 1.0), (2, None, None, 2.0), (4, None, None, 8.0), (10, None, None, 30.0),  # doubling, capped
-    (1, "3", None, 3.0), (3, "0.5", None, 0.5), (1, "120", None, 30.0),  # the server's word, capped
-    (1, "2", "250", 0.25),  # OpenAI's millisecond header is the more precise one
-    (2, "soon", None, 2.0), (1, "-5", None, 0.0),  # nonsense falls back or floors at 0
-])
+@pytest.mark.parametrize(
+    "attempt, after, after_ms, expected",
+    [
+        (1, None, None, 1.0),
+        (2, None, None, 2.0),
+        (4, None, None, 8.0),
+        (10, None, None, 30.0),  # doubling, capped
+        (1, "3", None, 3.0),
+        (3, "0.5", None, 0.5),
+        (1, "120", None, 30.0),  # the server's word, capped
+        (1, "2", "250", 0.25),  # OpenAI's millisecond header is the more precise one
+        (2, "soon", None, 2.0),
+        (1, "-5", None, 0.0),  # nonsense falls back or floors at 0
+    ],
+)
 def test_retry_delay(attempt, after, after_ms, expected):
     assert api.retry_delay(attempt, after, after_ms, backoff=1.0, max_wait=30.0) == pytest.approx(expected)
 
@@ -324,13 +381,19 @@ def test_retry_delay_http_date_and_jitter():
 
 
 def test_parse_answer():
-    payload = {"choices": [{"message": {"role": "assistant", "content": "  A and B meet.\n"}}],
-               "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
-    assert api.parse_answer(payload) == (Prediction("A and B meet.", True),
-                                         {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
+    payload = {
+        "choices": [{"message": {"role": "assistant", "content": "  A and B meet.\n"}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+    }
+    assert api.parse_answer(payload) == (
+        Prediction("A and B meet.", True),
+        {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+    )
     # a refusal (content null) and a server without usage still count as an answer: an empty one
     assert api.parse_answer({"choices": [{"message": {"content": None}}]}) == (
-        Prediction("", True), {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+        Prediction("", True),
+        {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    )
     cut = {"choices": [{"message": {"content": "A and"}, "finish_reason": "length"}]}
     assert api.parse_answer(cut)[0] == Prediction("A and", False)  # ran out of max_tokens
     with pytest.raises(ValueError):

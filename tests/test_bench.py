@@ -3,16 +3,22 @@
 import json
 
 import pytest
+from conftest import TINY_MODEL, set_args, smoke_overrides
 
 from samsum_qlora import bench
 from samsum_qlora.config import load_config
 
-from conftest import TINY_MODEL, set_args, smoke_overrides
-
 
 def test_summarise_arithmetic():
-    f = bench.summarise(real_tokens=9_000, padded_tokens=10_000, seconds=3.0, n_params=1_000_000_000,
-                        device="NVIDIA H100 80GB HBM3", peak_bytes=2 * 1024**3, epoch_tokens=1_800_000)
+    f = bench.summarise(
+        real_tokens=9_000,
+        padded_tokens=10_000,
+        seconds=3.0,
+        n_params=1_000_000_000,
+        device="NVIDIA H100 80GB HBM3",
+        peak_bytes=2 * 1024**3,
+        epoch_tokens=1_800_000,
+    )
     assert f["tokens_per_s"] == 3000.0 and f["padding_fraction"] == 0.1 and f["peak_memory_gib"] == 2.0
     assert f["mfu"] == pytest.approx(3000 * 4e9 / 989e12, abs=1e-4)
     assert f["epoch_minutes"] == 10.0
@@ -27,8 +33,24 @@ def test_bench_cli_writes_json_with_seed_comparison_and_eval(tmp_path):
 
     out = tmp_path / "bench.json"
     args = set_args(smoke_overrides(tmp_path, **{"eval.max_new_tokens": 6}))
-    result = CliRunner().invoke(main, ["bench", *args, "--steps", "2", "--warmup", "1", "--compare", "seed",
-                                       "--eval", "--loop-sample", "3", "--json", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            *args,
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--compare",
+            "seed",
+            "--eval",
+            "--loop-sample",
+            "3",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())
     for figures in (r, r["seed"]):

@@ -2,13 +2,12 @@
 pad ids, for the shipped tiny Llama 3, six chat-model families, and the real Llama 3 tokenizer."""
 
 import pytest
+from chat_families import FAMILIES, MISTRAL_V02_ORIGINAL_TEMPLATE, SPECS, build_tokenizer
+from conftest import REFERENCE
 
 from samsum_qlora import chat, data
 from samsum_qlora.config import DataArgs
 from samsum_qlora.errors import UserError
-
-from chat_families import FAMILIES, MISTRAL_V02_ORIGINAL_TEMPLATE, SPECS, build_tokenizer
-from conftest import REFERENCE
 
 DIALOGUE = "Ana: are we still on for lunch?\r\nBo: yes, 12:30 at the usual place\r\nAna: great, see you"
 SUMMARY = "Ana and Bo will have lunch at 12:30 at their usual place. "
@@ -52,7 +51,9 @@ def test_exactly_one_bos(tokenizer):
 def test_date_is_pinned_not_today(tokenizer):
     enc = fmt_for(tokenizer, date_string="01 Jan 2030").encode(DIALOGUE, SUMMARY)
     assert "Today Date: 01 Jan 2030" in tokenizer.decode(enc.input_ids)
-    assert fmt_for(tokenizer).encode(DIALOGUE, SUMMARY).input_ids == fmt_for(tokenizer).encode(DIALOGUE, SUMMARY).input_ids
+    assert (
+        fmt_for(tokenizer).encode(DIALOGUE, SUMMARY).input_ids == fmt_for(tokenizer).encode(DIALOGUE, SUMMARY).input_ids
+    )
 
 
 def test_crlf_normalised(tokenizer):
@@ -161,9 +162,10 @@ def test_family_mask_rule(family):
     # what is trained is the rendered completion, token for token
     messages = fmt.messages(DIALOGUE, SUMMARY)
     full_text = tok.apply_chat_template(messages, tokenize=False, date_string="26 Jul 2024")
-    prompt_text = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True,
-                                          date_string="26 Jul 2024")
-    completion = full_text[len(prompt_text):]
+    prompt_text = tok.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True, date_string="26 Jul 2024"
+    )
+    completion = full_text[len(prompt_text) :]
     # token for token up to whitespace, which Phi-3's turn markers swallow when they are decoded
     assert "".join(tok.decode(trained(enc)).split()) == "".join(completion.split())
     assert completion.lstrip().startswith(SUMMARY.strip())

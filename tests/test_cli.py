@@ -5,10 +5,9 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import ROOT, set_args, smoke_overrides
 
 from samsum_qlora.cli import main
-
-from conftest import ROOT, SMOKE_CONFIG, set_args, smoke_overrides
 
 
 def test_help_is_instant_and_imports_no_torch():
@@ -21,7 +20,9 @@ def test_help_is_instant_and_imports_no_torch():
 
 
 def test_python_dash_m_entry_point():
-    out = subprocess.run([sys.executable, "-m", "samsum_qlora", "train", "--help"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "samsum_qlora", "train", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 0 and "--overwrite" in out.stdout
 
 
@@ -82,7 +83,9 @@ def test_preprocess_writes_dataset_and_shows_marked_tokens(tmp_path):
     from datasets import load_from_disk
 
     out = tmp_path / "tok"
-    result = run_cli(["preprocess", *set_args(smoke_overrides(tmp_path)), "--split", "validation", "--out", str(out), "--show", "1"])
+    result = run_cli(
+        ["preprocess", *set_args(smoke_overrides(tmp_path)), "--split", "validation", "--out", str(out), "--show", "1"]
+    )
     assert result.exit_code == 0, result.output
     ds = load_from_disk(str(out))
     assert len(ds) == 12 and {"input_ids", "labels"} <= set(ds.column_names)

@@ -18,7 +18,7 @@ def test_shipped_llama_config_equals_the_builtin_defaults():
 def test_shipped_recipe_is_written_from_the_dataclasses_comments():
     """One description per key: the recipe's comments are config.py's (regenerate with
     `samsum-qlora config > body`), and `config` prints a config that loads back to itself."""
-    from samsum_qlora.config import annotated_yaml, field_comments, TrainArgs
+    from samsum_qlora.config import TrainArgs, annotated_yaml, field_comments
 
     text = (ROOT / "configs" / "llama32-1b-samsum.yaml").read_text()
     assert text.endswith(annotated_yaml(Config()))

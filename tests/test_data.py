@@ -4,11 +4,10 @@ import csv
 import json
 
 import pytest
+from conftest import SAMPLE_DATA
 
 from samsum_qlora import data
 from samsum_qlora.errors import UserError
-
-from conftest import SAMPLE_DATA
 
 
 def test_loads_shipped_sample():
@@ -57,8 +56,11 @@ def test_csv_keeps_quoted_newlines_and_crlf(tmp_path):
 
 
 def test_missing_or_null_ids_become_the_row_number(tmp_path):
-    lines = [{"dialogue": "A: hi", "summary": "s"}, {"id": None, "dialogue": "B: yo", "summary": "s"},
-             {"id": "x", "dialogue": "C: hey", "summary": "s"}]
+    lines = [
+        {"dialogue": "A: hi", "summary": "s"},
+        {"id": None, "dialogue": "B: yo", "summary": "s"},
+        {"id": "x", "dialogue": "C: hey", "summary": "s"},
+    ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert [r["id"] for r in data.load_rows(str(tmp_path), "train")] == ["0", "1", "x"]
 

@@ -20,22 +20,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from samsum_qlora import batching, evaluate
-from samsum_qlora import trainer as training
-from samsum_qlora.config import TrainArgs, load_config
-from samsum_qlora.errors import UserError
-from samsum_qlora import files, predictions, runtime
-from samsum_qlora.layout import EvalDir
-from samsum_qlora.predictions import Prediction
-
 from conftest import ROOT, SMOKE_CONFIG, set_args, smoke_overrides
+
 # SkyPilot's own loader and the simulated cluster node, as tests/test_sky.py sets them up
 from test_sky import HAS_WANDB, SIM_CONFIG, node, ok, probe, shell  # noqa: F401
 
+from samsum_qlora import batching, evaluate, files, predictions, runtime
+from samsum_qlora import trainer as training
+from samsum_qlora.config import TrainArgs, load_config
+from samsum_qlora.errors import UserError
+from samsum_qlora.layout import EvalDir
+from samsum_qlora.predictions import Prediction
+
 # `samsum-qlora ARGS` as the CLI runs it, recording what this process did into $RECORD: the LoRA
 # weights it holds after `train`, the prompts (indices) it generated for in `eval`.
-DRIVER = '''\
+DRIVER = """\
 import json, os, sys
 import torch
 from peft import get_peft_model_state_dict
@@ -56,12 +55,18 @@ if trainers:
     torch.save(get_peft_model_state_dict(trainers[0].model), record + "-lora.pt")
 if generated:
     open(record + "-generated.json", "w").write(json.dumps(generated))
-'''
+"""
 # One epoch at 2,048 tokens a step. The sample packs into 9 batches of 2,048 tokens, or 18 of
 # 1,024: two processes at 1,024 each take the same 9 steps (with whole 2,048-token batches each
 # process would take only 5). W&B logs offline, where it is installed.
-EPOCH = {"train.max_steps": -1, "train.num_train_epochs": 1, "train.max_tokens_per_batch": 2048,
-         "train.save_steps": 3, "train.logging_steps": 3, "train.report_to": "wandb" if HAS_WANDB else "none"}
+EPOCH = {
+    "train.max_steps": -1,
+    "train.num_train_epochs": 1,
+    "train.max_tokens_per_batch": 2048,
+    "train.save_steps": 3,
+    "train.logging_steps": 3,
+    "train.report_to": "wandb" if HAS_WANDB else "none",
+}
 
 
 def free_port() -> int:
@@ -72,42 +77,78 @@ def free_port() -> int:
 
 def launch(args: list[str], processes: int = 1, script: Path | None = None, **env) -> str:
     """`python -m samsum_qlora ARGS` (or `python SCRIPT ARGS`), under torchrun when processes > 1."""
-    torchrun = [] if processes == 1 else [
-        "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}"]
+    torchrun = (
+        []
+        if processes == 1
+        else [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+        ]
+    )
     cmd = [sys.executable, *torchrun, *([str(script)] if script else ["-m", "samsum_qlora"]), *args]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={
-        **os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-        "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **env})
+    result = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            "HF_HUB_OFFLINE": "1",
+            "WANDB_MODE": "disabled",
+            **env,
+        },
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result.stdout
 
 
 def relative_files(folder: Path) -> set[str]:
     """Files under `folder`, but not W&B's own (their names hold the time and the run id)."""
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")
-            if p.is_file() and p.relative_to(folder).parts[0] != "wandb"}
+    return {
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).parts[0] != "wandb"
+    }
 
 
 def files_of(folder: Path) -> dict:
-    return {"predictions": [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()],
-            "metrics": json.loads((folder / "metrics.json").read_text())}
+    return {
+        "predictions": [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()],
+        "metrics": json.loads((folder / "metrics.json").read_text()),
+    }
 
 
 # --- the arithmetic (pure) ---
+
 
 def test_each_process_takes_its_share_of_the_global_batch():
     tokens = TrainArgs(max_tokens_per_batch=8192)  # 8,192 tokens x 1 step
     assert training.per_process_batch(tokens, 1) == (8192, 1, "")
     assert training.per_process_batch(tokens, 2) == (
-        4096, 1, "2 processes: 4,096 tokens per device per step keeps the global 8,192")
+        4096,
+        1,
+        "2 processes: 4,096 tokens per device per step keeps the global 8,192",
+    )
     assert training.per_process_batch(tokens, 3)[:2] == (2730, 1)
     assert "rounded down to 8,190" in training.per_process_batch(tokens, 3)[2]
-    assert training.per_process_batch(TrainArgs(max_tokens_per_batch=8192, gradient_accumulation_steps=4), 2)[:2] == (4096, 4)
+    assert training.per_process_batch(TrainArgs(max_tokens_per_batch=8192, gradient_accumulation_steps=4), 2)[:2] == (
+        4096,
+        4,
+    )
 
     rows = TrainArgs(max_tokens_per_batch=None, per_device_train_batch_size=4, gradient_accumulation_steps=4)
     assert training.per_process_batch(rows, 2) == (
-        None, 2, "2 processes: 4 rows x 2 accumulation steps per device keeps the global 16 rows per step")
+        None,
+        2,
+        "2 processes: 4 rows x 2 accumulation steps per device keeps the global 16 rows per step",
+    )
     assert training.per_process_batch(rows, 4)[:2] == (None, 1)
     for n in (1, 2, 4):  # rows x accumulation x processes is always the one-GPU batch
         _, accumulation, _ = training.per_process_batch(rows, n)
@@ -138,14 +179,20 @@ def test_dealt_batches_are_those_of_one_process_each_once():
 
 # --- two processes training ---
 
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same epoch trained by two processes (torchrun, through DRIVER) and by one."""
     base = tmp_path_factory.mktemp("ddp")
     (base / "driver.py").write_text(DRIVER)
     (base / "record").mkdir()
-    two = launch(["train", *set_args(smoke_overrides(base / "two", **EPOCH))], processes=2,
-                 script=base / "driver.py", RECORD=str(base / "record"), WANDB_MODE="offline")
+    two = launch(
+        ["train", *set_args(smoke_overrides(base / "two", **EPOCH))],
+        processes=2,
+        script=base / "driver.py",
+        RECORD=str(base / "record"),
+        WANDB_MODE="offline",
+    )
     one = launch(["train", *set_args(smoke_overrides(base / "one", **EPOCH))], WANDB_MODE="offline")
     return {"two": (two, base / "two" / "run"), "one": (one, base / "one" / "run"), "base": base}
 
@@ -197,13 +244,18 @@ def test_both_processes_hold_the_saved_lora_weights(runs):
 
 # --- two processes evaluating ---
 
+
 @pytest.mark.slow
 def test_sharded_eval_returns_every_example_once_in_order_with_the_same_metrics(runs):
     _, run = runs["two"]
     record = runs["base"] / "record"
     settings = set_args(smoke_overrides(run.parent, **{"eval.batch_size": 4}))
-    log = launch(["eval", *settings, "--output-dir", str(run / "eval-two")], processes=2,
-                 script=runs["base"] / "driver.py", RECORD=str(record))
+    log = launch(
+        ["eval", *settings, "--output-dir", str(run / "eval-two")],
+        processes=2,
+        script=runs["base"] / "driver.py",
+        RECORD=str(record),
+    )
     launch(["eval", *settings, "--output-dir", str(run / "eval-one")])
     # 12 test examples in batches of 4: rank 0 generated the first and the third, rank 1 the second
     rank0, rank1 = (json.loads((record / f"rank{r}-generated.json").read_text()) for r in (0, 1))
@@ -211,10 +263,15 @@ def test_sharded_eval_returns_every_example_once_in_order_with_the_same_metrics(
     two, one = (files_of(run / folder) for folder in ("eval-two", "eval-one"))
     assert [p["id"] for p in two["predictions"]] == [f"smp-test-{i:03d}" for i in range(1, 13)]
     assert two["predictions"] == one["predictions"]
-    assert {k: v for k, v in two["metrics"].items() if k != "generation_seconds"} == \
-           {k: v for k, v in one["metrics"].items() if k != "generation_seconds"}
-    assert relative_files(run / "eval-two") == {"eval_identity.json", "predictions.jsonl", "metrics.json",
-                                                ".samsum-qlora.lock"}
+    assert {k: v for k, v in two["metrics"].items() if k != "generation_seconds"} == {
+        k: v for k, v in one["metrics"].items() if k != "generation_seconds"
+    }
+    assert relative_files(run / "eval-two") == {
+        "eval_identity.json",
+        "predictions.jsonl",
+        "metrics.json",
+        ".samsum-qlora.lock",
+    }
     assert log.count("| Model | Type |") == 1
 
 
@@ -225,9 +282,21 @@ def test_eval_resumes_what_interrupted_processes_saved(tmp_path):
     rows = evaluate.eval_rows(cfg, plan)
     files.write_json(EvalDir(plan.output_dir).identity, predictions.identity(cfg, plan, rows))
     for rank, ids in ((0, [1, 3]), (1, [2])):  # as a 2-process eval left them when stopped
-        (plan.output_dir / f"predictions.partial.rank{rank}.jsonl").write_text("".join(
-            json.dumps({"index": i - 1, "id": f"smp-test-{i:03d}", "reference": "r", "prediction": f"saved {i}",
-                        "ended": True}) + "\n" for i in ids))
+        (plan.output_dir / f"predictions.partial.rank{rank}.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "index": i - 1,
+                        "id": f"smp-test-{i:03d}",
+                        "reference": "r",
+                        "prediction": f"saved {i}",
+                        "ended": True,
+                    }
+                )
+                + "\n"
+                for i in ids
+            )
+        )
     asked = []
 
     def predict(todo, save):
@@ -251,7 +320,8 @@ def test_an_api_model_is_not_sharded(tmp_path, monkeypatch):
 
 # --- several nodes (SkyPilot) ---
 
-def test_multinode_spec_spans_nodes_on_a_cloud_that_can(probe):
+
+def test_multinode_spec_spans_nodes_on_a_cloud_that_can(probe):  # noqa: F811
     spec = yaml.safe_load((ROOT / "sky" / "train-multinode.yaml").read_text())
     task = probe["tasks"]["train-multinode.yaml"]
     assert spec["num_nodes"] == 2
@@ -263,11 +333,32 @@ def test_multinode_spec_spans_nodes_on_a_cloud_that_can(probe):
     assert task["envs"]["OUTPUT_DIR"].startswith("/outputs/")
 
 
-def test_each_node_joins_torchrun_at_the_first_nodes_address(shell, tmp_path):
+def test_each_node_joins_torchrun_at_the_first_nodes_address(shell, tmp_path):  # noqa: F811
     out = tmp_path / "bucket" / "lora_samsum"
-    ok(shell("train-multinode.yaml", "run", gpus=4, OUTPUT_DIR=str(out), SKYPILOT_NUM_NODES="2",
-             SKYPILOT_NODE_RANK="1", SKYPILOT_NODE_IPS="10.0.0.7\n10.0.0.8"))
+    ok(
+        shell(
+            "train-multinode.yaml",
+            "run",
+            gpus=4,
+            OUTPUT_DIR=str(out),
+            SKYPILOT_NUM_NODES="2",
+            SKYPILOT_NODE_RANK="1",
+            SKYPILOT_NODE_IPS="10.0.0.7\n10.0.0.8",
+        )
+    )
     assert (shell.log / "torchrun").read_text().splitlines() == [
-        "--nnodes=2", "--nproc_per_node=4", "--node_rank=1", "--master_addr=10.0.0.7", "--master_port=29500",
-        "--no-python", "samsum-qlora", "train", "--config", SIM_CONFIG,
-        "--set", f"train.output_dir={out}", "--set", f"train.report_to={'wandb' if HAS_WANDB else 'none'}"]
+        "--nnodes=2",
+        "--nproc_per_node=4",
+        "--node_rank=1",
+        "--master_addr=10.0.0.7",
+        "--master_port=29500",
+        "--no-python",
+        "samsum-qlora",
+        "train",
+        "--config",
+        SIM_CONFIG,
+        "--set",
+        f"train.output_dir={out}",
+        "--set",
+        f"train.report_to={'wandb' if HAS_WANDB else 'none'}",
+    ]

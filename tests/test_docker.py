@@ -37,12 +37,15 @@ def test_a_pinned_cuda_pytorch_base_and_the_cli_as_entrypoint_of_the_default_sta
     last_stage = max(i for i, (op, _) in enumerate(steps) if op == "FROM")
     # RunPod passes SkyPilot's start command as arguments, so the `sky` stage must have no entrypoint.
     assert [(i > last_stage, args) for i, (op, args) in enumerate(steps) if op == "ENTRYPOINT"] == [
-        (True, '["samsum-qlora"]')]
+        (True, '["samsum-qlora"]')
+    ]
     assert ("FROM", "base AS sky") in steps
 
 
 def test_every_copy_source_is_in_the_repo_and_let_through_by_dockerignore():
-    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    allowed = {
+        line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")
+    }
     sources = [src for op, args in instructions() if op == "COPY" for src in args.split()[:-1]]
     assert sources, "the Dockerfile copies nothing"
     for src in sources:

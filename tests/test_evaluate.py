@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import SMOKE_CONFIG, smoke_overrides
 
 from samsum_qlora import evaluate, train
 from samsum_qlora.config import load_config
@@ -8,8 +9,6 @@ from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir
 from samsum_qlora.metrics import rouge
 from samsum_qlora.predictions import Prediction
-
-from conftest import SMOKE_CONFIG, smoke_overrides
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +73,11 @@ def test_base_only_and_limit(run_dir):
 def test_output_dir_of_another_evaluation_is_refused(run_dir):
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(run_dir))
     out = str(run_dir / "shared-out")
-    evaluate.evaluate_model(cfg, evaluate.plan_eval(cfg, output_dir=out, limit=2),
-                            predict=lambda rows, save: save([0, 1], answers("a", "b")))
+    evaluate.evaluate_model(
+        cfg,
+        evaluate.plan_eval(cfg, output_dir=out, limit=2),
+        predict=lambda rows, save: save([0, 1], answers("a", "b")),
+    )
     with pytest.raises(UserError, match=r"holds another evaluation \(limit, the rows changed\); pass --overwrite"):
         evaluate.evaluate_model(cfg, evaluate.plan_eval(cfg, output_dir=out, limit=3))
 
@@ -91,11 +93,10 @@ def test_missing_adapters(tmp_path):
 
 def test_adapters_for_another_base_are_refused(run_dir, tmp_path):
     # Same tokenizer, different size: the adapters' shapes cannot fit.
+    from conftest import TINY_MODEL
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from samsum_qlora.assets.build_tiny_llama import build_model
-
-    from conftest import TINY_MODEL
 
     tok = AutoTokenizer.from_pretrained(TINY_MODEL)
     other = build_model(tok)
@@ -105,5 +106,7 @@ def test_adapters_for_another_base_are_refused(run_dir, tmp_path):
     tok.save_pretrained(tmp_path / "bigger")
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(run_dir, **{"model.name": str(tmp_path / "bigger")}))
     p = evaluate.plan_eval(cfg, adapters=str(run_dir / "run" / "lora_adapters"), output_dir=str(tmp_path / "e"))
-    with pytest.raises(UserError, match=r"trained on .*tiny-llama.*hidden_size': 64.*not on .*bigger.*hidden_size': 128"):
+    with pytest.raises(
+        UserError, match=r"trained on .*tiny-llama.*hidden_size': 64.*not on .*bigger.*hidden_size': 128"
+    ):
         evaluate.evaluate_model(cfg, p)

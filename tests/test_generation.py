@@ -3,27 +3,23 @@ or left-padded in batches, for the trained tiny model and for each family's own 
 
 import pytest
 import torch
+from chat_families import FAMILIES, build_family
+from conftest import SAMPLE_DATA, SMOKE_CONFIG, smoke_overrides
 
 from samsum_qlora import chat, data, generation
 from samsum_qlora import model as modeling
 from samsum_qlora.config import DataArgs, load_config
 
-from chat_families import FAMILIES, build_family
-from conftest import SAMPLE_DATA, SMOKE_CONFIG, smoke_overrides
-
 
 def reference(model, prompt, fmt, budget):
     """The tutorial's loop: `generate`, one prompt, greedy, stopping at the end of turn."""
-    ids = torch.tensor([prompt])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
-                         do_sample=False, temperature=None, top_p=None, top_k=None,
-                         eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id)
-    return generation.cut(out[0, len(prompt):].tolist(), set(fmt.stop_ids))
+    return generation.generate_one(model, prompt, max_new_tokens=budget, pad_id=fmt.pad_id, stop_ids=fmt.stop_ids)
 
 
 def ours(model, prompts, fmt, budget, **kw):
-    return generation.decode_batch(model, prompts, max_new_tokens=budget, pad_id=fmt.pad_id,
-                                   stop_ids=fmt.stop_ids, **kw)
+    return generation.decode_batch(
+        model, prompts, max_new_tokens=budget, pad_id=fmt.pad_id, stop_ids=fmt.stop_ids, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +59,17 @@ def test_generate_deals_batches_and_reports_each(trained):
     model, fmt, prompts = trained
     batches = batching.generation_batches([len(p) for p in prompts], max_rows=5, max_tokens=10**6, new_tokens=8)
     seen = {}
-    generation.generate(model, prompts, batches, max_new_tokens=8, pad_id=fmt.pad_id, stop_ids=fmt.stop_ids,
-                        graphs=True, on_batch=lambda idx, dec: seen.update(zip(idx, dec)), progress=False)
+    generation.generate(
+        model,
+        prompts,
+        batches,
+        max_new_tokens=8,
+        pad_id=fmt.pad_id,
+        stop_ids=fmt.stop_ids,
+        graphs=True,
+        on_batch=lambda idx, dec: seen.update(zip(idx, dec)),
+        progress=False,
+    )
     assert [len(b) for b in batches] == [5, 5, 2] and sorted(seen) == list(range(len(prompts)))
     assert seen == dict(enumerate(ours(model, prompts, fmt, 8)))  # graphs ask for CUDA; on a CPU, plain steps
 
@@ -83,8 +88,9 @@ def test_each_family_architecture_decodes_as_generate(family, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    fmt = chat.ChatFormat.build(tok, DataArgs(max_length=256), modeling.generation_eos(
-        modeling.ModelArgs(name=str(folder))))
+    fmt = chat.ChatFormat.build(
+        tok, DataArgs(max_length=256), modeling.generation_eos(modeling.ModelArgs(name=str(folder)))
+    )
     rows = data.load_rows(str(SAMPLE_DATA), "test")[:4]
     prompts = [fmt.prompt(r["dialogue"]) for r in rows]
     single = [ours(model, [p], fmt, 12)[0] for p in prompts]

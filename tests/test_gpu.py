@@ -32,19 +32,32 @@ def shape_dir(tmp_path_factory):
 def gpu_cfg(shape_dir, out, **extra):
     from samsum_qlora.config import load_config
 
-    return load_config(None, {
-        "model.name": str(shape_dir), "data.source": str(REF / "samsum"), "data.train_split": "validation",
-        "train.output_dir": str(out), "train.max_steps": 30, "train.logging_steps": 5, "train.save_steps": 15,
-        "eval.limit": 64, **extra,
-    })
+    return load_config(
+        None,
+        {
+            "model.name": str(shape_dir),
+            "data.source": str(REF / "samsum"),
+            "data.train_split": "validation",
+            "train.output_dir": str(out),
+            "train.max_steps": 30,
+            "train.logging_steps": 5,
+            "train.save_steps": 15,
+            "eval.limit": 64,
+            **extra,
+        },
+    )
 
 
 def with_adapters(cfg):
     from samsum_qlora import model as modeling
 
-    return modeling.attach_new_adapters(modeling.load_model(cfg.model, cfg.quantization, training=True), cfg.lora,
-                                        cfg.quantization, gradient_checkpointing=cfg.train.gradient_checkpointing,
-                                        half_precision=cfg.train.bf16)
+    return modeling.attach_new_adapters(
+        modeling.load_model(cfg.model, cfg.quantization, training=True),
+        cfg.lora,
+        cfg.quantization,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        half_precision=cfg.train.bf16,
+    )
 
 
 def test_train_and_eval_real_shape(shape_dir, tmp_path):
@@ -54,8 +67,21 @@ def test_train_and_eval_real_shape(shape_dir, tmp_path):
 
     cfg = gpu_cfg(shape_dir, tmp_path / "run")
     metrics = train.train_adapters(cfg)
-    print("GPU train metrics:", json.dumps({k: metrics[k] for k in ("first_logged_loss", "last_logged_loss", "train_loss",
-                                                                    "train_seconds", "trainable_parameters")}))
+    print(
+        "GPU train metrics:",
+        json.dumps(
+            {
+                k: metrics[k]
+                for k in (
+                    "first_logged_loss",
+                    "last_logged_loss",
+                    "train_loss",
+                    "train_seconds",
+                    "trainable_parameters",
+                )
+            }
+        ),
+    )
     assert metrics["trainable_parameters"] == 1_703_936
     assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
     scores = evaluate.evaluate_model(cfg, evaluate.plan_eval(cfg, split="test"))
@@ -80,9 +106,15 @@ def test_fast_path_loss_equals_plain_padded_path_on_gpu(shape_dir, tmp_path):
     from samsum_qlora import model as modeling
     from samsum_qlora import trainer as training
 
-    plain_cfg = gpu_cfg(shape_dir, tmp_path / "p", **{
-        "quantization.dequantize_once": False, "train.trained_logits_only": False,
-        "train.max_tokens_per_batch": None})
+    plain_cfg = gpu_cfg(
+        shape_dir,
+        tmp_path / "p",
+        **{
+            "quantization.dequantize_once": False,
+            "train.trained_logits_only": False,
+            "train.max_tokens_per_batch": None,
+        },
+    )
     fast_cfg = gpu_cfg(shape_dir, tmp_path / "f")
     tokenizer = modeling.load_tokenizer(fast_cfg.model)
     rows = data.load_rows(str(REF / "samsum"), "validation")[:48]
@@ -96,10 +128,12 @@ def test_fast_path_loss_equals_plain_padded_path_on_gpu(shape_dir, tmp_path):
     fast.load_state_dict({k: v for k, v in plain.state_dict().items() if "lora_" in k}, strict=False)
     collate = training.Collator(chat.pad_id(tokenizer))
     total = sum(sum(label != -100 for label in row[1:]) for row in columns["labels"])
-    plain_trainer = training.build_trainer(plain_cfg.train, plain, training.training_set(plain_cfg.train, columns),
-                                           collate, tmp_path / "pc")
-    fast_trainer = training.build_trainer(fast_cfg.train, fast, training.training_set(fast_cfg.train, columns),
-                                          collate, tmp_path / "fc")
+    plain_trainer = training.build_trainer(
+        plain_cfg.train, plain, training.training_set(plain_cfg.train, columns), collate, tmp_path / "pc"
+    )
+    fast_trainer = training.build_trainer(
+        fast_cfg.train, fast, training.training_set(fast_cfg.train, columns), collate, tmp_path / "fc"
+    )
 
     def summed(trainer, model, items, size):
         loss = 0.0
@@ -109,11 +143,13 @@ def test_fast_path_loss_equals_plain_padded_path_on_gpu(shape_dir, tmp_path):
                 loss += trainer.compute_loss(model, batch, num_items_in_batch=total).item()
         return loss
 
-    plain_items = [{"input_ids": i, "labels": l} for i, l in zip(columns["input_ids"], columns["labels"])]
+    plain_items = [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"])]
     fast_items = [fast_trainer.train_dataset[i] for i in range(len(fast_trainer.train_dataset))]
     plain_loss, fast_loss = summed(plain_trainer, plain, plain_items, 8), summed(fast_trainer, fast, fast_items, 1)
-    print(f"GPU loss: plain padded 4-bit {plain_loss:.6f}, fast path {fast_loss:.6f}, "
-          f"relative difference {abs(fast_loss - plain_loss) / plain_loss:.2e}")
+    print(
+        f"GPU loss: plain padded 4-bit {plain_loss:.6f}, fast path {fast_loss:.6f}, "
+        f"relative difference {abs(fast_loss - plain_loss) / plain_loss:.2e}"
+    )
     assert fast_loss == pytest.approx(plain_loss, rel=1e-3)
 
 
@@ -129,7 +165,9 @@ def test_cuda_graph_steps_equal_plain_steps(shape_dir, tmp_path):
     model = modeling.load_generation_model(cfg.model, cfg.quantization, None, merge=True)
 
     def decode(**kw):
-        return generation.decode_batch(model, prompts, max_new_tokens=24, pad_id=fmt.pad_id, stop_ids=fmt.stop_ids, **kw)
+        return generation.decode_batch(
+            model, prompts, max_new_tokens=24, pad_id=fmt.pad_id, stop_ids=fmt.stop_ids, **kw
+        )
 
     graphed = decode(graphs=True)
     assert graphed == decode(graphs=False, full_view=True)

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import SMOKE_CONFIG, TINY_MODEL, set_args, smoke_overrides
+from test_cli import one_line_error, run_cli
 
 from samsum_qlora import merge, train
 from samsum_qlora.config import load_config
 from samsum_qlora.errors import UserError
-
-from conftest import SMOKE_CONFIG, TINY_MODEL, set_args, smoke_overrides
-from test_cli import one_line_error, run_cli
 
 INPUT = torch.tensor([[0, 17, 230, 5, 999, 64, 12, 801, 3, 77, 402, 9]])  # any ids: not the module's probe
 
@@ -18,7 +17,9 @@ INPUT = torch.tensor([[0, 17, 230, 5, 999, 64, 12, 801, 3, 77, 402, 9]])  # any 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     out = tmp_path_factory.mktemp("merge")
-    train.train_adapters(load_config(SMOKE_CONFIG, smoke_overrides(out, **{"train.max_steps": 4, "train.save_steps": 100})))
+    train.train_adapters(
+        load_config(SMOKE_CONFIG, smoke_overrides(out, **{"train.max_steps": 4, "train.save_steps": 100}))
+    )
     return out / "run" / "lora_adapters"
 
 
@@ -82,12 +83,15 @@ def test_out_of_tolerance_writes_nothing(adapters, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("missing", "is not a folder"),
-    ("no-config", "holds no LoRA adapters (no adapter_config.json)"),
-    ("no-base", "names no base_model_name_or_path"),
-    ("relative-base", "the adapters' base samsum_qlora/assets/tiny-llama is not here"),
-])
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("missing", "is not a folder"),
+        ("no-config", "holds no LoRA adapters (no adapter_config.json)"),
+        ("no-base", "names no base_model_name_or_path"),
+        ("relative-base", "the adapters' base samsum_qlora/assets/tiny-llama is not here"),
+    ],
+)
 def test_bad_adapters(tmp_path, monkeypatch, case, needle):
     folder = tmp_path / "adapters"
     if case != "missing":

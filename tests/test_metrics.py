@@ -22,8 +22,10 @@ def test_mean_of_per_example_fmeasure_equals_rouge_score():
     preds = ["Amanda baked cookies for Jerry.", "Tom will call later.", ""]
     refs = ["Amanda baked cookies and will bring Jerry some tomorrow.", "Tom is calling Anna tonight.", "Nothing."]
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
-    expected = {t: sum(scorer.score(r, p)[t].fmeasure for p, r in zip(preds, refs)) / 3
-                for t in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
+    expected = {
+        t: sum(scorer.score(r, p)[t].fmeasure for p, r in zip(preds, refs)) / 3
+        for t in ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    }
     assert rouge(preds, refs) == pytest.approx(expected)
     assert rouge_per_example(preds, refs)["rouge1"][2] == 0.0
 

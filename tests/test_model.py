@@ -2,12 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import REFERENCE, SMOKE_CONFIG, TINY_MODEL, smoke_overrides
 
 from samsum_qlora import model as modeling
 from samsum_qlora.config import Config, ModelArgs, load_config
 from samsum_qlora.errors import UserError
-
-from conftest import REFERENCE, SMOKE_CONFIG, TINY_MODEL, smoke_overrides
 
 
 def test_library_configs_from_ours():
@@ -21,14 +20,23 @@ def test_library_configs_from_ours():
 
 def lora_parameter_count(hidden: int, kv_dim: int, layers: int, r: int, targets) -> int:
     """Trainable LoRA parameters for q/k/v/o of a Llama: r x (in + out) per adapted matrix."""
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv_dim), "v_proj": (hidden, kv_dim),
-              "o_proj": (hidden, hidden)}
+    shapes = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, kv_dim),
+        "v_proj": (hidden, kv_dim),
+        "o_proj": (hidden, hidden),
+    }
     return layers * sum(r * sum(shapes[m]) for m in targets)
 
 
 def with_adapters(cfg):
-    return modeling.attach_new_adapters(modeling.load_model(cfg.model, cfg.quantization, training=True), cfg.lora,
-                                        cfg.quantization, gradient_checkpointing=False, half_precision=False)
+    return modeling.attach_new_adapters(
+        modeling.load_model(cfg.model, cfg.quantization, training=True),
+        cfg.lora,
+        cfg.quantization,
+        gradient_checkpointing=False,
+        half_precision=False,
+    )
 
 
 def test_real_llama_shape_has_1_7m_lora_parameters():
@@ -38,7 +46,10 @@ def test_real_llama_shape_has_1_7m_lora_parameters():
     c = json.loads(path.read_text())
     kv = c["num_key_value_heads"] * c["head_dim"]
     lora = Config().lora
-    assert lora_parameter_count(c["hidden_size"], kv, c["num_hidden_layers"], lora.lora_r, lora.target_modules) == 1_703_936
+    assert (
+        lora_parameter_count(c["hidden_size"], kv, c["num_hidden_layers"], lora.lora_r, lora.target_modules)
+        == 1_703_936
+    )
 
 
 def test_4bit_load_and_lora_count_on_tiny_model(tmp_path):
@@ -50,8 +61,9 @@ def test_4bit_load_and_lora_count_on_tiny_model(tmp_path):
     assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
     assert base.model.layers[0].self_attn.q_proj.base_layer.weight.quant_type == "nf4"
     c = base.config
-    expected = lora_parameter_count(c.hidden_size, c.num_key_value_heads * c.head_dim, c.num_hidden_layers,
-                                    cfg.lora.lora_r, cfg.lora.target_modules)
+    expected = lora_parameter_count(
+        c.hidden_size, c.num_key_value_heads * c.head_dim, c.num_hidden_layers, cfg.lora.lora_r, cfg.lora.target_modules
+    )
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == expected == 7168
 
@@ -111,6 +123,8 @@ def test_generation_model_keeps_rope_frequencies_and_adapters_in_float32(tmp_pat
 def test_cast_parameters_leaves_buffers_alone():
     from transformers import AutoModelForCausalLM
 
-    model = modeling.cast_parameters(AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32), torch.bfloat16)
+    model = modeling.cast_parameters(
+        AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32), torch.bfloat16
+    )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {b.dtype for n, b in model.named_buffers() if n.endswith("inv_freq")} == {torch.float32}

@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REFERENCE
 
 from samsum_qlora import chat, data
 from samsum_qlora.config import DataArgs, load_config
-
-from conftest import REFERENCE
 
 MAKE = REFERENCE / "smollm2" / "make.sh"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "samsum-qlora" / "smollm2-135m-instruct"
@@ -37,9 +36,15 @@ def smollm2() -> Path:
 
 
 def args_for(model: Path, tmp_path: Path, **extra) -> dict:
-    return {"model.name": str(model), "data.source": str(REFERENCE / "samsum"), "data.train_split": "validation",
-            "train.output_dir": str(tmp_path / "run"), "train.bf16": False,
-            "quantization.bnb_4bit_compute_dtype": "float32", **extra}
+    return {
+        "model.name": str(model),
+        "data.source": str(REFERENCE / "samsum"),
+        "data.train_split": "validation",
+        "train.output_dir": str(tmp_path / "run"),
+        "train.bf16": False,
+        "quantization.bnb_4bit_compute_dtype": "float32",
+        **extra,
+    }
 
 
 def test_mask_rule_on_every_validation_dialogue(smollm2):
@@ -68,9 +73,19 @@ def test_mask_rule_on_every_validation_dialogue(smollm2):
 def test_two_training_steps_on_real_weights(smollm2, tmp_path):
     from samsum_qlora.train import train_adapters
 
-    cfg = load_config(None, args_for(smollm2, tmp_path, **{
-        "train.max_steps": 2, "train.max_tokens_per_batch": 1024, "train.logging_steps": 1,
-        "data.max_train_samples": 16}))
+    cfg = load_config(
+        None,
+        args_for(
+            smollm2,
+            tmp_path,
+            **{
+                "train.max_steps": 2,
+                "train.max_tokens_per_batch": 1024,
+                "train.logging_steps": 1,
+                "data.max_train_samples": 16,
+            },
+        ),
+    )
     metrics = train_adapters(cfg)
     assert metrics["global_step"] == 2 and 0 < metrics["first_logged_loss"] < 6  # a real model, not a random one
     assert (tmp_path / "run" / "lora_adapters" / "adapter_model.safetensors").is_file()
@@ -78,11 +93,12 @@ def test_two_training_steps_on_real_weights(smollm2, tmp_path):
 
 @pytest.mark.slow
 def test_base_model_summarises_real_dialogues(smollm2, tmp_path):
+    """The unquantised base in float32: the same weights as bf16, and 3x faster on a CPU without
+    native bf16 matmuls (27 s against 75 s for these 8 dialogues on a 2-core CPU)."""
     from samsum_qlora.evaluate import evaluate_model, plan_eval
 
-    cfg = load_config(None, args_for(smollm2, tmp_path, **{
-        "quantization.load_in_4bit": False, "quantization.bnb_4bit_compute_dtype": "bfloat16",
-        "eval.max_new_tokens": 64}))
+    overrides = {"quantization.load_in_4bit": False, "eval.max_new_tokens": 64}
+    cfg = load_config(None, args_for(smollm2, tmp_path, **overrides))
     metrics = evaluate_model(cfg, plan_eval(cfg, base_only=True, limit=8))
     assert metrics["n_examples"] == 8 and metrics["rouge1"] > 0.10
     assert metrics["empty_predictions"] == 0

@@ -3,12 +3,11 @@
 import json
 
 import pytest
+from test_cli import one_line_error, run_cli
 
 from samsum_qlora import files, report
 from samsum_qlora.errors import UserError
 from samsum_qlora.metrics import rouge
-
-from test_cli import one_line_error, run_cli
 
 REFS = ["alpha beta gamma delta", "epsilon zeta eta theta", "iota kappa lambda mu", "nu xi omicron pi"]
 
@@ -54,8 +53,9 @@ def write_eval(folder, model, kind, answers):
     preds = [how(ref) for how, ref in zip(answers, REFS)]
     records = [{"id": f"t{i}", "reference": ref, "prediction": p} for i, (ref, p) in enumerate(zip(REFS, preds))]
     files.write_jsonl(folder / "predictions.jsonl", records)
-    files.write_json(folder / "metrics.json", {**rouge(preds, REFS), "n_examples": 4, "model": model, "type": kind,
-                                              "split": "test"})
+    files.write_json(
+        folder / "metrics.json", {**rouge(preds, REFS), "n_examples": 4, "model": model, "type": kind, "split": "test"}
+    )
 
 
 @pytest.fixture
@@ -133,16 +133,19 @@ def test_different_examples_are_flagged(run_dir, tmp_path):
     assert "did not score the same examples" in report.write_report([run_dir], tmp_path / "out")
 
 
-@pytest.mark.parametrize("breakage, needle", [
-    ("missing", "does not exist"),
-    ("file", "is not a folder"),
-    ("empty-run", "holds no metrics.json and no eval"),
-    ("no-predictions", "has metrics.json but no predictions.jsonl"),
-    ("bad-json", "metrics.json is not valid JSON"),
-    ("no-type", "has no 'model' and 'type'"),
-    ("bad-row", "has a row without id, prediction and reference"),
-    ("no-rows", "holds no predictions"),
-])
+@pytest.mark.parametrize(
+    "breakage, needle",
+    [
+        ("missing", "does not exist"),
+        ("file", "is not a folder"),
+        ("empty-run", "holds no metrics.json and no eval"),
+        ("no-predictions", "has metrics.json but no predictions.jsonl"),
+        ("bad-json", "metrics.json is not valid JSON"),
+        ("no-type", "has no 'model' and 'type'"),
+        ("bad-row", "has a row without id, prediction and reference"),
+        ("no-rows", "holds no predictions"),
+    ],
+)
 def test_bad_folders_are_one_line_errors_and_write_nothing(run_dir, tmp_path, breakage, needle):
     target = run_dir / "eval"
     if breakage == "missing":
@@ -167,3 +170,13 @@ def test_bad_folders_are_one_line_errors_and_write_nothing(run_dir, tmp_path, br
         report.write_report([run_dir / "eval-base", target], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # every folder is read before anything is written
     one_line_error(run_cli(["report", str(target), "--out", str(tmp_path / "out")]), needle)
+
+
+def test_two_recipes_of_one_model_are_told_apart_by_their_run_folder(tmp_path):
+    write_eval(tmp_path / "default" / "eval", "SmolLM2", "QLoRA adapters", (exact, swapped, wrong, wrong))
+    write_eval(tmp_path / "best" / "eval", "SmolLM2", "QLoRA adapters", (exact, exact, exact, swapped))
+    write_eval(tmp_path / "base" / "eval-base", "SmolLM2", "base", (wrong, wrong, wrong, wrong))
+    markdown = report.write_report([tmp_path / "base", tmp_path / "default", tmp_path / "best"], tmp_path / "out")
+    assert "| SmolLM2 | base | 0.00 |" in markdown
+    assert "| SmolLM2 (default) | QLoRA adapters | 50.00 |" in markdown
+    assert "| SmolLM2 (best) | QLoRA adapters | 100.00 |" in markdown

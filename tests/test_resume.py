@@ -9,20 +9,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SMOKE_CONFIG, set_args, smoke_overrides
 from safetensors.torch import load_file
 
 from samsum_qlora import checkpoints, train
 from samsum_qlora.config import load_config
 from samsum_qlora.errors import UserError
 
-from conftest import ROOT, SMOKE_CONFIG, set_args, smoke_overrides
-
-STEPS = 120  # long enough (several seconds) to interrupt between checkpoints
+STEPS = 60  # long enough (a few seconds) to interrupt between checkpoints
 
 
 def command(out: Path, **extra) -> list[str]:
-    overrides = smoke_overrides(out, **{"train.max_steps": STEPS, "train.save_steps": 10, "train.save_total_limit": 3,
-                                        "train.logging_steps": 10, **extra})
+    overrides = smoke_overrides(
+        out,
+        **{
+            "train.max_steps": STEPS,
+            "train.save_steps": 10,
+            "train.save_total_limit": 3,
+            "train.logging_steps": 10,
+            **extra,
+        },
+    )
     return [sys.executable, "-m", "samsum_qlora", "train", *set_args(overrides)]
 
 
@@ -32,7 +39,9 @@ def env():
 
 def start_and_signal(out: Path, sig: int) -> subprocess.CompletedProcess:
     """Start training, send `sig` as soon as the first complete checkpoint exists."""
-    proc = subprocess.Popen(command(out), env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command(out), env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (out / "run" / "checkpoints" / "checkpoint-10" / checkpoints.MANIFEST).exists():
@@ -73,7 +82,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_adapters(tmp_path, uninterrupted
     rerun = finish(tmp_path)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "resuming from" in rerun.stdout and "(step " in rerun.stdout
-    assert '"global_step": %d' % STEPS in (tmp_path / "run" / "train_metrics.json").read_text()
+    assert f'"global_step": {STEPS}' in (tmp_path / "run" / "train_metrics.json").read_text()
     assert_same_adapters(adapter(tmp_path), uninterrupted)
 
 
@@ -91,7 +100,9 @@ def test_sigterm_saves_exits_nonzero_and_resumes(tmp_path, uninterrupted):
 
 
 def short_run(tmp_path, **extra):
-    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.max_steps": 20, "train.save_steps": 10, **extra}))
+    cfg = load_config(
+        SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.max_steps": 20, "train.save_steps": 10, **extra})
+    )
     train.train_adapters(cfg)
     return tmp_path / "run" / "checkpoints"
 

@@ -24,14 +24,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from wandb_records import history, run_files
 
 ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted((ROOT / "sky").glob("*.yaml"))
 TESTED_SKYPILOT = "0.14.1"
-INSTALL = (f"python3 -m venv /tmp/sky-venv && /tmp/sky-venv/bin/pip install 'skypilot[runpod]=={TESTED_SKYPILOT}' "
-           "&& export SKY_PYTHON=/tmp/sky-venv/bin/python")
+INSTALL = (
+    f"python3 -m venv /tmp/sky-venv && /tmp/sky-venv/bin/pip install 'skypilot[runpod]=={TESTED_SKYPILOT}' "
+    "&& export SKY_PYTHON=/tmp/sky-venv/bin/python"
+)
 SECRET_TOKEN = "hf_simulated_token_must_not_be_written"
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
 SMOKE, SIM_CONFIG = "configs/smoke.yaml", "configs/smoke-sim.yaml"  # the latter written on the node
@@ -58,6 +59,7 @@ def sky_python() -> str | None:
 
 # --- SkyPilot's own verdict (one probe run for the module) ---
 
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory) -> Path:
     """A simulated cluster node's home; the probe syncs the repo into <home>/sky_workdir."""
@@ -73,17 +75,44 @@ def probe(tmp_path_factory, node) -> dict:
         pytest.fail("rsync is missing (SkyPilot syncs with it, and the pull command uses it): apt-get install -y rsync")
     # A copy of the repo with the local state .skyignore must keep out of the sync.
     repo = tmp_path_factory.mktemp("laptop") / "samsum-qlora"
-    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(
-        ".git", "outputs", "wandb", ".venv*", "__pycache__", ".pytest_cache", "*.egg-info", ".gpu-site", ".gpu-wheels",
-        ".ref", "build", "dist"))
-    for junk in ("outputs/old/adapter_model.safetensors", "wandb/offline-run-x/run-x.wandb", ".git/HEAD",
-                 ".venv/bin/python", "samsum_qlora/__pycache__/cli.cpython-311.pyc", ".gpu-site/x.py", ".ref/x"):
+    shutil.copytree(
+        ROOT,
+        repo,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            "outputs",
+            "wandb",
+            ".venv*",
+            "__pycache__",
+            ".pytest_cache",
+            "*.egg-info",
+            ".gpu-site",
+            ".gpu-wheels",
+            ".ref",
+            "build",
+            "dist",
+        ),
+    )
+    for junk in (
+        "outputs/old/adapter_model.safetensors",
+        "wandb/offline-run-x/run-x.wandb",
+        ".git/HEAD",
+        ".venv/bin/python",
+        "samsum_qlora/__pycache__/cli.cpython-311.pyc",
+        ".gpu-site/x.py",
+        ".ref/x",
+    ):
         (repo / junk).parent.mkdir(parents=True, exist_ok=True)
         (repo / junk).write_text("local only")
     home = tmp_path_factory.mktemp("sky-home")  # so no ~/.sky is read or written
     env = {**os.environ, "HOME": str(home), "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
-    result = subprocess.run([python, str(ROOT / "tests" / "sky_probe.py"), str(repo), str(node / "sky_workdir")],
-                            capture_output=True, text=True, env=env, timeout=180)
+    result = subprocess.run(
+        [python, str(ROOT / "tests" / "sky_probe.py"), str(repo), str(node / "sky_workdir")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 
@@ -148,12 +177,18 @@ def test_skyignore_keeps_local_state_out_of_the_sync(probe, node):
     workdir = node / "sky_workdir"
     for kept_out in ("outputs", "wandb", ".git", ".venv", ".gpu-site", ".ref", "samsum_qlora/__pycache__"):
         assert not (workdir / kept_out).exists(), f"{kept_out} was synced to the cluster"
-    for needed in ("pyproject.toml", "configs/llama32-1b-samsum.yaml", "configs/smoke.yaml",
-                   "samsum_qlora/cli.py", "samsum_qlora/assets/tiny-llama/config.json"):
+    for needed in (
+        "pyproject.toml",
+        "configs/llama32-1b-samsum.yaml",
+        "configs/smoke.yaml",
+        "samsum_qlora/cli.py",
+        "samsum_qlora/assets/tiny-llama/config.json",
+    ):
         assert (workdir / needed).is_file(), f"{needed} was not synced"
 
 
 # --- the simulated node ---
+
 
 @pytest.fixture(scope="module")
 def shell(probe, node, tmp_path_factory):
@@ -172,20 +207,34 @@ fi
     (bin_dir / "torchrun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {log}/torchrun\n')
     for tool in ("pip", "torchrun"):
         (bin_dir / tool).chmod(0o755)
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("WANDB_", "SKYPILOT_", "HF_TOKEN")) and k != "PYTHONPATH"}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("WANDB_", "SKYPILOT_", "HF_TOKEN")) and k != "PYTHONPATH"
+    }
 
     def run(name: str, script: str, gpus: int = 1, **overrides) -> subprocess.CompletedProcess:
         task = probe["tasks"][name]
-        env = {**base, "HOME": str(node), "PATH": f"{bin_dir}:{os.environ['PATH']}",
-               "PYTHONPATH": str(node / "sky_workdir"),
-               "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus), "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NUM_NODES": "1",
-               "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_TASK_ID": f"sky-sim-{name}",
-               **task["envs"], "CONFIG": SIM_CONFIG,
-               "HF_TOKEN": SECRET_TOKEN, "WANDB_API_KEY": "",  # as after `--secret HF_TOKEN` alone
-               **({} if HAS_WANDB else {"REPORT_TO": "none"}), **overrides}
-        return subprocess.run(["bash", "-c", task[script]], cwd=node / "sky_workdir", env=env,
-                              capture_output=True, text=True, timeout=300)
+        env = {
+            **base,
+            "HOME": str(node),
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "PYTHONPATH": str(node / "sky_workdir"),
+            "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus),
+            "SKYPILOT_NODE_RANK": "0",
+            "SKYPILOT_NUM_NODES": "1",
+            "SKYPILOT_NODE_IPS": "127.0.0.1",
+            "SKYPILOT_TASK_ID": f"sky-sim-{name}",
+            **task["envs"],
+            "CONFIG": SIM_CONFIG,
+            "HF_TOKEN": SECRET_TOKEN,
+            "WANDB_API_KEY": "",  # as after `--secret HF_TOKEN` alone
+            **({} if HAS_WANDB else {"REPORT_TO": "none"}),
+            **overrides,
+        }
+        return subprocess.run(
+            ["bash", "-c", task[script]], cwd=node / "sky_workdir", env=env, capture_output=True, text=True, timeout=300
+        )
 
     run.log = log
     return run
@@ -229,8 +278,15 @@ def test_train_run_leaves_the_adapters_where_the_pull_command_reads_them(trained
     fake_ssh.chmod(0o755)
     laptop = tmp_path / "laptop"  # a fresh clone: no outputs/ yet
     laptop.mkdir()
-    ok(subprocess.run(["bash", "-ec", pull[0]], cwd=laptop, capture_output=True, text=True,
-                      env={**os.environ, "HOME": str(node), "RSYNC_RSH": str(fake_ssh)}))
+    ok(
+        subprocess.run(
+            ["bash", "-ec", pull[0]],
+            cwd=laptop,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HOME": str(node), "RSYNC_RSH": str(fake_ssh)},
+        )
+    )
     pulled = laptop / target / "lora_adapters" / "adapter_model.safetensors"
     assert pulled.read_bytes() == adapters.read_bytes()
     assert f"adapters in {output_dir}/lora_adapters" in out
@@ -251,8 +307,17 @@ def test_several_gpus_train_through_torchrun(shell, trained, tmp_path):
     ok(shell("train.yaml", "run", gpus=4, OUTPUT_DIR=str(tmp_path / "ddp")))
     report_to = "wandb" if HAS_WANDB else "none"
     assert (shell.log / "torchrun").read_text().splitlines() == [
-        "--nproc_per_node=4", "--no-python", "samsum-qlora", "train", "--config", SIM_CONFIG,
-        "--set", f"train.output_dir={tmp_path / 'ddp'}", "--set", f"train.report_to={report_to}"]
+        "--nproc_per_node=4",
+        "--no-python",
+        "samsum-qlora",
+        "train",
+        "--config",
+        SIM_CONFIG,
+        "--set",
+        f"train.output_dir={tmp_path / 'ddp'}",
+        "--set",
+        f"train.report_to={report_to}",
+    ]
 
 
 def test_eval_run_scores_the_adapters_on_the_node(shell, trained):
@@ -263,8 +328,12 @@ def test_eval_run_scores_the_adapters_on_the_node(shell, trained):
     assert "| Model | Type | ROUGE-1 | ROUGE-2 | ROUGE-L |" in out
     run_id = output_dir / "wandb_run_id.txt"
     if HAS_WANDB and run_id.exists():  # once train and eval call samsum_qlora.tracking
-        rows = [row for f in run_files(output_dir) if f.name == f"run-{run_id.read_text().strip()}.wandb"
-                for row in history(f)]
+        rows = [
+            row
+            for f in run_files(output_dir)
+            if f.name == f"run-{run_id.read_text().strip()}.wandb"
+            for row in history(f)
+        ]
         assert any("train/loss" in row for row in rows) and any("eval/rouge1" in row for row in rows)
 
 

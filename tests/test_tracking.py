@@ -3,10 +3,10 @@
 import importlib.util
 
 import pytest
+from wandb_records import history, run_files
 
 from samsum_qlora import tracking
 from samsum_qlora.errors import UserError
-from wandb_records import history, run_files
 
 
 def test_without_wandb_in_report_to_nothing_changes(tmp_path):
@@ -24,8 +24,12 @@ def test_no_credentials_means_offline_said_in_one_line(tmp_path, capsys):
     assert len(notice.splitlines()) == 1 and "offline" in notice and "wandb sync" in notice
     run_id = (out / "wandb_run_id.txt").read_text().strip()
     assert env == {
-        "HOME": str(tmp_path), "WANDB_PROJECT": "samsum-qlora", "WANDB_DIR": str(out),
-        "WANDB_MODE": "offline", "WANDB_RUN_ID": run_id, "WANDB_RESUME": "allow",
+        "HOME": str(tmp_path),
+        "WANDB_PROJECT": "samsum-qlora",
+        "WANDB_DIR": str(out),
+        "WANDB_MODE": "offline",
+        "WANDB_RUN_ID": run_id,
+        "WANDB_RESUME": "allow",
     }
 
 
@@ -39,8 +43,13 @@ def test_a_rerun_into_the_same_dir_continues_the_same_run(tmp_path):
 
 
 def test_explicit_settings_win_and_an_explicit_run_id_is_remembered(tmp_path, capsys):
-    env = {"HOME": str(tmp_path), "WANDB_API_KEY": "k" * 40, "WANDB_PROJECT": "mine",
-           "WANDB_DIR": "/elsewhere", "WANDB_RUN_ID": "chosen1"}
+    env = {
+        "HOME": str(tmp_path),
+        "WANDB_API_KEY": "k" * 40,
+        "WANDB_PROJECT": "mine",
+        "WANDB_DIR": "/elsewhere",
+        "WANDB_RUN_ID": "chosen1",
+    }
     tracking.prepare_wandb(["wandb", "tensorboard"], tmp_path / "run", env=env)
     assert "WANDB_MODE" not in env and capsys.readouterr().out == ""  # a key means online
     assert (env["WANDB_PROJECT"], env["WANDB_DIR"], env["WANDB_RUN_ID"]) == ("mine", "/elsewhere", "chosen1")
@@ -60,7 +69,9 @@ def test_wandb_login_in_netrc_counts_as_credentials(tmp_path):
 
 def test_disabled_drops_wandb_and_other_ranks_only_read(tmp_path):
     assert tracking.prepare_wandb(["wandb"], tmp_path / "a", env={"WANDB_MODE": "disabled"}) == ["none"]
-    assert tracking.prepare_wandb(["wandb", "tensorboard"], tmp_path / "a", env={"WANDB_MODE": "disabled"}) == ["tensorboard"]
+    assert tracking.prepare_wandb(["wandb", "tensorboard"], tmp_path / "a", env={"WANDB_MODE": "disabled"}) == [
+        "tensorboard"
+    ]
     rank1 = {"HOME": str(tmp_path)}
     assert tracking.prepare_wandb(["wandb"], tmp_path / "b", is_main=False, env=rank1) == ["wandb"]
     assert rank1 == {"HOME": str(tmp_path)} and not (tmp_path / "b").exists()
@@ -104,7 +115,11 @@ def test_eval_scores_and_samples_join_the_training_run_offline(tmp_path, monkeyp
     assert run_file.name == f"run-{run_id}.wandb"  # the training run's id, not a new run
     (logged,) = history(run_file)
     assert {k: logged[k] for k in ("eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/n_examples")} == {
-        "eval/rouge1": 0.41, "eval/rouge2": 0.17, "eval/rougeL": 0.33, "eval/n_examples": 25}
+        "eval/rouge1": 0.41,
+        "eval/rouge2": 0.17,
+        "eval/rougeL": 0.33,
+        "eval/n_examples": 25,
+    }
     assert logged["eval/samples/_type"] == "table-file" and logged["eval/samples/nrows"] == 20
     for path in train_dir.rglob("*"):
         if path.is_file():

@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+from conftest import SMOKE_CONFIG, smoke_overrides
 
 from samsum_qlora import train
 from samsum_qlora.config import load_config
 from samsum_qlora.errors import UserError
-
-from conftest import SMOKE_CONFIG, smoke_overrides
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,9 @@ def test_training_lowers_the_loss_clearly(trained_run):
 def test_outputs_a_person_and_eval_can_use(trained_run):
     cfg, metrics, run_dir = trained_run
     adapters = run_dir / "lora_adapters"
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapters.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        p.name for p in adapters.iterdir()
+    }
     assert load_config(run_dir / "config.yaml") == cfg  # a rerunnable --config
     saved = json.loads((run_dir / "train_metrics.json").read_text())
     assert saved["trainable_parameters"] == 7168 and saved["rows"] == 60
@@ -58,8 +59,13 @@ def test_saved_adapters_reload_to_the_same_logits(tmp_path):
 
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     torch.manual_seed(0)
-    peft_model = modeling.attach_new_adapters(modeling.load_model(cfg.model, cfg.quantization, training=False), cfg.lora,
-                                              cfg.quantization, gradient_checkpointing=False, half_precision=False)
+    peft_model = modeling.attach_new_adapters(
+        modeling.load_model(cfg.model, cfg.quantization, training=False),
+        cfg.lora,
+        cfg.quantization,
+        gradient_checkpointing=False,
+        half_precision=False,
+    )
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:  # B starts at zero; give the adapters an effect to preserve
             p.data.normal_(0, 0.5)

@@ -3,13 +3,12 @@ loss equal to the model's own on the plain padded 4-bit path, and readable logs.
 
 import pytest
 import torch
+from conftest import SAMPLE_DATA, SMOKE_CONFIG, smoke_overrides
 
 from samsum_qlora import batching, chat, data
 from samsum_qlora import model as modeling
 from samsum_qlora import trainer as training
 from samsum_qlora.config import load_config
-
-from conftest import SAMPLE_DATA, SMOKE_CONFIG, smoke_overrides
 
 
 def encoded(tokenizer, cfg, n=24):
@@ -20,9 +19,13 @@ def encoded(tokenizer, cfg, n=24):
 
 def with_adapters(cfg):
     base = modeling.load_model(cfg.model, cfg.quantization, training=True)
-    return modeling.attach_new_adapters(base, cfg.lora, cfg.quantization,
-                                        gradient_checkpointing=cfg.train.gradient_checkpointing,
-                                        half_precision=cfg.train.bf16)
+    return modeling.attach_new_adapters(
+        base,
+        cfg.lora,
+        cfg.quantization,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        half_precision=cfg.train.bf16,
+    )
 
 
 def test_token_budget_batches_cover_every_row_once_within_budget():
@@ -56,8 +59,9 @@ def test_padding_is_small_with_token_budget_batches(tokenizer, smoke_cfg):
 def test_collator_pads_right_and_masks_padding(tokenizer, smoke_cfg):
     fmt = chat.ChatFormat.build(tokenizer, smoke_cfg.data)
     a, b = fmt.encode("Ana: hi\nBo: hello there", "Ana greets Bo."), fmt.encode("A: x", "Short.")
-    batch = training.Collator(fmt.pad_id)([{"input_ids": a.input_ids, "labels": a.labels},
-                                           {"input_ids": b.input_ids, "labels": b.labels}])
+    batch = training.Collator(fmt.pad_id)(
+        [{"input_ids": a.input_ids, "labels": a.labels}, {"input_ids": b.input_ids, "labels": b.labels}]
+    )
     n = len(b.input_ids)
     assert batch["input_ids"].shape == (2, max(len(a.input_ids), n))
     assert batch["input_ids"][1, n:].tolist() == [fmt.pad_id] * (batch["input_ids"].shape[1] - n)
@@ -71,9 +75,17 @@ def test_batch_without_trained_tokens_is_an_error():
 
 
 def test_fast_path_loss_equals_plain_padded_path(tmp_path, tokenizer):
-    plain_cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{
-        "quantization.dequantize_once": False, "train.trained_logits_only": False,
-        "train.max_tokens_per_batch": None}))
+    plain_cfg = load_config(
+        SMOKE_CONFIG,
+        smoke_overrides(
+            tmp_path,
+            **{
+                "quantization.dequantize_once": False,
+                "train.trained_logits_only": False,
+                "train.max_tokens_per_batch": None,
+            },
+        ),
+    )
     fast_cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     assert fast_cfg.quantization.dequantize_once and fast_cfg.train.trained_logits_only
     columns = encoded(tokenizer, plain_cfg)
@@ -89,13 +101,15 @@ def test_fast_path_loss_equals_plain_padded_path(tmp_path, tokenizer):
     assert lora and not result.unexpected_keys
 
     pad = chat.pad_id(tokenizer)
-    everything = training.Collator(pad)([{"input_ids": i, "labels": l}
-                                         for i, l in zip(columns["input_ids"], columns["labels"])])
+    everything = training.Collator(pad)(
+        [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"])]
+    )
     with torch.no_grad():
         plain_loss = plain(**everything).loss.item()
 
-    trainer = training.build_trainer(fast_cfg.train, fast, training.training_set(fast_cfg.train, columns),
-                                     training.Collator(pad), tmp_path / "ck")
+    trainer = training.build_trainer(
+        fast_cfg.train, fast, training.training_set(fast_cfg.train, columns), training.Collator(pad), tmp_path / "ck"
+    )
     total = sum(sum(label != -100 for label in row[1:]) for row in columns["labels"])
     fast_loss = 0.0
     with torch.no_grad():
@@ -115,6 +129,7 @@ def test_training_arguments_pass_our_fields_through(tmp_path):
 
 
 def test_logs_are_numbers_not_strings():
-    line = training.format_log(10, 40, {"loss": 7.26812, "grad_norm": 0.5312, "learning_rate": 2e-05,
-                                        "epoch": 0.25, "total_flos": 1e12})
+    line = training.format_log(
+        10, 40, {"loss": 7.26812, "grad_norm": 0.5312, "learning_rate": 2e-05, "epoch": 0.25, "total_flos": 1e12}
+    )
     assert line == "step 10/40: loss 7.268, grad_norm 0.5312, learning_rate 2.000e-05, epoch 0.25"

@@ -1,9 +1,10 @@
 """Builds `tiny-llama/`: the embedded default's model, shipped in the repo (a few hundred KB).
 
-A Llama-architecture model with random weights, briefly pre-trained on the sample dialogues, and a byte-level BPE tokenizer trained on the
-sample dialogues beside it, with Llama 3's pre-tokenizer, special tokens and the Llama 3.2 chat
-template, so that every code path (chat template, BOS, <|eot_id|>, pad id, 4-bit loading, LoRA on
-q/k/v/o) is the real model's, only small. Rerun it with `python -m samsum_qlora.assets.build_tiny_llama`.
+A Llama-architecture model with random weights, briefly pre-trained on the sample dialogues, and
+a byte-level BPE tokenizer trained on the sample dialogues beside it, with Llama 3's pre-tokenizer,
+special tokens and the Llama 3.2 chat template, so that every code path (chat template, BOS,
+<|eot_id|>, pad id, 4-bit loading, LoRA on q/k/v/o) is the real model's, only small. Rerun it
+with `python -m samsum_qlora.assets.build_tiny_llama`.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def build_tokenizer(vocab_size: int = 1024):
     tok.train_from_iterator(corpus(), trainer)
     bos = tok.token_to_id("<|begin_of_text|>")
     tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
         special_tokens=[("<|begin_of_text|>", bos)],
     )
     return PreTrainedTokenizerFast(
