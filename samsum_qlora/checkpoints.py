@@ -139,10 +139,13 @@ def start_point(run: RunDir, config: dict[str, Any], *, overwrite: bool, resume:
     An interrupted run is always resumed, --overwrite or not: rerunning the interrupted command
     must never start over. Its config must match (else refused, naming the key; with --overwrite,
     started over). A finished run (lora_adapters/) is only replaced with --overwrite."""
+    finished = f"{run.adapters} already holds a finished run; pass --overwrite or set another train.output_dir"
     if resume:
         chosen = Path(resume)
         if not chosen.is_dir():
             raise UserError(f"--resume {resume} is not a checkpoint directory")
+        if run.adapters.exists() and not overwrite:
+            raise UserError(finished)
         check_resumable(chosen, config)
         return chosen
     newest = newest_complete(run.checkpoints, warn=warn)
@@ -151,9 +154,7 @@ def start_point(run: RunDir, config: dict[str, Any], *, overwrite: bool, resume:
         check_resumable(newest, config)
         return newest
     if run.adapters.exists() and not overwrite:
-        raise UserError(
-            f"{run.adapters} already holds a finished run; pass --overwrite or set another train.output_dir"
-        )
+        raise UserError(finished)
     if newest is not None and not overwrite and not run.adapters.exists():
         check_resumable(newest, config)  # trained to the end, cut off before publishing
         return newest

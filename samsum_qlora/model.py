@@ -82,15 +82,23 @@ def load_tokenizer(m: ModelArgs):
     except (OSError, ValueError) as e:
         raise UserError(f"could not load a tokenizer from {m.name}: {str(e).splitlines()[0]}") from None
     if m.chat_template is not None:
-        path = Path(m.chat_template).expanduser()
-        is_file = len(m.chat_template) < 4096 and "{" not in m.chat_template and path.is_file()
-        tokenizer.chat_template = path.read_text(encoding="utf-8") if is_file else m.chat_template
+        tokenizer.chat_template = read_template(m.chat_template)
     if not tokenizer.chat_template:
         raise UserError(
             f"the tokenizer of {m.name} has no chat template; set model.chat_template to a Jinja "
             "chat template (text or a .jinja file), or use an Instruct model"
         )
     return tokenizer
+
+
+def read_template(value: str) -> str:
+    """model.chat_template: a Jinja template's text (it has a "{"), or the path of a file holding one."""
+    if "{" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.chat_template: {value} is not a file; give a .jinja file or the template's text")
+    return path.read_text(encoding="utf-8")
 
 
 def generation_eos(m: ModelArgs) -> list[int]:

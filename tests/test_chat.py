@@ -132,6 +132,8 @@ def test_a_tokenizer_without_a_chat_template_names_the_config_key(tmp_path):
     (tmp_path / "t.jinja").write_text(SPECS["smollm2"].chat_template)
     given = modeling.load_tokenizer(ModelArgs(name=str(tmp_path / "m"), chat_template=str(tmp_path / "t.jinja")))
     assert given.chat_template == SPECS["smollm2"].chat_template
+    with pytest.raises(UserError, match="model.chat_template: nope.jinja is not a file"):
+        modeling.load_tokenizer(ModelArgs(name=str(tmp_path / "m"), chat_template="nope.jinja"))
 
 
 def test_a_template_that_never_closes_the_turn_is_refused():

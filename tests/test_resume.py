@@ -125,3 +125,12 @@ def test_resume_with_changed_config_names_the_difference(tmp_path):
     with pytest.raises(UserError, match=r"lora.lora_r: 8 -> 16"):
         train.train_adapters(cfg)
     assert checkpoints.newest_complete(ckpts) is not None
+
+
+def test_resume_into_a_finished_run_needs_overwrite(tmp_path):
+    ckpts = short_run(tmp_path)
+    before = (tmp_path / "run" / "lora_adapters" / "adapter_model.safetensors").read_bytes()
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.max_steps": 20, "train.save_steps": 10}))
+    with pytest.raises(UserError, match="already holds a finished run; pass --overwrite"):
+        train.train_adapters(cfg, resume=str(ckpts / "checkpoint-10"))
+    assert (tmp_path / "run" / "lora_adapters" / "adapter_model.safetensors").read_bytes() == before
