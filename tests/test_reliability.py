@@ -98,40 +98,32 @@ def test_duplicate_and_null_ids_are_kept_apart_by_position(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["train", "eval"])
-def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, command):
-    """Two real processes: the first holds the folder; the second says so, in one line, and writes
-    nothing; the holder carries on."""
-    long = (
-        {"train.max_steps": 100_000, "train.save_steps": 100_000}
-        if command == "train"
-        else {"eval.max_new_tokens": 4000, "data.max_length": 4096}
-    )
-    args = set_args(smoke_overrides(tmp_path, **long)) + (["--base-only"] if command == "eval" else [])
-    folder = tmp_path / "run" / ("eval-base" if command == "eval" else "")
-    first = spawn([command, *args])
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    """Real processes: a long train and a long eval hold their folders; a second train and a
+    second eval into them each say so, in one line, and write nothing; the holders carry on."""
+    train_args = set_args(smoke_overrides(tmp_path, **{"train.max_steps": 100_000, "train.save_steps": 100_000}))
+    eval_args = set_args(smoke_overrides(tmp_path, **{"eval.max_new_tokens": 4000, "data.max_length": 4096}))
+    eval_args += ["--base-only"]
+    run, evals = tmp_path / "run", tmp_path / "run" / "eval-base"
+    holders = {"train": (spawn(["train", *train_args]), run, train_args),
+               "eval": (spawn(["eval", *eval_args]), evals, eval_args)}  # fmt: skip
     try:
-        wait_for(folder / ".samsum-qlora.lock", first)
+        for proc, folder, _ in holders.values():
+            wait_for(folder / ".samsum-qlora.lock", proc)
         time.sleep(1.0)  # the pid is written right after the lock is taken
-        second = subprocess.run(
-            [sys.executable, "-m", "samsum_qlora", command, *args],
-            env=cli_env(),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert second.returncode == 2, second.stderr
-        lines = [line for line in second.stderr.splitlines() if line.strip()]
-        assert lines == [
-            f"error: {folder} is in use by another samsum-qlora {command} (pid {first.pid}); "
-            "wait for it to finish or choose another folder"
-        ]
-        assert first.poll() is None  # the first run goes on
-        assert not (tmp_path / "run" / "lora_adapters").exists() and not (folder / "metrics.json").exists()
+        for command, (proc, folder, args) in holders.items():
+            second = subprocess.run([sys.executable, "-m", "samsum_qlora", command, *args], env=cli_env(),
+                                    cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert second.returncode == 2, second.stderr
+            lines = [line for line in second.stderr.splitlines() if line.strip()]
+            assert lines == [f"error: {folder} is in use by another samsum-qlora {command} (pid {proc.pid}); "
+                             "wait for it to finish or choose another folder"]  # fmt: skip
+            assert proc.poll() is None  # the holder goes on
+        assert not (run / "lora_adapters").exists() and not (evals / "metrics.json").exists()
     finally:
-        first.kill()
-        first.communicate()
+        for proc, _, _ in holders.values():
+            proc.kill()
+            proc.communicate()
 
 
 def test_a_diverging_run_stops_and_publishes_nothing(tmp_path):
@@ -203,17 +195,6 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes(tmp_path):
     )
     rerun = run_cli(["train", *args])
     assert rerun.exit_code == 0 and f"resuming from {saved}" in rerun.output
-
-
-@pytest.mark.slow
-def test_rerunning_an_interrupted_overwrite_resumes_it(tmp_path):
-    stopped = signalled(tmp_path, signal.SIGTERM, ["--overwrite"])
-    assert stopped.returncode == 143 and "rerun the same command to resume" in stopped.stderr
-    args = set_args(
-        smoke_overrides(tmp_path, **{"train.max_steps": 60, "train.save_steps": 10, "train.logging_steps": 10})
-    )
-    rerun = run_cli(["train", *args, "--overwrite"])  # the very command that was interrupted
-    assert rerun.exit_code == 0 and "resuming from" in rerun.output
 
 
 def test_resuming_with_a_changed_learning_rate_is_refused_naming_it(tmp_path):

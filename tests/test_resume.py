@@ -19,7 +19,7 @@ from samsum_qlora.errors import UserError
 STEPS = 60  # long enough (a few seconds) to interrupt between checkpoints
 
 
-def command(out: Path, **extra) -> list[str]:
+def command(out: Path, *flags: str, **extra) -> list[str]:
     overrides = smoke_overrides(
         out,
         **{
@@ -30,17 +30,17 @@ def command(out: Path, **extra) -> list[str]:
             **extra,
         },
     )
-    return [sys.executable, "-m", "samsum_qlora", "train", *set_args(overrides)]
+    return [sys.executable, "-m", "samsum_qlora", "train", *set_args(overrides), *flags]
 
 
 def env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def start_and_signal(out: Path, sig: int) -> subprocess.CompletedProcess:
+def start_and_signal(out: Path, sig: int, *flags: str) -> subprocess.CompletedProcess:
     """Start training, send `sig` as soon as the first complete checkpoint exists."""
     proc = subprocess.Popen(
-        command(out), env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command(out, *flags), env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -52,8 +52,8 @@ def start_and_signal(out: Path, sig: int) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout)
 
 
-def finish(out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(command(out), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+def finish(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(out, *flags), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -88,12 +88,13 @@ def test_sigkill_then_rerun_resumes_to_the_same_adapters(tmp_path, uninterrupted
 
 @pytest.mark.slow
 def test_sigterm_saves_exits_nonzero_and_resumes(tmp_path, uninterrupted):
-    stopped = start_and_signal(tmp_path, signal.SIGTERM)
+    """With --overwrite in the command, too: rerunning the interrupted command resumes it."""
+    stopped = start_and_signal(tmp_path, signal.SIGTERM, "--overwrite")
     assert stopped.returncode == 143, stopped.stdout
-    assert "SIGTERM received" in stopped.stdout
+    assert "SIGTERM received" in stopped.stdout and "rerun the same command to resume" in stopped.stdout
     saved = checkpoints.newest_complete(tmp_path / "run" / "checkpoints")
     assert saved is not None and int(saved.name.split("-")[1]) >= 10
-    rerun = finish(tmp_path)
+    rerun = finish(tmp_path, "--overwrite")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resuming from {saved}" in rerun.stdout
     assert_same_adapters(adapter(tmp_path), uninterrupted)

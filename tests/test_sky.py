@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,11 @@ def docs_text() -> str:
 
 def sky_python() -> str | None:
     if os.environ.get("SKY_PYTHON"):
+        # .ci/run builds SkyPilot's venv while the package installs: wait for it to be whole
+        building = Path(os.environ["SKY_PYTHON"]).parents[1].with_suffix(".building")
+        deadline = time.time() + 900
+        while building.exists() and time.time() < deadline:
+            time.sleep(1)
         return os.environ["SKY_PYTHON"]
     spec = importlib.util.find_spec("sky")
     if spec is not None and spec.origin is not None:  # not just our sky/ folder seen as a namespace
