@@ -243,10 +243,10 @@ class ChatFormat:
 
     # --- tokens ---
 
-    def prompt(self, dialogue: str, max_length: int | None = None) -> list[int]:
+    def prompt(self, dialogue: str) -> list[int]:
         """Prompt ids for generation: the template's rendering of the task and the dialogue, ending
-        in the assistant's header, the dialogue's tail cut to fit `max_length` (data.max_length)."""
-        fitted = fit_dialogue(self.tokenizer, self.plain(dialogue), self._prompt_ids, max_length or self.max_length)
+        in the assistant's header, the dialogue's tail cut to fit data.max_length."""
+        fitted = fit_dialogue(self.tokenizer, self.plain(dialogue), self._prompt_ids, self.max_length)
         if fitted is None:
             raise UserError(f"data.max_length={self.max_length} is too short for even the prompt template")
         return fitted[1]
@@ -267,7 +267,9 @@ class ChatFormat:
         Rows longer than data.max_length lose the end of their dialogue, never a summary token.
         Returns None for an empty dialogue or summary, or a summary that cannot fit with any prompt.
         """
-        dialogue, summary = self.plain(dialogue), self.plain(summary)
+        return self._encode_plain(self.plain(dialogue), self.plain(summary))
+
+    def _encode_plain(self, dialogue: str, summary: str) -> Encoded | None:
         if not dialogue or not summary:
             return None
         prompt_text = self.render(self.messages(dialogue), True)
@@ -293,10 +295,11 @@ class ChatFormat:
         columns: dict[str, list] = {"id": [], "input_ids": [], "labels": []}
         stats = EncodeStats()
         for row in tqdm(rows, desc="tokenising", unit="row", disable=not progress, leave=False):
-            if not self.plain(row["dialogue"]) or not self.plain(row["summary"]):
+            dialogue, summary = self.plain(row["dialogue"]), self.plain(row["summary"])
+            if not dialogue or not summary:
                 stats.skipped_empty += 1
                 continue
-            enc = self.encode(row["dialogue"], row["summary"])
+            enc = self._encode_plain(dialogue, summary)
             if enc is None:
                 stats.dropped_too_long += 1
                 continue
@@ -315,7 +318,3 @@ class ChatFormat:
         # no clean-up: it would take the spaces out of "Bo is late ." -style text on BPE tokenizers
         text = self.tokenizer.decode(ids[:cut], skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return self.plain(text)
-
-    def ended(self, ids: list[int]) -> bool:
-        """Whether generation stopped at an end of turn (not at max_new_tokens)."""
-        return any(t in self.stop_ids for t in ids)

@@ -11,7 +11,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from samsum_qlora import batching, chat, data, files, generation, predictions, runtime, tracking
+from samsum_qlora import batching, chat, data, files, generation, predictions, runtime
 from samsum_qlora import model as modeling
 from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
@@ -129,15 +129,7 @@ def evaluate_model(cfg: Config, plan: EvalPlan, *, overwrite: bool = False, pred
                 save = predictions.saver(sink, rows, todo, done)
                 extra = (predict or local_predictor(cfg, plan))([rows[i] for i in todo], save) or {}
         extra["generation_seconds"] = round(time.perf_counter() - started, 2)
-        metrics = predictions.publish(cfg, plan, folder, rows, done, extra)
-    _log_to_wandb(cfg, metrics, folder)
-    return metrics
-
-
-def _log_to_wandb(cfg: Config, metrics: dict, folder: EvalDir) -> None:
-    records = files.read_jsonl(folder.predictions)
-    if tracking.log_eval_to_wandb(metrics, records, Path(cfg.train.output_dir)):
-        print("logged the scores and sample predictions to the training run's W&B run")
+        return predictions.publish(cfg, plan, folder, rows, done, extra)
 
 
 def _evaluate_sharded(cfg: Config, plan: EvalPlan, rows: list[dict], *, overwrite: bool, rt) -> dict:

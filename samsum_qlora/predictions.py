@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from samsum_qlora import files, layout
+from samsum_qlora import files, layout, tracking
 from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir
@@ -198,4 +198,6 @@ def publish(cfg: Config, plan: EvalPlan, folder: EvalDir, rows: list[dict], done
     if empty:
         print(f"warning: {empty} of {len(records)} predictions are empty; ROUGE counts them as 0")
     print(f"wrote {folder.metrics} and {folder.predictions}")
+    if tracking.log_eval_to_wandb(metrics, records, Path(cfg.train.output_dir)):
+        print("logged the scores and sample predictions to the training run's W&B run")
     return metrics

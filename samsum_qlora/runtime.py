@@ -39,12 +39,6 @@ def current() -> Runtime:
     )
 
 
-def has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def device_name() -> str:
     import torch
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
 
     # --- where to start: step 0, or the checkpoint an interrupted run left ---
     config_tree = cfg.to_dict()
-    resume_from = start_point(cfg, run, rt, overwrite=overwrite, resume=resume)
+    resume_from = start_point(cfg, config_tree, run, rt, overwrite=overwrite, resume=resume)
 
     # --- seed ---
     set_seed(cfg.train.seed)
@@ -74,13 +76,14 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
     return metrics
 
 
-def start_point(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, resume: str | None):
+def start_point(cfg: Config, config_tree: dict, run: RunDir, rt: runtime.Runtime, *, overwrite: bool,
+                resume: str | None):  # fmt: skip
     """The checkpoint to resume from (None: step 0), after the checks that need no model."""
     import torch
     from transformers.utils import is_torch_bf16_available_on_device
 
     training.check_precision(cfg.train, torch.cuda.is_available(), is_torch_bf16_available_on_device("cpu"))
-    resume_from = checkpoints.start_point(run, cfg.to_dict(), overwrite=overwrite, resume=resume, warn=rt.say)
+    resume_from = checkpoints.start_point(run, config_tree, overwrite=overwrite, resume=resume, warn=rt.say)
     if resume_from is None and rt.is_main:
         shutil.rmtree(run.checkpoints, ignore_errors=True)  # an earlier run's: they must not mix with ours
     modeling.check_lora_targets(cfg.model, cfg.lora)
@@ -179,12 +182,22 @@ def train_metrics(
 
 
 def publish(cfg: Config, run: RunDir, model, tokenizer, metrics: dict) -> None:
-    with files.staged_dir(run.adapters) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        files.write_text(run.config, dump_config(cfg))
-        files.write_json(run.run_info, run_info(model))
-        files.write_json(run.train_metrics, metrics)
+    """The adapters, then config.yaml, run.json and train_metrics.json beside them: all written
+    first, then renamed into place, so a failed write leaves the previous run's files as they were."""
+    beside = {run.config: dump_config(cfg), run.run_info: json.dumps(run_info(model), indent=2) + "\n",
+              run.train_metrics: json.dumps(metrics, indent=2) + "\n"}  # fmt: skip
+    pending = {path: path.with_name(f".{path.name}.pending") for path in beside}
+    try:
+        for path, text in beside.items():
+            files.write_text(pending[path], text)
+        with files.staged_dir(run.adapters) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        for path, temporary in pending.items():
+            os.replace(temporary, path)
+    finally:
+        for temporary in pending.values():
+            temporary.unlink(missing_ok=True)
 
 
 def run_info(model) -> dict:

@@ -311,7 +311,8 @@ def test_full_disk_while_saving_a_checkpoint_and_the_adapters(tmp_path, monkeypa
 
     from samsum_qlora import files
 
-    monkeypatch.setattr(files, "write_json", full)  # the adapters are staged; their metrics cannot be
+    monkeypatch.setattr(files, "write_text", full)  # config.yaml, run.json, train_metrics.json cannot be written
     result = run_cli(["train", *set_args(smoke_overrides(tmp_path / "b", **{"train.max_steps": 2}))])
     last_line_error(result, "while saving the adapters; free some space, then rerun the same command")
     assert nothing_published(tmp_path / "b" / "run")
+    assert not list((tmp_path / "b" / "run").glob("*.json")) and not list((tmp_path / "b" / "run").glob(".*pending"))
