@@ -76,9 +76,11 @@ EOF
       echo "best on the held-out rows: $best" | tee "$RUNS/best.txt"
       # shellcheck disable=SC2086
       train best "${full[@]}" ${candidates[$best]} && score best "${full[@]}" ;;
-    bench)  # eval's generation against the tutorial's per-example loop, with the best adapters
-      "${q[@]}" bench "${full[@]}" --split test --model-dir "$MODEL" --adapters "$RUNS/best/lora_adapters" \
-        --eval --loop-sample 48 --steps 5 --warmup 3 --json "$RUNS/bench-smollm2.json" ;;
+    bench)  # eval's generation against the tutorial's per-example loop on the first 200 test dialogues,
+      # with the adapters of BENCH_RUN (default: best); the loop's outputs come from 14 processes at once
+      "${q[@]}" bench "${full[@]}" --split test --model-dir "$MODEL" --adapters "$RUNS/${BENCH_RUN:-best}/lora_adapters" \
+        --eval --loop-sample 200 --loop-workers "${LOOP_WORKERS:-14}" --steps 5 --warmup 3 \
+        --json "$RUNS/bench-smollm2.json" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from samsum_qlora.metrics import rouge
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 GIB = 1024**3
 RANDOM_MARK = "RANDOM_WEIGHTS"
+LOOP_TIMED_ALONE = 8  # prompts the per-example loop is timed on alone when processes share the rest
 
 
 def peak_flops(device_name: str | None) -> float | None:
@@ -241,43 +243,102 @@ def fast_path(cfg: Config, adapters: Path, fmt: chat.ChatFormat, prompts: list[l
     return out, seconds
 
 
-def per_example_paths(cfg: Config, adapters: Path, fmt: chat.ChatFormat, prompts: list[list[int]], sample: list[int]):
-    """The tutorial's loop (4-bit base, unmerged adapters, `model.generate`, one prompt at a time)
-    on `sample`, timed; and our decoder on the same model and prompts, one at a time: the same
-    arithmetic, so it must give the same tokens. Returns ({i: loop ids}, {i: our ids}, loop seconds)."""
-    seed = with_overrides(cfg, SEED_RECIPE)
-    model = modeling.load_generation_model(seed.model, seed.quantization, adapters, merge=False)
-    budget = cfg.eval.max_new_tokens
-    loop, ours = {}, {}
+@dataclass(frozen=True)
+class LoopTask:
+    """The tutorial's per-example loop and our decoder at batch 1, on the loop's model: the 4-bit
+    base with the adapters attached, unmerged (`config.SEED_RECIPE`). Picklable, for workers."""
+
+    cfg: Config
+    adapters: Path
+    pad_id: int
+    stop_ids: tuple[int, ...]
+
+    def load(self):
+        seed = with_overrides(self.cfg, SEED_RECIPE)
+        return modeling.load_generation_model(seed.model, seed.quantization, self.adapters, merge=False)
+
+    def loop(self, model, prompt: list[int]) -> list[int]:
+        return generation.generate_one(model, prompt, max_new_tokens=self.cfg.eval.max_new_tokens,
+                                       pad_id=self.pad_id, stop_ids=self.stop_ids).ids  # fmt: skip
+
+    def ours(self, model, prompt: list[int]) -> list[int]:
+        return generation.decode_batch(model, [prompt], max_new_tokens=self.cfg.eval.max_new_tokens,
+                                       pad_id=self.pad_id, stop_ids=self.stop_ids)[0].ids  # fmt: skip
+
+
+_WORKER: dict = {}  # a worker process's task and model, loaded once
+
+
+def _worker_start(task: LoopTask) -> None:
+    runtime.quiet_known_noise()
+    torch.set_num_threads(1)  # workers side by side: one CPU thread each is all batch-1 decoding uses
+    _WORKER["task"], _WORKER["model"] = task, task.load()
+
+
+def _worker_run(chunk: dict[int, list[int]]) -> dict[int, tuple[list[int], list[int]]]:
+    task, model = _WORKER["task"], _WORKER["model"]
+    return {i: (task.loop(model, p), task.ours(model, p)) for i, p in chunk.items()}
+
+
+def in_processes(task: LoopTask, prompts: dict[int, list[int]], workers: int) -> dict:
+    """Both per-example paths on `prompts`, shared by `workers` processes: at batch 1 a step is
+    bound by Python and kernel launches, so processes side by side keep the GPU busier."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    items = list(prompts.items())
+    chunks = [dict(items[k : k + 4]) for k in range(0, len(items), 4)]
+    out: dict = {}
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with (
+        ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start, initargs=(task,)) as pool,
+        tqdm(total=len(items), desc="per-example loop", unit="prompt") as bar,
+    ):
+        for done in as_completed([pool.submit(_worker_run, c) for c in chunks]):
+            out.update(done.result())
+            bar.update(len(done.result()))
+    return out
+
+
+def per_example_paths(task: LoopTask, prompts: list[list[int]], sample: list[int], workers: int, timed_alone: int):
+    """The loop and our decoder one prompt at a time on `sample`: the same arithmetic, so they must
+    give the same tokens. The loop is timed in this process alone: on all of `sample`, or with
+    `workers` > 1 on its first `timed_alone` prompts, the rest decoded in that many processes (for
+    their outputs: contention would blur their times). Returns ({i: loop ids}, {i: our ids},
+    prompts timed, seconds)."""
+    timed = sample if workers <= 1 else sample[:timed_alone]
+    model = task.load()
     _synchronize()
     started = time.perf_counter()
-    for i in sample:
-        loop[i] = generation.generate_one(model, prompts[i], max_new_tokens=budget, pad_id=fmt.pad_id,
-                                          stop_ids=fmt.stop_ids).ids  # fmt: skip
+    loop = {i: task.loop(model, prompts[i]) for i in timed}
     _synchronize()
     seconds = time.perf_counter() - started
-    for i in sample:
-        ours[i] = generation.decode_batch(
-            model, [prompts[i]], max_new_tokens=budget, pad_id=fmt.pad_id, stop_ids=fmt.stop_ids, graphs=False
-        )[0].ids
+    ours = {i: task.ours(model, prompts[i]) for i in timed}
     _release(model)
-    return loop, ours, seconds
+    rest = {i: prompts[i] for i in sample if i not in loop}
+    for i, (theirs, mine) in (in_processes(task, rest, workers) if rest else {}).items():
+        loop[i], ours[i] = theirs, mine
+    return loop, ours, timed, seconds
 
 
 def time_generation(
-    cfg: Config, model_dir: Path, adapters: Path | None, rows: list[dict], loop_sample: int, workdir: Path
+    cfg: Config, model_dir: Path, adapters: Path | None, rows: list[dict], loop: tuple[int, int], workdir: Path
 ) -> dict:
     """`eval`'s batched generation of every prompt at eval.max_new_tokens with real stopping,
-    against the tutorial's per-example loop on `loop_sample` prompts spread over the split."""
+    against the tutorial's per-example loop on the split's first `loop` = (prompts, processes)."""
+    loop_sample, loop_workers = loop
     cfg = with_overrides(cfg, {"model": {"name": str(model_dir)}})
     fmt = chat.ChatFormat.build(modeling.load_tokenizer(cfg.model), cfg.data, modeling.generation_eos(cfg.model))
     prompts = [fmt.prompt(r["dialogue"]) for r in rows]
     adapters = adapters or random_adapters(cfg, workdir / "adapters")
     fast, fast_s = fast_path(cfg, adapters, fmt, prompts)
-    sample = list(range(len(prompts)))[:: max(1, len(prompts) // loop_sample)][:loop_sample]
-    loop, ours, loop_s = per_example_paths(cfg, adapters, fmt, prompts, sample)
+    sample = list(range(min(loop_sample, len(prompts))))
+    task = LoopTask(cfg, adapters, fmt.pad_id, fmt.stop_ids)
+    loop, ours, timed, loop_s = per_example_paths(task, prompts, sample, loop_workers, LOOP_TIMED_ALONE)
     new_tokens = sum(len(d.ids) + d.ended for d in fast.values())
-    loop_tokens = sum(len(ids) + (len(ids) < cfg.eval.max_new_tokens) for ids in loop.values())
+    loop_tokens = sum(len(loop[i]) + (len(loop[i]) < cfg.eval.max_new_tokens) for i in timed)
     figures = {
         "examples": len(prompts),
         "max_new_tokens": cfg.eval.max_new_tokens,
@@ -288,8 +349,9 @@ def time_generation(
         "batched_tokens_per_s": round(new_tokens / fast_s, 1),
         "ended_share": round(sum(d.ended for d in fast.values()) / len(fast), 4),
         "loop_sample": len(sample),
+        "loop_timed": len(timed),
         "loop_tokens_per_s": round(loop_tokens / loop_s, 1),
-        "loop_projected_seconds": round(loop_s / len(sample) * len(prompts), 1),
+        "loop_projected_seconds": round(loop_s / len(timed) * len(prompts), 1),
         "same_outputs_as_loop": round(sum(fast[i].ids == loop[i] for i in sample) / len(sample), 4),
         "same_arithmetic_same_outputs": round(sum(ours[i] == loop[i] for i in sample) / len(sample), 4),
     }
@@ -308,7 +370,7 @@ def time_generation(
 
 def benchmark(cfg: Config, *, split: str, steps: int, warmup: int, compare_seed: bool, with_eval: bool,
               loop_sample: int, epoch_tokens: int | None, json_path: Path | None, model_dir: Path | None = None,
-              adapters: Path | None = None) -> dict:  # fmt: skip
+              adapters: Path | None = None, loop_workers: int = 1) -> dict:  # fmt: skip
     if json_path is not None:
         files.ensure_writable_dir(json_path.parent)
     if adapters is not None and not adapters.is_dir():
@@ -331,7 +393,11 @@ def benchmark(cfg: Config, *, split: str, steps: int, warmup: int, compare_seed:
         model_dir = random_model_dir(cfg, model_dir or workdir / "random-model")
         result["weights"] = weights_label(model_dir)
 
-        # --- training: the seed first (liger-kernel patches transformers for the whole process) ---
+        # --- generation, then training: liger-kernel patches transformers for the whole process once
+        # a model trains with it, and neither eval's generation nor the seed recipe runs with it ---
+        if with_eval:
+            result["eval"] = time_generation(cfg, model_dir, adapters, rows, (loop_sample, loop_workers), workdir)
+
         def timed(config):
             return time_training(config, model_dir, columns, steps, warmup, result["epoch_tokens"], workdir)
 
@@ -339,9 +405,6 @@ def benchmark(cfg: Config, *, split: str, steps: int, warmup: int, compare_seed:
         result.update(timed(cfg))
         if seed is not None:
             result["seed"], result["ratio"] = seed, round(result["tokens_per_s"] / seed["tokens_per_s"], 2)
-        # --- generation ---
-        if with_eval:
-            result["eval"] = time_generation(cfg, model_dir, adapters, rows, loop_sample, workdir)
     print(report(result))
     if json_path is not None:
         files.write_json(json_path, result)
@@ -377,7 +440,8 @@ def eval_lines(e: dict) -> list[str]:
         f"turn: {e['batched_seconds']:.2f} s ({e['batched_new_tokens']:,} tokens, {e['batched_tokens_per_s']:,.0f} "
         f"tokens/s; {100 * e['ended_share']:.0f}% ended); the per-example loop {e['loop_tokens_per_s']:,.1f} "
         f"tokens/s, {e['loop_projected_seconds']:.0f} s projected: {e['ratio']:.0f}x",
-        f"on {e['loop_sample']} sampled prompts, same output as the loop: batched "
+        f"on the first {e['loop_sample']} prompts (the loop timed on {e['loop_timed']}), same output as the loop: "
+        f"batched "
         f"{100 * e['same_outputs_as_loop']:.1f}%, our decoder one at a time on the loop's model "
         f"{100 * e['same_arithmetic_same_outputs']:.1f}%",
     ]

@@ -239,7 +239,15 @@ def merge(config_path, overrides, adapters, out_dir, dtype):
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed steps first (allocation, kernels).")
 @click.option("--compare", type=click.Choice(["seed"]), help="Also time the seed tutorial's recipe, same process.")
 @click.option("--eval", "with_eval", is_flag=True, help="Also time batched generation against the per-example loop.")
-@click.option("--loop-sample", type=int, default=16, show_default=True, help="Examples the slow loop times.")
+@click.option("--loop-sample", type=int, default=16, show_default=True, help="First prompts the slow loop decodes.")
+@click.option(
+    "--loop-workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Processes sharing the loop's prompts (on a GPU); with more than one, the loop's speed is timed "
+    "on its first prompts alone, before they start.",
+)
 @click.option(
     "--epoch-tokens", type=int, default=None, help="Tokens in one epoch for the projection (default: the split's)."
 )
@@ -266,6 +274,7 @@ def bench(
     compare,
     with_eval,
     loop_sample,
+    loop_workers,
     epoch_tokens,
     json_path,
     model_dir,
@@ -276,8 +285,8 @@ def bench(
     from samsum_qlora.bench import benchmark
 
     cfg = _config(config_path, overrides)
-    if steps < 1 or warmup < 1 or loop_sample < 1:
-        raise UserError("--steps, --warmup and --loop-sample must be at least 1")
+    if min(steps, warmup, loop_sample, loop_workers) < 1:
+        raise UserError("--steps, --warmup, --loop-sample and --loop-workers must be at least 1")
     benchmark(
         cfg,
         split=split or cfg.data.train_split,
@@ -286,6 +295,7 @@ def bench(
         compare_seed=compare == "seed",
         with_eval=with_eval,
         loop_sample=loop_sample,
+        loop_workers=loop_workers,
         epoch_tokens=epoch_tokens,
         json_path=Path(json_path) if json_path else None,
         model_dir=Path(model_dir) if model_dir else None,

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from samsum_qlora.batching import generation_batches
 from samsum_qlora.chat import pad
 
 CHECK_EVERY = 8  # steps between looks at whether every row has stopped (each look syncs the GPU)
+PREFILL_TOKENS = 32768  # padded prompt tokens per prefill forward: enough to keep a GPU's matmuls busy
 
 
 @dataclass
@@ -32,16 +35,19 @@ class SlotCache:
     """Keys and values of every layer. With `full_view` (what a CUDA graph needs): buffers
     allocated once per batch, [rows, kv heads, capacity, head dim], written in place at `slot` (a
     device tensor), every step attending over the whole buffer while the mask hides what is not
-    written yet: fixed shapes and addresses. Without: grown by concatenation, exactly as
-    transformers' `DynamicCache` grows, so a step runs the same kernels on the same layout as
-    `generate` does."""
+    written yet: fixed shapes and addresses; a prefill chunk (`chunk`) writes its rows' keys where
+    the batch's left padding puts them and attends to its own. Without: grown by concatenation,
+    exactly as transformers' `DynamicCache` grows, so a step runs the same kernels on the same
+    layout as `generate` does."""
 
-    def __init__(self, capacity: int, full_view: bool, device):
-        self.capacity, self.full_view = capacity, full_view
+    def __init__(self, capacity: int, full_view: bool, device, rows: int = 0):
+        self.capacity, self.full_view, self.rows = capacity, full_view, rows
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.filled = 0  # host copy of the filled length
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        # while prefilling a chunk of rows: (their row indices, the slot their padded prompts start at)
+        self.chunk: tuple[torch.Tensor, int] | None = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if not self.full_view:
@@ -51,9 +57,15 @@ class SlotCache:
             self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
             return key_states, value_states
         if layer_idx not in self.keys:
-            rows, heads, _, _ = key_states.shape
+            rows, heads = self.rows or key_states.shape[0], key_states.shape[1]
             self.keys[layer_idx] = key_states.new_zeros(rows, heads, self.capacity, key_states.shape[-1])
             self.values[layer_idx] = value_states.new_zeros(rows, heads, self.capacity, value_states.shape[-1])
+        if self.chunk is not None:  # the chunk attends to itself alone: nothing is cached before it
+            rows, start = self.chunk
+            end = start + key_states.shape[-2]
+            self.keys[layer_idx][rows, :, start:end] = key_states
+            self.values[layer_idx][rows, :, start:end] = value_states
+            return key_states, value_states
         where = self.slot + torch.arange(key_states.shape[-2], device=self.slot.device)
         self.keys[layer_idx].index_copy_(2, where, key_states)
         self.values[layer_idx].index_copy_(2, where, value_states)
@@ -81,6 +93,47 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
 
 
+DECODE_ATTENTION = "samsum_decode"
+
+
+def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, except that a single query token attends on the key/value
+    heads as they are, its query heads grouped per KV head (GQA), rather than on the cache copied
+    once per group (`repeat_kv`, which transformers < 5.2x does whenever a mask is given): at batch
+    256 over 1,000 cached tokens that copy moves ~40 GB per step for a 1B model."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    rows, heads, queries, _ = query.shape
+    shared_mask = attention_mask is None or attention_mask.shape[1] == 1  # the same for every head
+    if queries != 1 or groups == 1 or not shared_mask or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError("SDPA does not support softcap: set model.attn_implementation=eager")
+    grouped = query.reshape(rows, heads // groups, groups, query.shape[-1])  # head h reads KV head h // groups
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def grouped_decode_attention(model):
+    """Within: an SDPA model attends with `decode_attention`. Other implementations are left alone."""
+    config = model.config
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    config._attn_implementation = DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
 def attention_mask(valid: torch.Tensor, start: int, queries: int, keys: int) -> torch.Tensor:
     """Boolean [rows, 1, queries, keys] mask of the queries at positions start.. over the first
     `keys` positions: causal, and blind to padding. A padding query (left padding) sees itself,
@@ -101,15 +154,23 @@ def decode_batch(
     stop_ids: tuple[int, ...],
     graphs: bool = False,
     full_view: bool | None = None,
+    prefill_tokens: int = PREFILL_TOKENS,
 ) -> list[Decoded]:
     """Greedy continuations of `prompts`, left-padded into one batch. `full_view` (implied by
-    `graphs`) attends over the whole preallocated cache, as a captured graph must."""
+    `graphs`) attends over the whole preallocated cache, as a captured graph must, with
+    `decode_attention`, after prefilling the prompts in chunks of similar length of at most
+    `prefill_tokens` padded tokens; without it, a step computes what `generate` computes."""
     full_view = graphs if full_view is None else full_view
+    with grouped_decode_attention(model) if full_view else nullcontext():
+        return _decode(model, prompts, max_new_tokens, pad_id, stop_ids, graphs, full_view, prefill_tokens)
+
+
+def _decode(model, prompts, max_new_tokens, pad_id, stop_ids, graphs, full_view, prefill_tokens) -> list[Decoded]:
     device = next(model.parameters()).device
     ids, real = (t.to(device) for t in pad(prompts, pad_id, left=True))
     rows, width = ids.shape
     padded = bool((real == 0).any())
-    cache = SlotCache(width + max_new_tokens, full_view=full_view, device=device)
+    cache = SlotCache(width + max_new_tokens, full_view=full_view, device=device, rows=rows)
     valid = torch.zeros(rows, width + max_new_tokens, dtype=torch.bool, device=device)
     valid[:, :width] = real.bool()
     kwarg = cache_keyword(model)
@@ -125,10 +186,12 @@ def decode_batch(
         )
         return out.logits[:, -1]
 
-    # --- prefill: the prompts, in one forward ---
-    keys = cache.capacity if full_view else width
+    # --- prefill: the prompts, in one forward, or in chunks of similar length (padding costs compute) ---
     positions = (real.cumsum(-1) - 1).clamp(min=0)
-    logits = forward(ids, positions, attention_mask(valid, 0, width, keys) if padded or full_view else None)
+    if full_view:
+        logits = _prefill_chunks(forward, prompts, cache, width, pad_id, prefill_tokens)
+    else:
+        logits = forward(ids, positions, attention_mask(valid, 0, width, width) if padded else None)
     cache.advance(width)
     stop_tensor = torch.tensor(stop_ids, device=device)
     step = _Step(forward, rows, positions[:, -1:] + 1, valid, graphs, padded)
@@ -143,6 +206,24 @@ def decode_batch(
         logits = step(token, cache)
     stops = set(stop_ids)
     return [cut(seq, stops) for seq in generated.tolist()]
+
+
+def _prefill_chunks(forward, prompts, cache: SlotCache, width: int, pad_id: int, max_tokens: int) -> torch.Tensor:
+    """Each chunk left-padded to its own longest prompt only and written into the cache where the
+    batch's left padding puts it (ending at `width`): the last logits of every row."""
+    lengths = [len(p) for p in prompts]
+    logits = None
+    for chunk in generation_batches(lengths, max_rows=len(prompts), max_tokens=max_tokens, new_tokens=0):
+        ids, real = (t.to(cache.slot.device) for t in pad([prompts[i] for i in chunk], pad_id, left=True))
+        rows = torch.tensor(chunk, device=ids.device)
+        cache.chunk = (rows, width - ids.shape[1])
+        padded = bool((real == 0).any())
+        mask = attention_mask(real.bool(), 0, ids.shape[1], ids.shape[1]) if padded else None
+        out = forward(ids, (real.cumsum(-1) - 1).clamp(min=0), mask)
+        logits = out.new_empty(len(prompts), out.shape[-1]) if logits is None else logits
+        logits[rows] = out
+    cache.chunk = None
+    return logits
 
 
 class _Step:

@@ -107,3 +107,21 @@ def test_model_dir_of_another_shape_or_holding_no_model_is_refused(tmp_path):
         bench.random_model_dir(tiny_cfg(), notes)
     assert [f.name for f in notes.iterdir()] == ["mine.txt"]  # nothing written, nothing removed
     assert not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.slow
+def test_bench_command_shares_the_loop_with_worker_processes(tmp_path):
+    """`bench --loop-workers 2` from the command line: the loop is timed alone on its first prompts,
+    the rest decoded in two spawned processes, where our decoder still gives the loop's tokens."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    args = set_args(smoke_overrides(tmp_path, **{"eval.max_new_tokens": 4}))
+    cmd = [sys.executable, "-m", "samsum_qlora", "bench", *args, "--steps", "1", "--warmup", "1", "--eval",
+           "--loop-sample", str(bench.LOOP_TIMED_ALONE + 2), "--loop-workers", "2", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    e = json.loads(out.read_text())["eval"]
+    assert e["loop_sample"] == bench.LOOP_TIMED_ALONE + 2 and e["loop_timed"] == bench.LOOP_TIMED_ALONE
+    assert e["same_arithmetic_same_outputs"] == 1.0  # the workers' prompts included

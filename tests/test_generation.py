@@ -48,8 +48,11 @@ def test_batched_left_padded_equals_one_at_a_time(trained):
     model, fmt, prompts = trained
     single = [ours(model, [p], fmt, 24)[0] for p in prompts]
     assert ours(model, prompts, fmt, 24) == single
-    # the layout a CUDA graph needs: attention over the whole preallocated cache, hidden by the mask
-    assert ours(model, prompts, fmt, 24, full_view=True) == single
+    # the layout a CUDA graph needs: attention over the whole preallocated cache, hidden by the mask,
+    # after a prefill in one chunk, in chunks of several rows padded to their own longest, or row by row
+    longest = max(map(len, prompts))
+    for prefill_tokens in (10**6, 3 * longest, 1):
+        assert ours(model, prompts, fmt, 24, full_view=True, prefill_tokens=prefill_tokens) == single
     assert any(len(d.ids) > 3 for d in single)  # it generated something to compare
 
 
@@ -96,3 +99,34 @@ def test_each_family_architecture_decodes_as_generate(family, tmp_path):
     single = [ours(model, [p], fmt, 12)[0] for p in prompts]
     assert single == [reference(model, p, fmt, 12) for p in prompts]
     assert ours(model, prompts, fmt, 12) == single
+    assert ours(model, prompts, fmt, 12, full_view=True, prefill_tokens=2 * max(map(len, prompts))) == single
+
+
+def test_decode_attention_groups_query_heads_as_repeat_kv_would():
+    """One query token over a GQA cache: the grouped heads give the very attention that copying
+    each KV head once per query head gives, head for head, padding mask included."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    rows, kv_heads, groups, keys, dim = 3, 2, 4, 10, 16
+    query = torch.randn(rows, kv_heads * groups, 1, dim)
+    key, value = torch.randn(rows, kv_heads, keys, dim), torch.randn(rows, kv_heads, keys, dim)
+    mask = torch.rand(rows, 1, 1, keys) > 0.4
+    mask[..., -1] = True
+    out, _ = generation.decode_attention(SimpleNamespace(num_key_value_groups=groups), query, key, value, mask,
+                                         scaling=0.25)  # fmt: skip
+    # by hand: query head h reads KV head h // groups
+    k, v = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = (query @ k.transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf")).softmax(-1)
+    assert out.shape == (rows, 1, kv_heads * groups, dim)
+    torch.testing.assert_close(out, (weights @ v).transpose(1, 2))
+
+
+def test_full_view_decodes_with_grouped_attention_and_restores_sdpa(trained, monkeypatch):
+    model, fmt, prompts = trained
+    calls = []
+    real = generation.decode_attention
+    monkeypatch.setattr(generation, "decode_attention", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    ours(model, prompts[:3], fmt, 4, full_view=True)
+    assert any(shape[2] == 1 for shape in calls)  # the decoding steps went through it
+    assert model.config._attn_implementation == "sdpa"
