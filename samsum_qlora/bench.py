@@ -21,7 +21,7 @@ from samsum_qlora import model as modeling
 from samsum_qlora import trainer as training
 from samsum_qlora.config import SEED_RECIPE, Config, with_overrides
 from samsum_qlora.errors import UserError
-from samsum_qlora.metrics import rouge
+from samsum_qlora.metrics import paired_difference, rouge_per_example
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 GIB = 1024**3
@@ -357,12 +357,21 @@ def time_generation(
     }
     figures["ratio"] = round(figures["loop_projected_seconds"] / fast_s, 1)
     if weights_label(model_dir) != "random":  # real weights: what the two paths score
-        refs = [chat.clean(rows[i]["summary"]) for i in sample]
-        figures["rouge_sample"] = {
-            "batched": rouge([fmt.decode(fast[i].ids) for i in sample], refs),
-            "loop": rouge([fmt.decode(loop[i]) for i in sample], refs),
-        }
+        texts = {"batched": [fmt.decode(fast[i].ids) for i in sample], "loop": [fmt.decode(loop[i]) for i in sample]}
+        figures["rouge_sample"] = compare_rouge(texts, [chat.clean(rows[i]["summary"]) for i in sample])
+        figures["sample_outputs"] = [{"row": i, "batched": b, "loop": lp} for i, b, lp in zip(sample, *texts.values())]
     return figures
+
+
+def compare_rouge(texts: dict[str, list[str]], refs: list[str]) -> dict:
+    """ROUGE of the batched path and of the loop on the same rows, and batched - loop per row with
+    its bootstrap interval: a difference inside the interval is the rows' spread, not the path."""
+    scores = {path: rouge_per_example(t, refs) for path, t in texts.items()}
+    out: dict = {path: {k: sum(v) / len(v) for k, v in s.items()} for path, s in scores.items()}
+    out["difference"] = {
+        k: paired_difference(scores["batched"][k], scores["loop"][k]) for k in ("rouge1", "rouge2", "rougeL")
+    }
+    return out
 
 
 # --- the command -----------------------------------------------------------------------------------
@@ -446,9 +455,15 @@ def eval_lines(e: dict) -> list[str]:
         f"{100 * e['same_arithmetic_same_outputs']:.1f}%",
     ]
     if "rouge_sample" in e:
-        for path, scores in e["rouge_sample"].items():
-            lines.append(
-                f"ROUGE-1/2/L on the sample, {path}: "
-                + " / ".join(f"{100 * scores[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL"))
+        shown = ("rouge1", "rouge2", "rougeL")
+        for path in ("batched", "loop"):
+            scores = e["rouge_sample"][path]
+            lines.append(f"ROUGE-1/2/L on the sample, {path}: " + " / ".join(f"{100 * scores[k]:.2f}" for k in shown))
+        d = e["rouge_sample"]["difference"]
+        lines.append(
+            "batched - loop, per row, 95% bootstrap interval: "
+            + " / ".join(
+                f"{100 * d[k]['mean']:+.2f} ({100 * d[k]['low']:+.2f} to {100 * d[k]['high']:+.2f})" for k in shown
             )
+        )
     return lines

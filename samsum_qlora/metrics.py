@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+RESAMPLES, SEED, LEVEL = 1000, 0, 0.95  # bootstrap: resamples, their seed, the interval's level
 
 
 def rouge_per_example(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
@@ -22,6 +23,35 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     per_example = rouge_per_example(predictions, references)
     n = len(predictions)
     return {t: (sum(v) / n if n else 0.0) for t, v in per_example.items()}
+
+
+def bootstrap_interval(
+    values: list[float], *, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean: resample the examples with replacement.
+
+    The same seed draws the same example indices for every evaluation of the same size, so rows
+    scored on the same examples are compared on the same resamples."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("no values to resample")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def paired_difference(a: list[float], b: list[float], **kwargs) -> dict[str, float]:
+    """Mean of a - b over the same examples, with its bootstrap interval: whether two systems
+    scored on the same rows differ by more than the rows' own spread."""
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} scores against {len(b)}")
+    diff = [x - y for x, y in zip(a, b)]
+    lo, hi = bootstrap_interval(diff, **kwargs)
+    return {"mean": sum(diff) / len(diff), "low": lo, "high": hi}
 
 
 def results_table(rows: list[tuple[str, str, dict[str, float]]]) -> str:

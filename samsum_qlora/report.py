@@ -15,13 +15,10 @@ from pathlib import Path
 from samsum_qlora import files
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir
-from samsum_qlora.metrics import results_table, rouge_per_example
+from samsum_qlora.metrics import LEVEL, RESAMPLES, SEED, bootstrap_interval, results_table, rouge_per_example
 from samsum_qlora.predictions import KIND_API, KIND_BASE, KIND_QLORA
 
 SHOWN = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))  # the seed's columns
-RESAMPLES = 1000
-SEED = 0
-LEVEL = 0.95
 KIND_ORDER = (KIND_BASE, KIND_API, KIND_QLORA)  # the tutorial's row order within one run folder
 
 
@@ -112,25 +109,6 @@ def load_scored(folder: Path) -> Scored:
 
 
 # --- statistics (pure) ---------------------------------------------------------------------------
-
-
-def bootstrap_interval(
-    values: list[float], *, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean: resample the examples with replacement.
-
-    The same seed draws the same example indices for every evaluation of the same size, so rows
-    scored on the same examples are compared on the same resamples."""
-    import numpy as np
-
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        raise ValueError("no values to resample")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
-    tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(means, [tail, 100 - tail])
-    return float(lo), float(hi)
 
 
 def intervals(scored: Scored, **kwargs) -> dict[str, tuple[float, float]]:

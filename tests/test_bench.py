@@ -125,3 +125,25 @@ def test_bench_command_shares_the_loop_with_worker_processes(tmp_path):
     e = json.loads(out.read_text())["eval"]
     assert e["loop_sample"] == bench.LOOP_TIMED_ALONE + 2 and e["loop_timed"] == bench.LOOP_TIMED_ALONE
     assert e["same_arithmetic_same_outputs"] == 1.0  # the workers' prompts included
+
+
+def test_compare_rouge_reports_each_path_and_their_paired_difference():
+    refs = ["amanda baked cookies for jerry", "tom is late again", "they meet at noon", "she lost her keys"]
+    loop = ["amanda baked cookies", "tom is late", "nothing at all here", "she lost keys"]
+    same = bench.compare_rouge({"batched": list(loop), "loop": loop}, refs)
+    assert same["batched"] == same["loop"]
+    assert all(d == {"mean": 0.0, "low": 0.0, "high": 0.0} for d in same["difference"].values())
+
+    better = bench.compare_rouge({"batched": refs, "loop": loop}, refs)  # the batched path copies the references
+    assert better["batched"]["rouge1"] == 1.0 and better["loop"]["rouge1"] < 1.0
+    d = better["difference"]["rouge1"]
+    assert d["mean"] == pytest.approx(better["batched"]["rouge1"] - better["loop"]["rouge1"])
+    assert 0 < d["low"] <= d["mean"] <= d["high"]
+    lines = "\n".join(bench.eval_lines({**EVAL_FIGURES, "rouge_sample": better}))
+    assert f"batched - loop, per row, 95% bootstrap interval: {100 * d['mean']:+.2f}" in lines
+
+
+EVAL_FIGURES = {"examples": 4, "max_new_tokens": 8, "batched_seconds": 1.0, "batched_new_tokens": 20,
+                "batched_tokens_per_s": 20.0, "ended_share": 1.0, "loop_tokens_per_s": 2.0,
+                "loop_projected_seconds": 10.0, "ratio": 10.0, "loop_sample": 4, "loop_timed": 4,
+                "same_outputs_as_loop": 0.5, "same_arithmetic_same_outputs": 1.0}  # fmt: skip

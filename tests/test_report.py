@@ -5,7 +5,7 @@ import json
 import pytest
 from test_cli import one_line_error, run_cli
 
-from samsum_qlora import files, report
+from samsum_qlora import files, metrics, report
 from samsum_qlora.errors import UserError
 from samsum_qlora.metrics import rouge
 
@@ -94,15 +94,15 @@ def test_intervals_contain_the_point_estimates(run_dir):
 
 def test_bootstrap_is_deterministic_given_the_seed(run_dir, tmp_path):
     values = [0.1, 0.5, 0.2, 0.9, 0.4, 0.3, 0.8, 0.0]
-    first = report.bootstrap_interval(values, seed=0)
-    assert report.bootstrap_interval(values, seed=0) == first
-    assert report.bootstrap_interval(values, seed=1) != first
+    first = metrics.bootstrap_interval(values, seed=0)
+    assert metrics.bootstrap_interval(values, seed=0) == first
+    assert metrics.bootstrap_interval(values, seed=1) != first
     assert report.write_report([run_dir], tmp_path / "a") == report.write_report([run_dir], tmp_path / "b")
     assert (tmp_path / "a" / "report.png").read_bytes() == (tmp_path / "b" / "report.png").read_bytes()
 
 
 def test_bootstrap_of_a_constant_is_that_constant():
-    assert report.bootstrap_interval([0.25] * 7) == pytest.approx((0.25, 0.25))
+    assert metrics.bootstrap_interval([0.25] * 7) == pytest.approx((0.25, 0.25))
 
 
 def test_eval_dirs_keep_argument_order_and_drop_duplicates(run_dir):
