@@ -21,7 +21,7 @@ from samsum_qlora import model as modeling
 from samsum_qlora import trainer as training
 from samsum_qlora.config import SEED_RECIPE, Config, with_overrides
 from samsum_qlora.errors import UserError
-from samsum_qlora.metrics import paired_difference, rouge_per_example
+from samsum_qlora.metrics import LEVEL, paired_difference, rouge_per_example
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 GIB = 1024**3
@@ -450,8 +450,7 @@ def eval_lines(e: dict) -> list[str]:
         f"tokens/s; {100 * e['ended_share']:.0f}% ended); the per-example loop {e['loop_tokens_per_s']:,.1f} "
         f"tokens/s, {e['loop_projected_seconds']:.0f} s projected: {e['ratio']:.0f}x",
         f"on the first {e['loop_sample']} prompts (the loop timed on {e['loop_timed']}), same output as the loop: "
-        f"batched "
-        f"{100 * e['same_outputs_as_loop']:.1f}%, our decoder one at a time on the loop's model "
+        f"batched {100 * e['same_outputs_as_loop']:.1f}%, our decoder one at a time on the loop's model "
         f"{100 * e['same_arithmetic_same_outputs']:.1f}%",
     ]
     if "rouge_sample" in e:
@@ -461,7 +460,7 @@ def eval_lines(e: dict) -> list[str]:
             lines.append(f"ROUGE-1/2/L on the sample, {path}: " + " / ".join(f"{100 * scores[k]:.2f}" for k in shown))
         d = e["rouge_sample"]["difference"]
         lines.append(
-            "batched - loop, per row, 95% bootstrap interval: "
+            f"batched - loop, per row, {100 * LEVEL:.0f}% bootstrap interval: "
             + " / ".join(
                 f"{100 * d[k]['mean']:+.2f} ({100 * d[k]['low']:+.2f} to {100 * d[k]['high']:+.2f})" for k in shown
             )
