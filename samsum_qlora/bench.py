@@ -323,12 +323,11 @@ def per_example_paths(task: LoopTask, prompts: list[list[int]], sample: list[int
     return loop, ours, timed, seconds
 
 
-def time_generation(
-    cfg: Config, model_dir: Path, adapters: Path | None, rows: list[dict], loop: tuple[int, int], workdir: Path
-) -> dict:
+def time_generation(cfg: Config, model_dir: Path, adapters: Path | None, rows: list[dict], workdir: Path, *,
+                    loop_sample: int, loop_workers: int) -> dict:  # fmt: skip
     """`eval`'s batched generation of every prompt at eval.max_new_tokens with real stopping,
-    against the tutorial's per-example loop on the split's first `loop` = (prompts, processes)."""
-    loop_sample, loop_workers = loop
+    against the tutorial's per-example loop on the split's first `loop_sample` prompts, shared by
+    `loop_workers` processes."""
     cfg = with_overrides(cfg, {"model": {"name": str(model_dir)}})
     fmt = chat.ChatFormat.build(modeling.load_tokenizer(cfg.model), cfg.data, modeling.generation_eos(cfg.model))
     prompts = [fmt.prompt(r["dialogue"]) for r in rows]
@@ -405,7 +404,9 @@ def benchmark(cfg: Config, *, split: str, steps: int, warmup: int, compare_seed:
         # --- generation, then training: liger-kernel patches transformers for the whole process once
         # a model trains with it, and neither eval's generation nor the seed recipe runs with it ---
         if with_eval:
-            result["eval"] = time_generation(cfg, model_dir, adapters, rows, (loop_sample, loop_workers), workdir)
+            result["eval"] = time_generation(
+                cfg, model_dir, adapters, rows, workdir, loop_sample=loop_sample, loop_workers=loop_workers
+            )
 
         def timed(config):
             return time_training(config, model_dir, columns, steps, warmup, result["epoch_tokens"], workdir)

@@ -40,7 +40,7 @@ class SlotCache:
     exactly as transformers' `DynamicCache` grows, so a step runs the same kernels on the same
     layout as `generate` does."""
 
-    def __init__(self, capacity: int, full_view: bool, device, rows: int = 0):
+    def __init__(self, capacity: int, full_view: bool, device, rows: int):
         self.capacity, self.full_view, self.rows = capacity, full_view, rows
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.filled = 0  # host copy of the filled length
@@ -57,9 +57,9 @@ class SlotCache:
             self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
             return key_states, value_states
         if layer_idx not in self.keys:
-            rows, heads = self.rows or key_states.shape[0], key_states.shape[1]
-            self.keys[layer_idx] = key_states.new_zeros(rows, heads, self.capacity, key_states.shape[-1])
-            self.values[layer_idx] = value_states.new_zeros(rows, heads, self.capacity, value_states.shape[-1])
+            heads = key_states.shape[1]
+            self.keys[layer_idx] = key_states.new_zeros(self.rows, heads, self.capacity, key_states.shape[-1])
+            self.values[layer_idx] = value_states.new_zeros(self.rows, heads, self.capacity, value_states.shape[-1])
         if self.chunk is not None:  # the chunk attends to itself alone: nothing is cached before it
             rows, start = self.chunk
             end = start + key_states.shape[-2]
@@ -170,7 +170,7 @@ def _decode(model, prompts, max_new_tokens, pad_id, stop_ids, graphs, full_view,
     ids, real = (t.to(device) for t in pad(prompts, pad_id, left=True))
     rows, width = ids.shape
     padded = bool((real == 0).any())
-    cache = SlotCache(width + max_new_tokens, full_view=full_view, device=device, rows=rows)
+    cache = SlotCache(width + max_new_tokens, full_view, device, rows)
     valid = torch.zeros(rows, width + max_new_tokens, dtype=torch.bool, device=device)
     valid[:, :width] = real.bool()
     kwarg = cache_keyword(model)
@@ -187,14 +187,13 @@ def _decode(model, prompts, max_new_tokens, pad_id, stop_ids, graphs, full_view,
         return out.logits[:, -1]
 
     # --- prefill: the prompts, in one forward, or in chunks of similar length (padding costs compute) ---
-    positions = (real.cumsum(-1) - 1).clamp(min=0)
     if full_view:
         logits = _prefill_chunks(forward, prompts, cache, width, pad_id, prefill_tokens)
     else:
-        logits = forward(ids, positions, attention_mask(valid, 0, width, width) if padded else None)
+        logits = _prefill(forward, ids, real)
     cache.advance(width)
     stop_tensor = torch.tensor(stop_ids, device=device)
-    step = _Step(forward, rows, positions[:, -1:] + 1, valid, graphs, padded)
+    step = _Step(forward, rows, real.sum(-1, keepdim=True), valid, graphs, padded)  # next position: prompt length
     generated = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
@@ -208,6 +207,14 @@ def _decode(model, prompts, max_new_tokens, pad_id, stop_ids, graphs, full_view,
     return [cut(seq, stops) for seq in generated.tolist()]
 
 
+def _prefill(forward, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """One forward over left-padded prompts: positions count real tokens only, and a mask is given
+    only where there is padding (none lets SDPA take its causal kernels, as `generate` does)."""
+    n = ids.shape[1]
+    mask = attention_mask(real.bool(), 0, n, n) if bool((real == 0).any()) else None
+    return forward(ids, (real.cumsum(-1) - 1).clamp(min=0), mask)
+
+
 def _prefill_chunks(forward, prompts, cache: SlotCache, width: int, pad_id: int, max_tokens: int) -> torch.Tensor:
     """Each chunk left-padded to its own longest prompt only and written into the cache where the
     batch's left padding puts it (ending at `width`): the last logits of every row."""
@@ -217,9 +224,7 @@ def _prefill_chunks(forward, prompts, cache: SlotCache, width: int, pad_id: int,
         ids, real = (t.to(cache.slot.device) for t in pad([prompts[i] for i in chunk], pad_id, left=True))
         rows = torch.tensor(chunk, device=ids.device)
         cache.chunk = (rows, width - ids.shape[1])
-        padded = bool((real == 0).any())
-        mask = attention_mask(real.bool(), 0, ids.shape[1], ids.shape[1]) if padded else None
-        out = forward(ids, (real.cumsum(-1) - 1).clamp(min=0), mask)
+        out = _prefill(forward, ids, real)
         logits = out.new_empty(len(prompts), out.shape[-1]) if logits is None else logits
         logits[rows] = out
     cache.chunk = None
