@@ -1,4 +1,4 @@
-from samsum_qlora.cli import main
+from samsum_qlora.commands.cli import main
 
 if __name__ == "__main__":
     main()

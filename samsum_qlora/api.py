@@ -3,7 +3,8 @@
 `predictor(...)` returns a `predictions.Predict`, so loading the split, resuming, scoring and the
 output files are the local evaluation's own. The requests carry the same system instruction and
 dialogue our models see (`chat.build_messages`), greedy (temperature 0), capped at
-`eval.max_new_tokens`. Standard library only: a few threads and urllib are all this needs.
+`eval.max_new_tokens`; where it is, how many at once and how patiently come from the config's
+`api` section. Standard library only: a few threads and urllib are all this needs.
 
 Money rules: each answer is saved the moment it arrives, so a rerun after a crash or Ctrl-C asks
 only for what is missing; on a failure or Ctrl-C, queued requests are dropped, the few already in
@@ -24,12 +25,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from samsum_qlora.chat import build_messages
+from samsum_qlora.config import ApiArgs, Config
 from samsum_qlora.errors import UserError
 from samsum_qlora.predictions import Predict, Prediction, Save
 
-DEFAULT_BASE = "https://api.openai.com/v1"
+DEFAULT_BASE = ApiArgs.base
 KEY_ENV = "OPENAI_API_KEY"
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}  # what the OpenAI clients retry; other 4xx are our fault
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -43,9 +46,9 @@ def normalise_base(base: str) -> str:
     base = base.strip().rstrip("/")
     parts = urllib.parse.urlsplit(base)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UserError(f"--api-base must be an http(s) URL such as {DEFAULT_BASE}, got {base!r}")
+        raise UserError(f"api.base (--api-base) must be an http(s) URL such as {DEFAULT_BASE}, got {base!r}")
     if base.endswith("/chat/completions"):
-        raise UserError(f"--api-base is the API root, e.g. {DEFAULT_BASE}; drop the /chat/completions")
+        raise UserError(f"api.base (--api-base) is the API root, e.g. {DEFAULT_BASE}; drop the /chat/completions")
     return base
 
 
@@ -166,43 +169,47 @@ def _post_once(url: str, body: bytes, key: str | None, timeout: float) -> dict:
         raise UserError(f"{url} did not answer JSON: {raw[:200]!r}") from None
 
 
+@dataclass(frozen=True)
+class Patience:
+    """How long one request waits for an answer, and how often and how long it retries."""
+
+    timeout: float
+    max_attempts: int
+    backoff: float = 1.0  # seconds before the first retry, doubled per attempt
+    max_wait: float = 60.0  # the longest wait between two attempts
+
+
 def complete(
-    url: str,
-    body: dict,
-    *,
-    key: str | None,
-    timeout: float,
-    max_attempts: int,
-    backoff: float,
-    max_wait: float,
-    stop: threading.Event | None = None,
+    url: str, body: dict, *, key: str | None, patience: Patience, stop: threading.Event | None = None
 ) -> tuple[Prediction, dict[str, int], int]:
     """One chat completion -> (summary, usage, retries), retrying transient failures with backoff
     until `stop` is set."""
     stop = stop or threading.Event()
     data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-    for attempt in range(1, max_attempts + 1):
+    attempts = patience.max_attempts
+    for attempt in range(1, attempts + 1):
         try:
-            payload = _post_once(url, data, key, timeout)
+            payload = _post_once(url, data, key, patience.timeout)
             break
         except _Transient as e:
             reason = redact(str(e), key)
-            if attempt == max_attempts:
+            if attempt == attempts:
                 raise UserError(
-                    f"{url}: gave up after {max_attempts} attempts ({reason}); rerun the same command "
+                    f"{url}: gave up after {attempts} attempts ({reason}); rerun the same command "
                     "to resume, finished answers are kept"
                 ) from None
             if stop.is_set():
                 raise _Stopped(reason) from None
+            jitter = random.random() * 0.25
             wait = retry_delay(
                 attempt,
                 e.retry_after,
                 e.retry_after_ms,
-                backoff=backoff,
-                max_wait=max_wait,
-                jitter=random.random() * 0.25,
+                backoff=patience.backoff,
+                max_wait=patience.max_wait,
+                jitter=jitter,
             )
-            print(f"api: {reason}; retry {attempt}/{max_attempts - 1} in {wait:.1f}s", file=sys.stderr, flush=True)
+            print(f"api: {reason}; retry {attempt}/{attempts - 1} in {wait:.1f}s", file=sys.stderr, flush=True)
             if stop.wait(wait):
                 raise _Stopped(reason) from None
         except UserError as e:
@@ -217,33 +224,18 @@ def complete(
 # --- the predictor -------------------------------------------------------------------------------
 
 
-def predictor(
-    base: str,
-    *,
-    model: str,
-    instruction: str,
-    max_tokens: int,
-    key: str | None,
-    concurrency: int = 8,
-    timeout: float = 60.0,
-    max_attempts: int = 6,
-    backoff: float = 1.0,
-    max_wait: float = 60.0,
-) -> Predict:
-    """A `predictions.Predict` that asks `base`/chat/completions for every row, `concurrency` at a time.
+def predictor(cfg: Config, *, model: str, key: str | None, backoff: float = 1.0, max_wait: float = 60.0) -> Predict:
+    """A `predictions.Predict` that asks `api.base`/chat/completions for every row, `api.concurrency`
+    at a time, with the task instruction and answer length eval gives our own models.
 
     Checks everything it can before returning, so a bad option fails before any file is written.
     Returns, for metrics.json, `api_base` and `api_usage`: the token usage of the requests this run
     made (a resumed run counts only its own), the answers received and the retries it took."""
-    base = normalise_base(base)
+    base = normalise_base(cfg.api.base)
     if needs_key(base) and not key:
         raise UserError(f"{base} needs an API key: export {KEY_ENV}=... (or point --api-base at your own server)")
-    if concurrency < 1:
-        raise UserError(f"--api-concurrency must be at least 1, got {concurrency}")
-    if timeout <= 0:
-        raise UserError(f"--api-timeout must be more than 0 seconds, got {timeout}")
-    if max_attempts < 1:
-        raise UserError(f"max_attempts must be at least 1, got {max_attempts}")
+    instruction, max_tokens, concurrency = cfg.data.task_instruction, cfg.eval.max_new_tokens, cfg.api.concurrency
+    patience = Patience(cfg.api.timeout, cfg.api.max_attempts, backoff=backoff, max_wait=max_wait)
     url = f"{base}/chat/completions"
 
     def predict(rows: list[dict], save: Save) -> dict:
@@ -254,18 +246,7 @@ def predictor(
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="api")
         stop = threading.Event()
         futures = {
-            pool.submit(
-                complete,
-                url,
-                body,
-                key=key,
-                timeout=timeout,
-                max_attempts=max_attempts,
-                backoff=backoff,
-                max_wait=max_wait,
-                stop=stop,
-            ): i
-            for i, body in enumerate(bodies)
+            pool.submit(complete, url, body, key=key, patience=patience, stop=stop): i for i, body in enumerate(bodies)
         }
         try:
             usage = _gather(futures, save, stop, f"asking {model}")

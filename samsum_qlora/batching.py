@@ -1,12 +1,35 @@
-"""Rows grouped into batches of similar length, for training and for generation. Pure."""
+"""Rows grouped into batches of similar length, for training and for generation, and padded into
+tensors. Pure."""
 
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def pad(
+    sequences: list[list[int]], value: int, *, left: bool = False, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask): `sequences` padded with `value` to the longest, rounded up to `multiple`, on
+    the right (training) or on the left (generation: every prompt ends where generation starts).
+    The mask is 1 at real positions: padding is told by position, never by id."""
+    import torch
+
+    width = round_up(max(len(s) for s in sequences), multiple)
+    ids = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
 
 
 def token_budget_batches(

@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Any
 from samsum_qlora.errors import UserError
 
 if TYPE_CHECKING:
-    import torch
-
     from samsum_qlora.config import DataArgs
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
@@ -76,26 +74,6 @@ def pad_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer of {tokenizer.name_or_path} has neither a pad nor an EOS token")
     return tokenizer.eos_token_id
-
-
-def pad(
-    sequences: list[list[int]], value: int, *, left: bool = False, multiple: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask): `sequences` padded with `value` to the longest, rounded up to `multiple`, on
-    the right (training) or on the left (generation: every prompt ends where generation starts).
-    The mask is 1 at real positions: padding is told by position, never by id."""
-    import torch
-
-    from samsum_qlora.batching import round_up
-
-    width = round_up(max(len(s) for s in sequences), multiple)
-    ids = torch.full((len(sequences), width), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
 
 
 def fit_dialogue(

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
+from samsum_qlora import layout
 from samsum_qlora.errors import UserError
-from samsum_qlora.layout import RunDir
+from samsum_qlora.layout import MANIFEST, RunDir
 
-MANIFEST = "samsum_manifest.json"
-_STEP = re.compile(r"^checkpoint-(\d+)$")
 # Keys that change how a run is computed, watched or saved, not what it learns: they may change
 # between an interruption and the resume. Every other key (the eval section aside) must match.
 FREE_KEYS = {
@@ -75,7 +73,7 @@ def checkpoints(folder: Path) -> list[Path]:
     """Checkpoint dirs in `folder`, newest (highest step) first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
+    found = [(step, p) for p in folder.iterdir() if p.is_dir() and (step := layout.checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -92,7 +90,7 @@ def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
     return {
         f"{s}.{k}": v
         for s, section in tree.items()
-        if isinstance(section, dict) and s != "eval"
+        if isinstance(section, dict) and s not in ("eval", "api")
         for k, v in section.items()
     }
 

@@ -251,6 +251,25 @@ class EvalArgs:
 
 
 @dataclass
+class ApiArgs:
+    """An OpenAI-compatible Chat Completions endpoint, for `eval --api-model NAME`."""
+
+    base: str = "https://api.openai.com/v1"  # the API root (vLLM, Ollama, LiteLLM: http://host:port/v1)
+    concurrency: int = 8  # requests in flight at once
+    timeout: float = 60.0  # seconds to wait for one answer before retrying it
+    max_attempts: int = 6  # tries per request on 429, 5xx and dropped connections, with backoff
+
+    def __post_init__(self):
+        _check(bool(self.base.strip()), "api.base is empty: give the API root, e.g. https://api.openai.com/v1")
+        _check(self.concurrency >= 1, f"api.concurrency (--api-concurrency) must be at least 1, got {self.concurrency}")
+        _check(
+            _finite(self.timeout) and self.timeout > 0,
+            f"api.timeout (--api-timeout) must be more than 0 seconds, got {self.timeout}",
+        )
+        _check(self.max_attempts >= 1, f"api.max_attempts must be at least 1, got {self.max_attempts}")
+
+
+@dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     quantization: QuantArgs = field(default_factory=QuantArgs)
@@ -258,6 +277,7 @@ class Config:
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
+    api: ApiArgs = field(default_factory=ApiArgs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -270,6 +290,7 @@ SECTIONS = {
     "data": DataArgs,
     "train": TrainArgs,
     "eval": EvalArgs,
+    "api": ApiArgs,
 }
 # Keys of the tutorial's flat config.yaml that are not our field names.
 FLAT_ALIASES = {
@@ -281,11 +302,11 @@ FLAT_ALIASES = {
     "task_instruction": "data.task_instruction",
 }
 
-# The seed tutorial's recipe as overrides of any config. What it learns: 4 rows x 4
-# accumulation steps, LoRA dropout 0.05, paged 8-bit AdamW. How it computes that: rows padded to
-# the longest, gradient checkpointing, all logits, bitsandbytes' 4-bit matmuls, no fused
-# kernels, torch's attention backends as they come.
-SEED_LEARNING = {
+# The tutorial's recipe as overrides of any config. What it learns: 4 rows x 4 accumulation
+# steps, LoRA dropout 0.05, paged 8-bit AdamW. How it computes that: rows padded to the longest,
+# gradient checkpointing, all logits, bitsandbytes' 4-bit matmuls, no fused kernels, torch's
+# attention backends as they come.
+TUTORIAL_LEARNING = {
     "lora": {"lora_dropout": 0.05},
     "train": {
         "max_tokens_per_batch": None,
@@ -294,7 +315,7 @@ SEED_LEARNING = {
         "optim": "paged_adamw_8bit",
     },
 }
-SEED_KERNELS = {
+TUTORIAL_KERNELS = {
     "model": {"liger_kernels": False, "cudnn_attention": True},
     "quantization": {"dequantize_once": False},
     "train": {"gradient_checkpointing": True, "trained_logits_only": False, "pad_to_multiple_of": 1},
@@ -310,7 +331,7 @@ def merged(*sections: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
-SEED_RECIPE = merged(SEED_LEARNING, SEED_KERNELS)
+TUTORIAL_RECIPE = merged(TUTORIAL_LEARNING, TUTORIAL_KERNELS)
 
 
 def all_keys() -> list[str]:

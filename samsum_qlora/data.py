@@ -1,4 +1,4 @@
-"""Load a split as plain rows {"id", "dialogue", "summary"}: from a local folder or the Hub.
+"""Load a split as plain rows {"index", "id", "dialogue", "summary"}: from a local folder or the Hub.
 
 Local files are read here, line by line, so a bad file is named with its line (a non-UTF-8 byte,
 a broken JSON line, a dialogue that is not text) instead of failing deep inside a parser.
@@ -9,18 +9,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from samsum_qlora import layout
 from samsum_qlora.errors import UserError
 
 REQUIRED_COLUMNS = ("dialogue", "summary")
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
-Row = dict[str, str]
-
-
-def is_local(source: str) -> bool:
-    return Path(source).expanduser().exists() or source.startswith((".", "/", "~"))
+Row = dict[str, Any]
 
 
 def split_file(directory: Path, split: str) -> Path:
@@ -38,8 +36,9 @@ def split_file(directory: Path, split: str) -> Path:
 
 
 def load_rows(source: str, split: str, revision: str | None = None) -> list[Row]:
-    """Rows of `split` with string id/dialogue/summary; a missing or null id becomes the row number."""
-    if is_local(source):
+    """Rows of `split` with string id/dialogue/summary and `index`, the row's position in the split
+    (what predictions are keyed by: ids may repeat or be missing); a missing id becomes the index."""
+    if layout.is_local(source):
         directory = Path(source).expanduser()
         if not directory.is_dir():
             raise UserError(f"data.source {source} does not exist (give a directory or a Hub dataset id)")
@@ -59,10 +58,39 @@ def _row(record: dict[str, Any], i: int, where: str) -> Row:
             raise UserError(f"{where} row {i + 1}: {column} is {type(value).__name__} {value!r:.40}, not text")
     ident = record.get("id")
     return {
+        "index": i,
         "id": str(i) if ident is None or ident == "" else str(ident),
         "dialogue": record.get("dialogue") or "",
         "summary": record.get("summary") or "",
     }
+
+
+@dataclass
+class Scorable:
+    """The rows an evaluation generates for, and how many of the rows asked for it skipped."""
+
+    rows: list[Row]
+    empty_dialogue: int = 0
+    empty_reference: int = 0
+
+    def describe(self) -> str:
+        counts = {"dialogue": self.empty_dialogue, "reference summary": self.empty_reference}
+        parts = [f"{n} with an empty {what}" for what, n in counts.items() if n]
+        return "skipped " + " and ".join(parts) if parts else ""
+
+
+def scorable(rows: list[Row], *, limit: int | None = None, references: bool = True) -> Scorable:
+    """The first `limit` rows of a split (all without it), less those with an empty dialogue, or with
+    `references` an empty reference summary (ROUGE would score it 0): each keeps its `index`."""
+    out = Scorable([])
+    for row in rows[:limit]:
+        if not row["dialogue"].strip():
+            out.empty_dialogue += 1
+        elif references and not row["summary"].strip():
+            out.empty_reference += 1
+        else:
+            out.rows.append(row)
+    return out
 
 
 # --- local files ---------------------------------------------------------------------------------

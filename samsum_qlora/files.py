@@ -19,7 +19,6 @@ from typing import Any
 
 from samsum_qlora.errors import UserError
 
-LOCK = ".samsum-qlora.lock"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -103,27 +102,28 @@ def staged_dir(final: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def hold(folder: Path, command: str) -> Iterator[None]:
-    """This process's exclusive claim on `folder` for the block: a second run into it refuses.
+def hold(lock: Path, command: str) -> Iterator[None]:
+    """This process's exclusive claim, through the file `lock`, on the folder it names (a run or
+    eval folder's `.lock`): a second run into it refuses, naming this one's pid.
 
     The kernel drops the claim when the process ends, however it ends, so a killed run never
     leaves a stale one. Where the filesystem has no locks (some network mounts), runs are not
     kept apart, and that is said."""
     import fcntl
 
-    ensure_writable_dir(folder)
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    ensure_writable_dir(lock.parent)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise UserError(
-            f"{folder} is in use by another samsum-qlora {command} (pid {holder}); "
+            f"{lock.parent} is in use by another samsum-qlora {command} (pid {holder}); "
             "wait for it to finish or choose another folder"
         ) from None
     except OSError:
-        print(f"note: {folder} cannot be locked here; make sure no other run writes into it")
+        print(f"note: {lock.parent} cannot be locked here; make sure no other run writes into it")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     try:

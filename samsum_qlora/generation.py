@@ -18,11 +18,20 @@ from dataclasses import dataclass
 
 import torch
 
-from samsum_qlora.batching import generation_batches
-from samsum_qlora.chat import pad
+from samsum_qlora.batching import generation_batches, pad
 
 CHECK_EVERY = 8  # steps between looks at whether every row has stopped (each look syncs the GPU)
 PREFILL_TOKENS = 32768  # padded prompt tokens per prefill forward: enough to keep a GPU's matmuls busy
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What every decoder here is told: at most `max_new_tokens`, a row ends at any of `stop_ids`,
+    and `pad_id` fills left padding and the rows that have ended."""
+
+    max_new_tokens: int
+    stop_ids: tuple[int, ...]
+    pad_id: int
 
 
 @dataclass
@@ -148,10 +157,8 @@ def attention_mask(valid: torch.Tensor, start: int, queries: int, keys: int) -> 
 def decode_batch(
     model,
     prompts: list[list[int]],
+    decoding: Decoding,
     *,
-    max_new_tokens: int,
-    pad_id: int,
-    stop_ids: tuple[int, ...],
     graphs: bool = False,
     full_view: bool | None = None,
     prefill_tokens: int = PREFILL_TOKENS,
@@ -162,10 +169,11 @@ def decode_batch(
     `prefill_tokens` padded tokens; without it, a step computes what `generate` computes."""
     full_view = graphs if full_view is None else full_view
     with grouped_decode_attention(model) if full_view else nullcontext():
-        return _decode(model, prompts, max_new_tokens, pad_id, stop_ids, graphs, full_view, prefill_tokens)
+        return _decode(model, prompts, decoding, graphs=graphs, full_view=full_view, prefill_tokens=prefill_tokens)
 
 
-def _decode(model, prompts, max_new_tokens, pad_id, stop_ids, graphs, full_view, prefill_tokens) -> list[Decoded]:
+def _decode(model, prompts, decoding: Decoding, *, graphs: bool, full_view: bool, prefill_tokens: int) -> list[Decoded]:
+    max_new_tokens, pad_id, stop_ids = decoding.max_new_tokens, decoding.pad_id, decoding.stop_ids
     device = next(model.parameters()).device
     ids, real = (t.to(device) for t in pad(prompts, pad_id, left=True))
     rows, width = ids.shape
@@ -282,24 +290,30 @@ def cut(seq: list[int], stops: set[int]) -> Decoded:
 
 
 @torch.inference_mode()
-def generate_one(model, prompt: list[int], *, max_new_tokens: int, pad_id: int, stop_ids: tuple[int, ...]) -> Decoded:
+def generate_one(model, prompt: list[int], decoding: Decoding) -> Decoded:
     """The tutorial's per-example loop, one prompt: transformers' `generate`, greedy, stopping at
     the end of turn. What our decoder is compared with."""
     ids = torch.tensor([prompt], device=next(model.parameters()).device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=list(stop_ids),
-                         pad_token_id=pad_id)  # fmt: skip
-    return cut(out[0, len(prompt) :].tolist(), set(stop_ids))
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=decoding.max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=list(decoding.stop_ids),
+        pad_token_id=decoding.pad_id,
+    )
+    return cut(out[0, len(prompt) :].tolist(), set(decoding.stop_ids))
 
 
 def generate(
     model,
     prompts: list[list[int]],
     batches: list[list[int]],
+    decoding: Decoding,
     *,
-    max_new_tokens: int,
-    pad_id: int,
-    stop_ids: tuple[int, ...],
     graphs: bool,
     on_batch: Callable[[list[int], list[Decoded]], None],
     progress: bool = True,
@@ -312,16 +326,12 @@ def generate(
         for idx in batches:
             batch = [prompts[i] for i in idx]
             try:
-                decoded = decode_batch(
-                    model, batch, max_new_tokens=max_new_tokens, pad_id=pad_id, stop_ids=stop_ids, graphs=graphs
-                )
+                decoded = decode_batch(model, batch, decoding, graphs=graphs)
             except RuntimeError as e:
                 if not graphs or "graph" not in str(e).lower():
                     raise
                 print(f"note: CUDA graph capture failed ({str(e).splitlines()[0][:120]}); decoding without")
                 graphs = False
-                decoded = decode_batch(
-                    model, batch, max_new_tokens=max_new_tokens, pad_id=pad_id, stop_ids=stop_ids, graphs=False
-                )
+                decoded = decode_batch(model, batch, decoding, graphs=False)
             on_batch(idx, decoded)
             bar.update(len(idx))

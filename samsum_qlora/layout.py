@@ -1,10 +1,12 @@
-"""The folders a run leaves behind, named once, and the readers of their files.
+"""Every file and folder name the package writes or reads, named once, and the readers of its
+small metadata files.
 
 <train.output_dir>/               RunDir
   lora_adapters/                  the adapters (peft format) and the tokenizer
-  checkpoints/checkpoint-N/       for resuming
-  config.yaml  run.json  train_metrics.json
-  eval/  eval-base/  eval-api-<model>/     EvalDir: metrics.json, predictions.jsonl
+  checkpoints/checkpoint-N/       for resuming (each with samsum_manifest.json)
+  config.yaml  run.json  train_metrics.json  wandb_run_id.txt
+  eval/  eval-base/  eval-api-<model>/     EvalDir: metrics.json, predictions.jsonl, eval_identity.json
+<report --out>/                   ReportDir: report.md, report.png, report.html
 """
 
 from __future__ import annotations
@@ -18,6 +20,27 @@ from samsum_qlora.errors import UserError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LOCK = ".samsum-qlora.lock"  # a folder's claim by the process using it (files.hold)
+MANIFEST = "samsum_manifest.json"  # a checkpoint's list of complete files
+MERGE_INFO = "merge.json"  # beside a merged model: what was merged and how closely it matches
+RANDOM_MARK = "RANDOM_WEIGHTS"  # in a model folder bench filled with random weights
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # the Trainer's checkpoint folder names
+
+
+def is_local(name: str) -> bool:
+    """Whether a model or data name means a folder here rather than a Hub id. Hub ids have at most
+    one slash and never start with '.', '/' or '~'; anything else that looks like a path is one."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def checkpoint_dir(folder: Path, step: int) -> Path:
+    return folder / f"checkpoint-{step}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint folder, None for any other folder."""
+    m = CHECKPOINT.match(path.name)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -44,10 +67,23 @@ class RunDir:
     def train_metrics(self) -> Path:
         return self.root / "train_metrics.json"
 
+    @property
+    def wandb_run_id(self) -> Path:
+        """The W&B run this folder logs to: a resume continues the same run."""
+        return self.root / "wandb_run_id.txt"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
     def eval_dir(self, *, base_only: bool = False, api_model: str | None = None) -> Path:
         if api_model is not None:
             return self.root / ("eval-api-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", api_model).strip("-.") or "model"))
         return self.root / ("eval-base" if base_only else "eval")
+
+    def eval_dirs(self) -> list[Path]:
+        """The finished evaluations inside the run folder (eval, eval-base, eval-api-*, ...)."""
+        return sorted(p for p in self.root.glob("eval*") if p.is_dir() and EvalDir(p).metrics.is_file())
 
 
 @dataclass(frozen=True)
@@ -67,6 +103,10 @@ class EvalDir:
         """What this folder's predictions score: adapters, base model, data, prompt, decoding."""
         return self.root / "eval_identity.json"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
     def partial(self, rank: int | None = None) -> Path:
         """Predictions appended batch by batch while generating (one file per torchrun process)."""
         return self.root / ("predictions.partial.jsonl" if rank is None else f"predictions.partial.rank{rank}.jsonl")
@@ -76,6 +116,28 @@ class EvalDir:
 
     def is_finished(self) -> bool:
         return self.metrics.is_file() and self.predictions.is_file()
+
+
+@dataclass(frozen=True)
+class ReportDir:
+    root: Path
+
+    @property
+    def markdown(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def chart(self) -> Path:
+        return self.root / "report.png"
+
+    @property
+    def page(self) -> Path:
+        return self.root / "report.html"
+
+
+def merge_lock(out: Path) -> Path:
+    """The claim on a merge's --out while it is written (beside it: the folder itself is staged)."""
+    return out.with_name(f".{out.name}{LOCK}")
 
 
 def adapter_config(adapters: Path) -> dict:

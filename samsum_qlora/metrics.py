@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+SHOWN = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))  # the tutorial's columns
 RESAMPLES, SEED, LEVEL = 1000, 0, 0.95  # bootstrap: resamples, their seed, the interval's level
 
 
@@ -18,11 +19,18 @@ def rouge_per_example(predictions: list[str], references: list[str]) -> dict[str
     return {t: [s[t].fmeasure for s in scores] for t in ROUGE_TYPES}
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def means(per_example: dict[str, list[float]]) -> dict[str, float]:
+    """The mean of each metric's per-example scores: what a table shows."""
+    return {metric: mean(values) for metric, values in per_example.items()}
+
+
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean per-example F-measure of each ROUGE type, as a fraction 0-1."""
-    per_example = rouge_per_example(predictions, references)
-    n = len(predictions)
-    return {t: (sum(v) / n if n else 0.0) for t, v in per_example.items()}
+    return means(rouge_per_example(predictions, references))
 
 
 def bootstrap_interval(
@@ -38,9 +46,9 @@ def bootstrap_interval(
     if x.size == 0:
         raise ValueError("no values to resample")
     rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    resampled = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
     tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(means, [tail, 100 - tail])
+    lo, hi = np.percentile(resampled, [tail, 100 - tail])
     return float(lo), float(hi)
 
 
@@ -51,14 +59,12 @@ def paired_difference(a: list[float], b: list[float], **kwargs) -> dict[str, flo
         raise ValueError(f"{len(a)} scores against {len(b)}")
     diff = [x - y for x, y in zip(a, b)]
     lo, hi = bootstrap_interval(diff, **kwargs)
-    return {"mean": sum(diff) / len(diff), "low": lo, "high": hi}
+    return {"mean": mean(diff), "low": lo, "high": hi}
 
 
 def results_table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
-    """The seed's Markdown table; rows are (model, type, metrics with fractions 0-1)."""
-    lines = ["| Model | Type | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---|---|---|---|"]
+    """The tutorial's Markdown table; rows are (model, type, metrics with fractions 0-1)."""
+    lines = ["| Model | Type | " + " | ".join(label for _, label in SHOWN) + " |", "|---|---|" + "---|" * len(SHOWN)]
     for model, kind, m in rows:
-        lines.append(
-            f"| {model} | {kind} | {100 * m['rouge1']:.2f} | {100 * m['rouge2']:.2f} | {100 * m['rougeL']:.2f} |"
-        )
+        lines.append(f"| {model} | {kind} | " + " | ".join(f"{100 * m[k]:.2f}" for k, _ in SHOWN) + " |")
     return "\n".join(lines)

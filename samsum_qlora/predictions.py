@@ -17,6 +17,7 @@ from pathlib import Path
 
 from samsum_qlora import files, layout, tracking
 from samsum_qlora.config import Config
+from samsum_qlora.data import Scorable
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir
 from samsum_qlora.metrics import results_table, rouge
@@ -32,7 +33,7 @@ class Prediction:
 
 
 # A predictor writes a summary for each of `rows` (any order, any batching) and reports each
-# finished batch through `save(indices into rows, predictions)`; it may return extra metrics.
+# finished batch through `save(positions in rows, predictions)`; it may return extra metrics.
 Save = Callable[[list[int], list[Prediction]], None]
 Predict = Callable[[list[dict], Save], "dict | None"]
 
@@ -71,7 +72,7 @@ def identity(cfg: Config, plan: EvalPlan, rows: list[dict]) -> dict:
         "split": plan.split,
         "limit": plan.limit,
         "data": [cfg.data.source, cfg.data.revision],
-        "rows_sha256": _sha256(json.dumps([[r["id"], r["dialogue"], r["summary"]] for r in rows]).encode()),
+        "rows_sha256": _sha256(json.dumps([[r["index"], r["id"], r["dialogue"], r["summary"]] for r in rows]).encode()),
         "prompt": [cfg.data.task_instruction, cfg.data.max_length, cfg.data.date_string],
         "max_new_tokens": cfg.eval.max_new_tokens,
     }
@@ -110,7 +111,7 @@ def _changed(saved: dict, current: dict) -> str:
 
 
 def resume(folder: EvalDir, ident: dict, *, overwrite: bool, say=print) -> dict[int, dict]:
-    """The predictions already in `folder` for this identity (row position -> record), from a
+    """The predictions already in `folder` for this identity (row index -> record), from a
     finished run or an interrupted one. A folder holding another evaluation is refused, or with
     `overwrite` cleared, so predictions of two evaluations never mix."""
     saved = files.read_json(folder.identity) if folder.identity.is_file() else None
@@ -134,22 +135,23 @@ def resume(folder: EvalDir, ident: dict, *, overwrite: bool, say=print) -> dict[
     return done
 
 
-def saver(sink, rows: list[dict], todo: list[int], into: dict[int, dict]) -> Save:
-    """The `save` a predictor calls (with indices into `todo`): each finished batch goes to `into`
-    and is appended to the partial file at once, so an interruption loses at most that batch."""
+def saver(sink, todo: list[dict], into: dict[int, dict]) -> Save:
+    """The `save` a predictor of `todo` calls (with positions in `todo`): each finished batch goes
+    to `into` by row index and is appended to the partial file at once, so an interruption loses
+    at most that batch."""
     from samsum_qlora.chat import clean
 
-    def save(indices: list[int], predictions: list[Prediction]) -> None:
-        for i, p in zip(indices, predictions):
+    def save(positions: list[int], predictions: list[Prediction]) -> None:
+        for i, p in zip(positions, predictions):
             row = todo[i]
             record = {
-                "index": row,
-                "id": rows[row]["id"],
-                "reference": clean(rows[row]["summary"]),
+                "index": row["index"],
+                "id": row["id"],
+                "reference": clean(row["summary"]),
                 "prediction": p.text,
                 "ended": p.ended,
             }
-            into[row] = record
+            into[row["index"]] = record
             sink.write(json.dumps(record, ensure_ascii=False) + "\n")
         sink.flush()
 
@@ -167,9 +169,9 @@ def finished_metrics(folder: EvalDir) -> dict:
     return metrics
 
 
-def publish(cfg: Config, plan: EvalPlan, folder: EvalDir, rows: list[dict], done: dict[int, dict], extra: dict) -> dict:
+def publish(cfg: Config, plan: EvalPlan, folder: EvalDir, chosen: Scorable, done: dict[int, dict], extra: dict) -> dict:
     """Score the predictions and write them, in dataset order, with metrics.json."""
-    records = [done[i] for i in range(len(rows))]
+    records = [done[r["index"]] for r in chosen.rows]
     texts = [r["prediction"] for r in records]
     ended = sum(bool(r.get("ended")) for r in records)
     empty = sum(not t.strip() for t in texts)
@@ -182,6 +184,8 @@ def publish(cfg: Config, plan: EvalPlan, folder: EvalDir, rows: list[dict], done
         "type": plan.kind,
         "adapters": str(plan.adapters) if plan.adapters else None,
         "split": plan.split,
+        "skipped_empty_dialogue": chosen.empty_dialogue,
+        "skipped_empty_reference": chosen.empty_reference,
         **extra,
         "config": cfg.to_dict(),
     }

@@ -1,7 +1,7 @@
 """Weights & Biases around a run: offline without credentials, one W&B run per output dir, and the
 eval scores added to the training run. Pure apart from the environment and one small file.
 
-The run id lives in `<train.output_dir>/wandb_run_id.txt`, so rerunning `train` into the same dir
+The run id lives in the run folder (`layout.RunDir.wandb_run_id`), so rerunning `train` into the same dir
 (a resume, or a managed job's recovery after a preemption) continues the same W&B run.
 """
 
@@ -17,9 +17,9 @@ from urllib.parse import urlparse
 
 from samsum_qlora import files
 from samsum_qlora.errors import UserError
+from samsum_qlora.layout import RunDir
 
 DEFAULT_PROJECT = "samsum-qlora"
-RUN_ID_FILE = "wandb_run_id.txt"
 SAMPLE_ROWS = 20  # predictions shown in the W&B table
 INSTALL = "pip install 'samsum-qlora[cloud]' (or: pip install wandb)"
 
@@ -40,9 +40,10 @@ def _mode(env: MutableMapping[str, str]) -> str | None:
     """WANDB_MODE as chosen, else "offline" when there are no credentials (with a notice)."""
     if env.get("WANDB_MODE") or has_credentials(env):
         return env.get("WANDB_MODE") or None
+    where = env.get("WANDB_DIR") or "."
     print(
-        "WANDB_API_KEY is not set and no `wandb login` found: W&B logs offline "
-        "(upload later with `wandb sync <dir>/wandb/offline-run-*`)",
+        f"WANDB_API_KEY is not set: W&B logs offline to {where}/wandb (no `wandb login` found either; "
+        f"upload later with `wandb sync {where}/wandb/offline-run-*`)",
         flush=True,
     )
     return "offline"
@@ -75,7 +76,7 @@ def prepare_wandb(
         env["WANDB_MODE"] = mode
 
     # One W&B run per output dir: an explicit WANDB_RUN_ID wins and is remembered.
-    id_file = output_dir / RUN_ID_FILE
+    id_file = RunDir(output_dir).wandb_run_id
     saved = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else ""
     run_id = env.get("WANDB_RUN_ID") or saved or uuid.uuid4().hex[:12]
     if run_id != saved:
@@ -101,7 +102,7 @@ def log_eval_to_wandb(
 
     run, opened = wandb.run, False
     if run is None:
-        id_file = Path(train_dir) / RUN_ID_FILE
+        id_file = RunDir(Path(train_dir)).wandb_run_id
         if not id_file.is_file():
             return False
         run = wandb.init(

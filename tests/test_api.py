@@ -10,8 +10,9 @@ import pytest
 from conftest import SAMPLE_DATA, SMOKE_CONFIG, set_args, smoke_overrides
 from test_cli import one_line_error, run_cli
 
-from samsum_qlora import api, chat, data, evaluate
-from samsum_qlora.config import load_config
+from samsum_qlora import api, chat, data
+from samsum_qlora.commands import evaluate
+from samsum_qlora.config import load_config, with_overrides
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir
 from samsum_qlora.metrics import rouge
@@ -138,28 +139,19 @@ def serve(monkeypatch):
         server.server_close()
 
 
+def at(cfg, base, **api_keys):
+    """`cfg` asking the API at `base` (api.base, and any other api.* key given)."""
+    return with_overrides(cfg, {"api": {"base": base, **api_keys}})
+
+
 def api_plan(cfg, base, **kw):
-    return evaluate.plan_eval(cfg, api_model="fake-model", api_base=base, **kw)
+    return evaluate.plan_eval(at(cfg, base), api_model="fake-model", **kw)
 
 
-def fast(base, cfg=None, **kw):
+def fast(base, cfg=None, backoff=0.02, **api_keys):
     """A predictor with test-sized waits, asking as `eval` asks."""
-    cfg = cfg or load_config(SMOKE_CONFIG)
-    return api.predictor(
-        base,
-        **(
-            {
-                "model": "fake-model",
-                "instruction": cfg.data.task_instruction,
-                "max_tokens": cfg.eval.max_new_tokens,
-                "key": KEY,
-                "concurrency": 4,
-                "timeout": 0.3,
-                "backoff": 0.02,
-            }
-            | kw
-        ),
-    )
+    cfg = at(cfg or load_config(SMOKE_CONFIG), base, **({"concurrency": 4, "timeout": 0.3} | api_keys))
+    return api.predictor(cfg, model="fake-model", key=KEY, backoff=backoff)
 
 
 def test_api_eval_retries_then_scores_what_was_served(tmp_path, serve):
@@ -323,14 +315,17 @@ def test_cli_openai_without_a_key_is_one_line_and_writes_nothing(tmp_path, monke
     [
         (["--api-base", "http://localhost:8000/v1"], "--api-base needs --api-model"),
         (["--api-model", "m", "--base-only"], "drop --adapters/--base-only"),
-        (["--api-model", "m", "--api-base", "localhost:8000"], "--api-base must be an http(s) URL"),
+        (["--api-model", "m", "--api-base", "localhost:8000"], "(--api-base) must be an http(s) URL"),
         (["--api-model", "m", "--api-base", "http://h/v1/chat/completions"], "drop the /chat/completions"),
         (
             ["--api-model", "m", "--api-base", "http://h/v1", "--api-concurrency", "0"],
-            "--api-concurrency must be at least 1",
+            "(--api-concurrency) must be at least 1",
         ),
-        (["--api-model", "m", "--api-base", "http://h/v1", "--api-timeout", "0"], "--api-timeout must be more than 0"),
-        (["--base-only", "--api-timeout", "3"], "--api-concurrency and --api-timeout need --api-model"),
+        (
+            ["--api-model", "m", "--api-base", "http://h/v1", "--api-timeout", "0"],
+            "(--api-timeout) must be more than 0",
+        ),
+        (["--base-only", "--api-timeout", "3"], "--api-timeout needs --api-model"),
     ],
 )
 def test_cli_bad_api_options(tmp_path, extra, needle):
@@ -341,9 +336,10 @@ def test_cli_bad_api_options(tmp_path, extra, needle):
 def test_plan_folder_name_and_identity(smoke_cfg):
     from samsum_qlora import predictions
 
-    plan = evaluate.plan_eval(smoke_cfg, api_model="meta-llama/Llama-3.2-1B-Instruct", api_base="http://gpu:8000/v1")
+    name = "meta-llama/Llama-3.2-1B-Instruct"
+    plan = evaluate.plan_eval(at(smoke_cfg, "http://gpu:8000/v1"), api_model=name)
     assert plan.output_dir.name == "eval-api-meta-llama-Llama-3.2-1B-Instruct" and plan.kind == "API"
-    other = evaluate.plan_eval(smoke_cfg, api_model="meta-llama/Llama-3.2-1B-Instruct", api_base="http://other:8000/v1")
+    other = evaluate.plan_eval(at(smoke_cfg, "http://other:8000/v1"), api_model=name)
     rows = TEST_ROWS[:2]
     assert predictions.identity(smoke_cfg, plan, rows)["api_base"] == "http://gpu:8000/v1"
     assert predictions.identity(smoke_cfg, plan, rows) != predictions.identity(smoke_cfg, other, rows)  # another server

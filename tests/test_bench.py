@@ -5,15 +5,13 @@ import json
 import pytest
 from conftest import TINY_MODEL, set_args, smoke_overrides
 
-from samsum_qlora import bench
+from samsum_qlora.commands import bench
 from samsum_qlora.config import load_config
 
 
 def test_summarise_arithmetic():
     f = bench.summarise(
-        real_tokens=9_000,
-        padded_tokens=10_000,
-        seconds=3.0,
+        bench.Timed(real_tokens=9_000, padded_tokens=10_000, seconds=3.0),
         n_params=1_000_000_000,
         device="NVIDIA H100 80GB HBM3",
         peak_bytes=2 * 1024**3,
@@ -22,14 +20,17 @@ def test_summarise_arithmetic():
     assert f["tokens_per_s"] == 3000.0 and f["padding_fraction"] == 0.1 and f["peak_memory_gib"] == 2.0
     assert f["mfu"] == pytest.approx(3000 * 4e9 / 989e12, abs=1e-4)
     assert f["epoch_minutes"] == 10.0
-    assert bench.summarise(1, 1, 1.0, 1, None, None, 60)["mfu"] is None
+    assert (
+        bench.summarise(bench.Timed(1, 1, 1.0), n_params=1, device=None, peak_bytes=None, epoch_tokens=60)["mfu"]
+        is None
+    )
 
 
 @pytest.mark.slow
-def test_bench_cli_writes_json_with_seed_comparison_and_eval(tmp_path):
+def test_bench_cli_writes_json_with_tutorial_comparison_and_eval(tmp_path):
     from click.testing import CliRunner
 
-    from samsum_qlora.cli import main
+    from samsum_qlora.commands.cli import main
 
     out = tmp_path / "bench.json"
     args = set_args(smoke_overrides(tmp_path, **{"eval.max_new_tokens": 6}))
@@ -43,7 +44,7 @@ def test_bench_cli_writes_json_with_seed_comparison_and_eval(tmp_path):
             "--warmup",
             "1",
             "--compare",
-            "seed",
+            "tutorial",
             "--eval",
             "--loop-sample",
             "3",
@@ -53,12 +54,12 @@ def test_bench_cli_writes_json_with_seed_comparison_and_eval(tmp_path):
     )
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())
-    for figures in (r, r["seed"]):
+    for figures in (r, r["tutorial"]):
         assert figures["tokens_per_s"] > 0 and 0 <= figures["padding_fraction"] < 1
         assert figures["peak_memory_gib"] is None and figures["mfu"] is None  # no GPU here
-    assert r["ratio"] == pytest.approx(r["tokens_per_s"] / r["seed"]["tokens_per_s"], rel=0.01)
-    # token-budget batches of similar lengths waste less than the seed's random rows of 4
-    assert r["padding_fraction"] < r["seed"]["padding_fraction"]
+    assert r["ratio"] == pytest.approx(r["tokens_per_s"] / r["tutorial"]["tokens_per_s"], rel=0.01)
+    # token-budget batches of similar lengths waste less than the tutorial's random rows of 4
+    assert r["padding_fraction"] < r["tutorial"]["padding_fraction"]
     e = r["eval"]
     assert e["examples"] == 60 and e["loop_sample"] == 3 and e["max_new_tokens"] == 6
     # random weights rarely stop: every prompt gets at most its budget, and stopping is counted
@@ -66,7 +67,7 @@ def test_bench_cli_writes_json_with_seed_comparison_and_eval(tmp_path):
     # our decoder on the loop's own model, one prompt at a time, computes the loop's arithmetic
     assert e["same_arithmetic_same_outputs"] == 1.0 and 0 <= e["same_outputs_as_loop"] <= 1
     assert r["weights"] == "random" and "weights: random" in result.output and "rouge_sample" not in e
-    assert "speed-up over the seed recipe" in result.output
+    assert "speed-up over the tutorial's recipe" in result.output
 
 
 def tiny_cfg():

@@ -5,7 +5,7 @@ import pytest
 from chat_families import FAMILIES, MISTRAL_V02_ORIGINAL_TEMPLATE, SPECS, build_tokenizer
 from conftest import REFERENCE
 
-from samsum_qlora import chat, data
+from samsum_qlora import batching, chat, data
 from samsum_qlora.config import DataArgs
 from samsum_qlora.errors import UserError
 
@@ -104,11 +104,11 @@ def test_llama3_stop_and_pad_ids(tokenizer):
 def test_pad_is_told_by_position_not_by_id():
     """PAD == EOS == end of turn (SmolLM2): padding must not hide the trained end-of-turn label."""
     eot = 7
-    ids, mask = chat.pad([[1, 2, eot], [1, eot]], eot)
-    labels, _ = chat.pad([[-100, 2, eot], [-100, eot]], chat.IGNORE_INDEX)
+    ids, mask = batching.pad([[1, 2, eot], [1, eot]], eot)
+    labels, _ = batching.pad([[-100, 2, eot], [-100, eot]], chat.IGNORE_INDEX)
     assert ids.tolist() == [[1, 2, eot], [1, eot, eot]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
     assert labels.tolist() == [[-100, 2, eot], [-100, eot, -100]]  # the real eot is trained, the pad is not
-    left, left_mask = chat.pad([[1, 2, 3], [4]], 0, left=True, multiple=4)
+    left, left_mask = batching.pad([[1, 2, 3], [4]], 0, left=True, multiple=4)
     assert left.tolist() == [[0, 1, 2, 3], [0, 0, 0, 4]] and left_mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
 
 
@@ -120,7 +120,7 @@ def test_decode_cuts_at_the_first_stop_and_drops_special_text(tokenizer):
 
 
 def test_a_tokenizer_without_a_chat_template_names_the_config_key(tmp_path):
-    from samsum_qlora import model as modeling
+    from samsum_qlora import modeling
     from samsum_qlora.config import ModelArgs
 
     tok = build_tokenizer("llama3")

@@ -7,11 +7,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import ROOT, set_args, smoke_overrides
 
-from samsum_qlora.cli import main
+from samsum_qlora.commands.cli import main
 
 
 def test_help_is_instant_and_imports_no_torch():
-    code = "import sys; from samsum_qlora.cli import main; assert 'torch' not in sys.modules; print('ok')"
+    code = "import sys; from samsum_qlora.commands.cli import main; assert 'torch' not in sys.modules; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout == "ok\n"
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0

@@ -29,7 +29,7 @@ def test_shipped_recipe_is_written_from_the_dataclasses_comments():
 def test_config_command_prints_the_resolved_config(tmp_path):
     from click.testing import CliRunner
 
-    from samsum_qlora.cli import main
+    from samsum_qlora.commands.cli import main
 
     result = CliRunner().invoke(main, ["config", "--set", "lora.lora_r=16", "--set", "train.max_steps=7"])
     assert result.exit_code == 0 and "  lora_r: 16  # adapter rank" in result.output
@@ -37,7 +37,7 @@ def test_config_command_prints_the_resolved_config(tmp_path):
     assert load_config(tmp_path / "c.yaml") == load_config(None, {"lora.lora_r": 16, "train.max_steps": 7})
 
 
-def test_defaults_learn_what_the_seed_learns():
+def test_defaults_learn_what_the_tutorial_learns():
     cfg = Config()
     assert cfg.model.name == "meta-llama/Llama-3.2-1B-Instruct"
     assert (cfg.quantization.bnb_4bit_quant_type, cfg.quantization.bnb_4bit_use_double_quant) == ("nf4", True)
@@ -50,10 +50,10 @@ def test_defaults_learn_what_the_seed_learns():
     assert cfg.train.max_tokens_per_batch * cfg.train.gradient_accumulation_steps == 4096
 
 
-def test_seed_recipe_overrides_give_the_tutorials_exact_settings():
-    from samsum_qlora.config import SEED_RECIPE, with_overrides
+def test_tutorial_recipe_overrides_give_its_exact_settings():
+    from samsum_qlora.config import TUTORIAL_RECIPE, with_overrides
 
-    seed = with_overrides(Config(), SEED_RECIPE)
+    seed = with_overrides(Config(), TUTORIAL_RECIPE)
     assert (seed.train.per_device_train_batch_size, seed.train.gradient_accumulation_steps) == (4, 4)
     assert seed.train.max_tokens_per_batch is None and seed.train.gradient_checkpointing
     assert seed.train.optim == "paged_adamw_8bit" and not seed.train.trained_logits_only

@@ -13,7 +13,8 @@ from samsum_qlora.errors import UserError
 def test_loads_shipped_sample():
     rows = data.load_rows(str(SAMPLE_DATA), "train")
     assert len(rows) == 60 and rows[0]["id"] == "smp-train-001"
-    assert set(rows[0]) == {"id", "dialogue", "summary"} and rows[0]["summary"].startswith("Lukas will buy")
+    assert set(rows[0]) == {"index", "id", "dialogue", "summary"} and rows[0]["summary"].startswith("Lukas will buy")
+    assert [r["index"] for r in rows] == list(range(60))  # each row's position in the split
 
 
 def test_missing_path(tmp_path):
@@ -45,9 +46,9 @@ def test_csv_with_numeric_ids_and_parquet(tmp_path):
 
     frame = pd.DataFrame({"id": [13, 14], "dialogue": ["A: hi", "B: yo"], "summary": ["A greets.", "B greets."]})
     frame.to_parquet(tmp_path / "train.parquet")
-    assert data.load_rows(str(tmp_path), "train")[0] == {"id": "13", "dialogue": "A: hi", "summary": "A greets."}
+    assert data.load_rows(str(tmp_path), "train")[0] == {"index": 0, "id": "13", "dialogue": "A: hi", "summary": "A greets."}
     frame.to_csv(tmp_path / "test.csv", index=False)
-    assert data.load_rows(str(tmp_path), "test")[1] == {"id": "14", "dialogue": "B: yo", "summary": "B greets."}
+    assert data.load_rows(str(tmp_path), "test")[1] == {"index": 1, "id": "14", "dialogue": "B: yo", "summary": "B greets."}
 
 
 def test_csv_keeps_quoted_newlines_and_crlf(tmp_path):

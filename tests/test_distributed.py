@@ -25,8 +25,8 @@ from conftest import ROOT, SMOKE_CONFIG, set_args, smoke_overrides
 # SkyPilot's own loader and the simulated cluster node, as tests/test_sky.py sets them up
 from test_sky import HAS_WANDB, SIM_CONFIG, node, ok, probe, shell  # noqa: F401
 
-from samsum_qlora import batching, evaluate, files, predictions, runtime
-from samsum_qlora import trainer as training
+from samsum_qlora import batching, files, predictions, runtime, training
+from samsum_qlora.commands import evaluate
 from samsum_qlora.config import TrainArgs, load_config
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir
@@ -38,15 +38,16 @@ DRIVER = """\
 import json, os, sys
 import torch
 from peft import get_peft_model_state_dict
-from samsum_qlora import cli, generation, trainer
+from samsum_qlora import generation, training
+from samsum_qlora.commands import cli
 
 trainers, generated = [], []
-build, generate = trainer.build_trainer, generation.generate
-trainer.build_trainer = lambda *args, **kwargs: trainers.append(build(*args, **kwargs)) or trainers[-1]
+build, generate = training.build_trainer, generation.generate
+training.build_trainer = lambda *args, **kwargs: trainers.append(build(*args, **kwargs)) or trainers[-1]
 
-def recording_generate(model, prompts, batches, **kwargs):
+def recording_generate(model, prompts, batches, *args, **kwargs):
     generated.extend(i for batch in batches for i in batch)
-    return generate(model, prompts, batches, **kwargs)
+    return generate(model, prompts, batches, *args, **kwargs)
 
 generation.generate = recording_generate
 cli.main.main(args=sys.argv[1:], standalone_mode=False)
@@ -279,7 +280,7 @@ def test_eval_resumes_what_interrupted_processes_saved(tmp_path):
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     plan = evaluate.plan_eval(cfg, base_only=True, limit=5, output_dir=str(tmp_path / "e"))
     plan.output_dir.mkdir()
-    rows = evaluate.eval_rows(cfg, plan)
+    rows = evaluate.eval_rows(cfg, plan).rows
     files.write_json(EvalDir(plan.output_dir).identity, predictions.identity(cfg, plan, rows))
     for rank, ids in ((0, [1, 3]), (1, [2])):  # as a 2-process eval left them when stopped
         (plan.output_dir / f"predictions.partial.rank{rank}.jsonl").write_text(

@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import SMOKE_CONFIG, smoke_overrides
 
-from samsum_qlora import evaluate, train
+from samsum_qlora.commands import evaluate, train
 from samsum_qlora.config import load_config
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir

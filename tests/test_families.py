@@ -7,10 +7,10 @@ import pytest
 from chat_families import FAMILIES, LORA_TARGETS, SPECS, build_family
 from conftest import SAMPLE_DATA, SMOKE_CONFIG
 
+from samsum_qlora.commands.evaluate import evaluate_model, plan_eval
+from samsum_qlora.commands.train import train_adapters
 from samsum_qlora.config import load_config
 from samsum_qlora.errors import UserError
-from samsum_qlora.evaluate import evaluate_model, plan_eval
-from samsum_qlora.train import train_adapters
 
 
 def family_cfg(folder, out, **extra):

@@ -6,26 +6,27 @@ import torch
 from chat_families import FAMILIES, build_family
 from conftest import SAMPLE_DATA, SMOKE_CONFIG, smoke_overrides
 
-from samsum_qlora import chat, data, generation
-from samsum_qlora import model as modeling
+from samsum_qlora import chat, data, generation, modeling
 from samsum_qlora.config import DataArgs, load_config
 
 
 def reference(model, prompt, fmt, budget):
     """The tutorial's loop: `generate`, one prompt, greedy, stopping at the end of turn."""
-    return generation.generate_one(model, prompt, max_new_tokens=budget, pad_id=fmt.pad_id, stop_ids=fmt.stop_ids)
+    return generation.generate_one(model, prompt, decoding(fmt, budget))
+
+
+def decoding(fmt, budget):
+    return generation.Decoding(budget, fmt.stop_ids, fmt.pad_id)
 
 
 def ours(model, prompts, fmt, budget, **kw):
-    return generation.decode_batch(
-        model, prompts, max_new_tokens=budget, pad_id=fmt.pad_id, stop_ids=fmt.stop_ids, **kw
-    )
+    return generation.decode_batch(model, prompts, decoding(fmt, budget), **kw)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The smoke recipe's adapters, merged into the base as eval merges them."""
-    from samsum_qlora.train import train_adapters
+    from samsum_qlora.commands.train import train_adapters
 
     out = tmp_path_factory.mktemp("gen")
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(out))
@@ -66,9 +67,7 @@ def test_generate_deals_batches_and_reports_each(trained):
         model,
         prompts,
         batches,
-        max_new_tokens=8,
-        pad_id=fmt.pad_id,
-        stop_ids=fmt.stop_ids,
+        decoding(fmt, 8),
         graphs=True,
         on_batch=lambda idx, dec: seen.update(zip(idx, dec)),
         progress=False,

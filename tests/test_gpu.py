@@ -22,7 +22,7 @@ def shape_dir(tmp_path_factory):
         pytest.skip("no CUDA GPU")
     if not (REF / "llama-3.2-1b-instruct-shape" / "tokenizer.json").is_file():
         pytest.skip(".ref/llama-3.2-1b-instruct-shape is not here")
-    from samsum_qlora.bench import random_model_dir
+    from samsum_qlora.commands.bench import random_model_dir
     from samsum_qlora.config import load_config
 
     cfg = load_config(None, {"model.name": str(REF / "llama-3.2-1b-instruct-shape")})
@@ -49,7 +49,7 @@ def gpu_cfg(shape_dir, out, **extra):
 
 
 def with_adapters(cfg):
-    from samsum_qlora import model as modeling
+    from samsum_qlora import modeling
 
     return modeling.attach_new_adapters(
         modeling.load_model(cfg.model, cfg.quantization, training=True),
@@ -63,7 +63,7 @@ def with_adapters(cfg):
 def test_train_and_eval_real_shape(shape_dir, tmp_path):
     import json
 
-    from samsum_qlora import evaluate, train
+    from samsum_qlora.commands import evaluate, train
 
     cfg = gpu_cfg(shape_dir, tmp_path / "run")
     metrics = train.train_adapters(cfg)
@@ -88,12 +88,12 @@ def test_train_and_eval_real_shape(shape_dir, tmp_path):
     assert scores["n_examples"] == 64 and 0 <= scores["rouge1"] <= 1
 
 
-def test_seed_recipe_trains_on_4bit_weights(shape_dir, tmp_path):
+def test_tutorial_recipe_trains_on_4bit_weights(shape_dir, tmp_path):
     import bitsandbytes as bnb
 
-    from samsum_qlora.config import SEED_RECIPE, with_overrides
+    from samsum_qlora.config import TUTORIAL_RECIPE, with_overrides
 
-    cfg = with_overrides(gpu_cfg(shape_dir, tmp_path / "seed"), SEED_RECIPE)
+    cfg = with_overrides(gpu_cfg(shape_dir, tmp_path / "seed"), TUTORIAL_RECIPE)
     model = with_adapters(cfg)
     q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
@@ -102,9 +102,7 @@ def test_seed_recipe_trains_on_4bit_weights(shape_dir, tmp_path):
 def test_fast_path_loss_equals_plain_padded_path_on_gpu(shape_dir, tmp_path):
     import torch
 
-    from samsum_qlora import chat, data
-    from samsum_qlora import model as modeling
-    from samsum_qlora import trainer as training
+    from samsum_qlora import chat, data, modeling, training
 
     plain_cfg = gpu_cfg(
         shape_dir,
@@ -155,8 +153,7 @@ def test_fast_path_loss_equals_plain_padded_path_on_gpu(shape_dir, tmp_path):
 
 def test_cuda_graph_steps_equal_plain_steps(shape_dir, tmp_path):
     """A captured decoding step replays the very kernels of the plain one: the same tokens."""
-    from samsum_qlora import chat, data, generation
-    from samsum_qlora import model as modeling
+    from samsum_qlora import chat, data, generation, modeling
 
     cfg = gpu_cfg(shape_dir, tmp_path / "g")
     tokenizer = modeling.load_tokenizer(cfg.model)
@@ -165,9 +162,7 @@ def test_cuda_graph_steps_equal_plain_steps(shape_dir, tmp_path):
     model = modeling.load_generation_model(cfg.model, cfg.quantization, None, merge=True)
 
     def decode(**kw):
-        return generation.decode_batch(
-            model, prompts, max_new_tokens=24, pad_id=fmt.pad_id, stop_ids=fmt.stop_ids, **kw
-        )
+        return generation.decode_batch(model, prompts, generation.Decoding(24, fmt.stop_ids, fmt.pad_id), **kw)
 
     graphed = decode(graphs=True)
     assert graphed == decode(graphs=False, full_view=True)

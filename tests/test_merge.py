@@ -7,7 +7,7 @@ import torch
 from conftest import SMOKE_CONFIG, TINY_MODEL, set_args, smoke_overrides
 from test_cli import one_line_error, run_cli
 
-from samsum_qlora import merge, train
+from samsum_qlora.commands import merge, train
 from samsum_qlora.config import load_config
 from samsum_qlora.errors import UserError
 

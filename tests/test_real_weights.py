@@ -71,7 +71,7 @@ def test_mask_rule_on_every_validation_dialogue(smollm2):
 
 @pytest.mark.slow
 def test_two_training_steps_on_real_weights(smollm2, tmp_path):
-    from samsum_qlora.train import train_adapters
+    from samsum_qlora.commands.train import train_adapters
 
     cfg = load_config(
         None,
@@ -95,7 +95,7 @@ def test_two_training_steps_on_real_weights(smollm2, tmp_path):
 def test_base_model_summarises_real_dialogues(smollm2, tmp_path):
     """The unquantised base in float32: the same weights as bf16, and 3x faster on a CPU without
     native bf16 matmuls (27 s against 75 s for these 8 dialogues on a 2-core CPU)."""
-    from samsum_qlora.evaluate import evaluate_model, plan_eval
+    from samsum_qlora.commands.evaluate import evaluate_model, plan_eval
 
     overrides = {"quantization.load_in_4bit": False, "eval.max_new_tokens": 64}
     cfg = load_config(None, args_for(smollm2, tmp_path, **overrides))

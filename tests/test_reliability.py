@@ -139,7 +139,7 @@ def test_a_diverging_run_stops_and_publishes_nothing(tmp_path):
 def test_empty_predictions_are_counted_and_warned_about(tmp_path, capsys):
     from conftest import SMOKE_CONFIG
 
-    from samsum_qlora import evaluate
+    from samsum_qlora.commands import evaluate
     from samsum_qlora.config import load_config
     from samsum_qlora.predictions import Prediction
 
@@ -200,7 +200,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes(tmp_path):
 def test_resuming_with_a_changed_learning_rate_is_refused_naming_it(tmp_path):
     from conftest import SMOKE_CONFIG
 
-    from samsum_qlora import train
+    from samsum_qlora.commands import train
     from samsum_qlora.config import load_config
 
     train.train_adapters(

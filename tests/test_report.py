@@ -5,7 +5,8 @@ import json
 import pytest
 from test_cli import one_line_error, run_cli
 
-from samsum_qlora import files, metrics, report
+from samsum_qlora import files, metrics
+from samsum_qlora.commands import report
 from samsum_qlora.errors import UserError
 from samsum_qlora.metrics import rouge
 

@@ -12,7 +12,8 @@ import torch
 from conftest import ROOT, SMOKE_CONFIG, set_args, smoke_overrides
 from safetensors.torch import load_file
 
-from samsum_qlora import checkpoints, train
+from samsum_qlora import checkpoints
+from samsum_qlora.commands import train
 from samsum_qlora.config import load_config
 from samsum_qlora.errors import UserError
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SMOKE_CONFIG, smoke_overrides
 
-from samsum_qlora import train
+from samsum_qlora.commands import train
 from samsum_qlora.config import load_config
 from samsum_qlora.errors import UserError
 
@@ -55,7 +55,7 @@ def test_rerun_without_overwrite_changes_no_byte(trained_run):
 def test_saved_adapters_reload_to_the_same_logits(tmp_path):
     from peft import PeftModel
 
-    from samsum_qlora import model as modeling
+    from samsum_qlora import modeling
 
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     torch.manual_seed(0)

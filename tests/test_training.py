@@ -5,9 +5,7 @@ import pytest
 import torch
 from conftest import SAMPLE_DATA, SMOKE_CONFIG, smoke_overrides
 
-from samsum_qlora import batching, chat, data
-from samsum_qlora import model as modeling
-from samsum_qlora import trainer as training
+from samsum_qlora import batching, chat, data, modeling, training
 from samsum_qlora.config import load_config
 
 

@@ -18,8 +18,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from samsum_qlora import batching, checkpoints
-from samsum_qlora.chat import IGNORE_INDEX, pad
+from samsum_qlora import batching, checkpoints, layout, runtime
+from samsum_qlora.batching import pad
+from samsum_qlora.chat import IGNORE_INDEX
 from samsum_qlora.config import TrainArgs
 from samsum_qlora.errors import UserError
 
@@ -199,9 +200,9 @@ def trained_token_loss(hidden, labels, head, num_items_in_batch=None):
 
 class LossTrainer(Trainer):
     """The Trainer with two hooks: `compute_loss` can keep the model from building every logit
-    (the forward asks for one position's logits, and a hook on the final norm hands over the
-    hidden states to project where labels are trained), and `training_step` stops the run at
-    the first loss that is not finite, before it reaches the weights of a checkpoint."""
+    (the forward asks for one position's logits, and a hook on the decoder, whatever the family,
+    hands over its final hidden states to project where labels are trained), and `training_step`
+    stops the run at the first loss that is not finite, before it reaches a checkpoint."""
 
     def __init__(self, *args, trained_logits_only: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -213,7 +214,7 @@ class LossTrainer(Trainer):
         labels = inputs.pop("labels")
         base = self.accelerator.unwrap_model(model).get_base_model()
         captured = {}
-        hook = base.model.norm.register_forward_hook(lambda mod, args, out: captured.update(hidden=out))
+        hook = base.get_decoder().register_forward_hook(lambda mod, args, out: captured.update(hidden=out[0]))
         try:
             outputs = model(**inputs, use_cache=False, logits_to_keep=1)
         finally:
@@ -240,11 +241,8 @@ class ManifestCallback(TrainerCallback):
         self.config_tree = config_tree
 
     def on_save(self, args, state, control, **kwargs):
-        if args.world_size > 1:  # under torchrun every process writes its RNG state into the checkpoint
-            from accelerate import PartialState
-
-            PartialState().wait_for_everyone()
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        runtime.barrier()  # under torchrun every process writes its RNG state into the checkpoint
+        ckpt = layout.checkpoint_dir(Path(args.output_dir), state.global_step)
         if args.should_save and ckpt.is_dir():
             checkpoints.write_manifest(ckpt, self.config_tree)
 
@@ -320,7 +318,7 @@ def build_trainer(
         train_dataset=train_set,
         data_collator=collator,
         callbacks=list(callbacks),
-        args=training_arguments(t, checkpoint_dir, cuda=torch.cuda.is_available(), count_tokens=count_tokens),
+        args=training_arguments(t, checkpoint_dir, cuda=runtime.has_cuda(), count_tokens=count_tokens),
         trained_logits_only=t.trained_logits_only,
     )
     if trainer.pop_callback(ProgressCallback) is not None:

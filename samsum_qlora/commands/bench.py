@@ -1,9 +1,10 @@
 """`samsum-qlora bench`: training and generation speed of *this* config on *this* machine.
 
 The weights are `--model-dir`'s, or `model.name`'s architecture with random weights (no
-download); the sequence lengths are the configured data's, tokenised for real, and training runs
-through the very Trainer that `train` builds. `--compare seed` times the tutorial's recipe in the
-same process; `--eval` times `eval`'s generation against the tutorial's per-example loop.
+download); the sequence lengths are the configured data's, tokenised for real. Training runs the
+model `train` builds through the Trainer `train` builds; generation runs `eval`'s own
+`Summarizer`. `--compare tutorial` times the tutorial's recipe in the same process; `--eval` times
+`eval`'s generation against the tutorial's per-example loop.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from samsum_qlora import batching, chat, data, files, generation, runtime
-from samsum_qlora import model as modeling
-from samsum_qlora import trainer as training
-from samsum_qlora.config import SEED_RECIPE, Config, with_overrides
+from samsum_qlora import chat, data, files, generation, modeling, runtime, training
+from samsum_qlora.config import TUTORIAL_RECIPE, Config, with_overrides
 from samsum_qlora.errors import UserError
-from samsum_qlora.metrics import LEVEL, paired_difference, rouge_per_example
+from samsum_qlora.layout import RANDOM_MARK
+from samsum_qlora.metrics import LEVEL, SHOWN, means, paired_difference, rouge_per_example
+from samsum_qlora.summarizer import Summarizer
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 GIB = 1024**3
-RANDOM_MARK = "RANDOM_WEIGHTS"
 LOOP_TIMED_ALONE = 8  # prompts the per-example loop is timed on alone when processes share the rest
 
 
@@ -33,27 +33,29 @@ def peak_flops(device_name: str | None) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if device_name and k in device_name), None)
 
 
-def summarise(
-    real_tokens: int,
-    padded_tokens: int,
-    seconds: float,
-    n_params: int,
-    device: str | None,
-    peak_bytes: int | None,
-    epoch_tokens: int,
-) -> dict:
+@dataclass(frozen=True)
+class Timed:
+    """What a timed stretch of training did: real and padded tokens, in `seconds`."""
+
+    real_tokens: int
+    padded_tokens: int
+    seconds: float
+
+
+def summarise(timed: Timed, *, n_params: int, device: str | None, peak_bytes: int | None, epoch_tokens: int) -> dict:
     """Figures of one timed run. FLOPs per trained token: 4 x parameters (forward 2, backward
     through the frozen weights 2; LoRA's own weight gradients are negligible)."""
-    tps = real_tokens / seconds
+    tps = timed.real_tokens / timed.seconds
     flops = peak_flops(device)
+    padded = timed.padded_tokens
     return {
         "tokens_per_s": round(tps, 1),
-        "padding_fraction": round(1 - real_tokens / padded_tokens, 4) if padded_tokens else 0.0,
+        "padding_fraction": round(1 - timed.real_tokens / padded, 4) if padded else 0.0,
         "peak_memory_gib": round(peak_bytes / GIB, 2) if peak_bytes is not None else None,
         "mfu": round(tps * 4 * n_params / flops, 4) if flops else None,
         "epoch_minutes": round(epoch_tokens / tps / 60, 2),
-        "timed_tokens": real_tokens,
-        "timed_seconds": round(seconds, 3),
+        "timed_tokens": timed.real_tokens,
+        "timed_seconds": round(timed.seconds, 3),
     }
 
 
@@ -131,13 +133,12 @@ class Clock(TrainerCallback):
         self.stamps: list[float] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        runtime.synchronize()
         self.stamps.append(time.perf_counter())
 
 
 def time_training(
-    cfg: Config, model_dir: Path, columns: dict, steps: int, warmup: int, epoch_tokens: int, workdir: Path
+    cfg: Config, model_dir: Path, columns: dict, *, steps: int, warmup: int, epoch_tokens: int, workdir: Path
 ) -> dict:
     cfg = with_overrides(
         cfg,
@@ -146,37 +147,26 @@ def time_training(
             "train": {"max_steps": warmup + steps, "save_steps": 10**9, "logging_steps": 10**9, "report_to": ["none"]},
         },
     )
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    pad_id = chat.pad_id(modeling.load_tokenizer(cfg.model))
-    model = modeling.attach_new_adapters(
-        modeling.load_model(cfg.model, cfg.quantization, training=True),
-        cfg.lora,
-        cfg.quantization,
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
-        half_precision=cfg.train.bf16 or cfg.train.fp16,
-    )
-    clock, counting = Clock(), Counting(training.Collator(pad_id, cfg.train.pad_to_multiple_of))
+    runtime.release_memory(reset_peak=True)
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    model = modeling.training_model(cfg, tokenizer)
+    clock, counting = Clock(), Counting(training.Collator(chat.pad_id(tokenizer), cfg.train.pad_to_multiple_of))
     trainer = training.build_trainer(
         cfg.train, model, training.training_set(cfg.train, columns), counting, workdir / "ckpt", [clock]
     )
     trainer.train()
     micro = cfg.train.gradient_accumulation_steps
     timed = counting.counts[warmup * micro : (warmup + steps) * micro]
+    seconds = clock.stamps[warmup + steps - 1] - clock.stamps[warmup - 1]
     figures = summarise(
-        sum(r for r, _ in timed),
-        sum(p for _, p in timed),
-        clock.stamps[warmup + steps - 1] - clock.stamps[warmup - 1],
-        base_parameter_count(model_dir),
-        torch.cuda.get_device_name() if cuda else None,
-        torch.cuda.max_memory_allocated() if cuda else None,
-        epoch_tokens,
+        Timed(sum(r for r, _ in timed), sum(p for _, p in timed), seconds),
+        n_params=base_parameter_count(model_dir),
+        device=runtime.device_name() if runtime.has_cuda() else None,
+        peak_bytes=runtime.peak_memory(),
+        epoch_tokens=epoch_tokens,
     )
     del trainer, model
-    if cuda:
-        torch.cuda.empty_cache()
+    runtime.release_memory()
     return figures
 
 
@@ -200,70 +190,43 @@ def random_adapters(cfg: Config, out: Path) -> Path:
     return out
 
 
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _release(model) -> None:
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def fast_path(cfg: Config, adapters: Path, fmt: chat.ChatFormat, prompts: list[list[int]]):
+def time_batched(summarizer: Summarizer, prompts: list[list[int]]) -> tuple[dict, float]:
     """`eval`'s generation of every prompt: ({index: Decoded}, seconds), after a small warm-up."""
-    e = cfg.eval
-    model = modeling.load_generation_model(cfg.model, cfg.quantization, adapters, merge=e.merge_adapters)
-    batches = batching.generation_batches(
-        [len(p) for p in prompts], max_rows=e.batch_size, max_tokens=e.max_tokens_per_batch, new_tokens=e.max_new_tokens
-    )
+    batches = summarizer.batches(prompts)
     out: dict[int, generation.Decoded] = {}
 
     def run(chosen):
-        generation.generate(
-            model,
-            prompts,
-            chosen,
-            max_new_tokens=e.max_new_tokens,
-            pad_id=fmt.pad_id,
-            stop_ids=fmt.stop_ids,
-            graphs=e.cuda_graphs,
-            progress=False,
-            on_batch=lambda idx, decoded: out.update(zip(idx, decoded)),
-        )
+        summarizer.generate(prompts, chosen, lambda idx, decoded: out.update(zip(idx, decoded)), progress=False)
 
-    run([batches[-1][:2]])  # warm-up: kernels, workspaces, graph machinery
-    _synchronize()
+    run([batches[-1][:2]])  # warm-up: loading, kernels, workspaces, graph machinery
+    runtime.synchronize()
     started = time.perf_counter()
     run(batches)
-    _synchronize()
+    runtime.synchronize()
     seconds = time.perf_counter() - started
-    _release(model)
+    summarizer.model = None
+    runtime.release_memory()
     return out, seconds
 
 
 @dataclass(frozen=True)
 class LoopTask:
     """The tutorial's per-example loop and our decoder at batch 1, on the loop's model: the 4-bit
-    base with the adapters attached, unmerged (`config.SEED_RECIPE`). Picklable, for workers."""
+    base with the adapters attached, unmerged (`config.TUTORIAL_RECIPE`). Picklable, for workers."""
 
     cfg: Config
     adapters: Path
-    pad_id: int
-    stop_ids: tuple[int, ...]
+    decoding: generation.Decoding
 
     def load(self):
-        seed = with_overrides(self.cfg, SEED_RECIPE)
-        return modeling.load_generation_model(seed.model, seed.quantization, self.adapters, merge=False)
+        tutorial = with_overrides(self.cfg, TUTORIAL_RECIPE)
+        return modeling.load_generation_model(tutorial.model, tutorial.quantization, self.adapters, merge=False)
 
     def loop(self, model, prompt: list[int]) -> list[int]:
-        return generation.generate_one(model, prompt, max_new_tokens=self.cfg.eval.max_new_tokens,
-                                       pad_id=self.pad_id, stop_ids=self.stop_ids).ids  # fmt: skip
+        return generation.generate_one(model, prompt, self.decoding).ids
 
     def ours(self, model, prompt: list[int]) -> list[int]:
-        return generation.decode_batch(model, [prompt], max_new_tokens=self.cfg.eval.max_new_tokens,
-                                       pad_id=self.pad_id, stop_ids=self.stop_ids)[0].ids  # fmt: skip
+        return generation.decode_batch(model, [prompt], self.decoding)[0].ids
 
 
 _WORKER: dict = {}  # a worker process's task and model, loaded once
@@ -310,13 +273,14 @@ def per_example_paths(task: LoopTask, prompts: list[list[int]], sample: list[int
     prompts timed, seconds)."""
     timed = sample if workers <= 1 else sample[:timed_alone]
     model = task.load()
-    _synchronize()
+    runtime.synchronize()
     started = time.perf_counter()
     loop = {i: task.loop(model, prompts[i]) for i in timed}
-    _synchronize()
+    runtime.synchronize()
     seconds = time.perf_counter() - started
     ours = {i: task.ours(model, prompts[i]) for i in timed}
-    _release(model)
+    del model
+    runtime.release_memory()
     rest = {i: prompts[i] for i in sample if i not in loop}
     for i, (theirs, mine) in (in_processes(task, rest, workers) if rest else {}).items():
         loop[i], ours[i] = theirs, mine
@@ -329,12 +293,12 @@ def time_generation(cfg: Config, model_dir: Path, adapters: Path | None, rows: l
     against the tutorial's per-example loop on the split's first `loop_sample` prompts, shared by
     `loop_workers` processes."""
     cfg = with_overrides(cfg, {"model": {"name": str(model_dir)}})
-    fmt = chat.ChatFormat.build(modeling.load_tokenizer(cfg.model), cfg.data, modeling.generation_eos(cfg.model))
-    prompts = [fmt.prompt(r["dialogue"]) for r in rows]
     adapters = adapters or random_adapters(cfg, workdir / "adapters")
-    fast, fast_s = fast_path(cfg, adapters, fmt, prompts)
+    summarizer = Summarizer(cfg, adapters)
+    fmt, prompts = summarizer.fmt, summarizer.prompts([r["dialogue"] for r in rows])
+    fast, fast_s = time_batched(summarizer, prompts)
     sample = list(range(min(loop_sample, len(prompts))))
-    task = LoopTask(cfg, adapters, fmt.pad_id, fmt.stop_ids)
+    task = LoopTask(cfg, adapters, summarizer.decoding)
     loop, ours, timed, loop_s = per_example_paths(task, prompts, sample, loop_workers, LOOP_TIMED_ALONE)
     new_tokens = sum(len(d.ids) + d.ended for d in fast.values())
     loop_tokens = sum(len(loop[i]) + (len(loop[i]) < cfg.eval.max_new_tokens) for i in timed)
@@ -366,63 +330,92 @@ def compare_rouge(texts: dict[str, list[str]], refs: list[str]) -> dict:
     """ROUGE of the batched path and of the loop on the same rows, and batched - loop per row with
     its bootstrap interval: a difference inside the interval is the rows' spread, not the path."""
     scores = {path: rouge_per_example(t, refs) for path, t in texts.items()}
-    out: dict = {path: {k: sum(v) / len(v) for k, v in s.items()} for path, s in scores.items()}
-    out["difference"] = {
-        k: paired_difference(scores["batched"][k], scores["loop"][k]) for k in ("rouge1", "rouge2", "rougeL")
-    }
+    out: dict = {path: means(per_example) for path, per_example in scores.items()}
+    out["difference"] = {k: paired_difference(scores["batched"][k], scores["loop"][k]) for k, _ in SHOWN}
     return out
 
 
 # --- the command -----------------------------------------------------------------------------------
 
 
-def benchmark(cfg: Config, *, split: str, steps: int, warmup: int, compare_seed: bool, with_eval: bool,
-              loop_sample: int, epoch_tokens: int | None, json_path: Path | None, model_dir: Path | None = None,
-              adapters: Path | None = None, loop_workers: int = 1) -> dict:  # fmt: skip
-    if json_path is not None:
-        files.ensure_writable_dir(json_path.parent)
-    if adapters is not None and not adapters.is_dir():
-        raise UserError(f"--adapters {adapters} is not a folder")
+@dataclass(frozen=True)
+class BenchPlan:
+    """What `bench` is asked to time, from its command line."""
+
+    split: str
+    steps: int = 20
+    warmup: int = 3
+    compare_tutorial: bool = False
+    with_eval: bool = False
+    loop_sample: int = 16
+    loop_workers: int = 1
+    epoch_tokens: int | None = None
+    json_path: Path | None = None
+    model_dir: Path | None = None
+    adapters: Path | None = None
+
+
+def benchmark(cfg: Config, plan: BenchPlan) -> dict:
+    if plan.json_path is not None:
+        files.ensure_writable_dir(plan.json_path.parent)
+    if plan.adapters is not None and not plan.adapters.is_dir():
+        raise UserError(f"--adapters {plan.adapters} is not a folder")
     # A random model's tiny gradients reach float32 denormals, which CPUs process ~100x slower
     # (GPUs do not); flushing them to zero keeps CPU timings about the model, not the FPU.
     torch.set_flush_denormal(True)
 
-    # --- the data: real rows, tokenised as train does ---
-    fmt = chat.ChatFormat.build(modeling.load_tokenizer(cfg.model), cfg.data, modeling.generation_eos(cfg.model))
-    rows = [r for r in data.load_rows(cfg.data.source, split, cfg.data.revision) if chat.clean(r["dialogue"])]
-    columns, stats = fmt.encode_rows(rows)
+    # --- the data: the rows eval scores, tokenised as train does ---
+    rows = data.scorable(data.load_rows(cfg.data.source, plan.split, cfg.data.revision)).rows
+    columns, stats = modeling.chat_format(cfg).encode_rows(rows)
     device = runtime.device_name()
-    print(f"bench on {device}: {stats.kept} rows of {cfg.data.source} ({split}), {stats.tokens:,} tokens")
-    result: dict = {"device": device, "model": cfg.model.name, "split": split, "rows": stats.kept,
-                    "epoch_tokens": epoch_tokens or stats.tokens, "steps": steps, "warmup": warmup}  # fmt: skip
+    print(f"bench on {device}: {stats.kept} rows of {cfg.data.source} ({plan.split}), {stats.tokens:,} tokens")
+    epoch_tokens = plan.epoch_tokens or stats.tokens
+    result: dict = {"device": device, "model": cfg.model.name, "split": plan.split, "rows": stats.kept}
+    result |= {"epoch_tokens": epoch_tokens, "steps": plan.steps, "warmup": plan.warmup}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         # --- the weights ---
-        model_dir = random_model_dir(cfg, model_dir or workdir / "random-model")
+        model_dir = random_model_dir(cfg, plan.model_dir or workdir / "random-model")
         result["weights"] = weights_label(model_dir)
 
         # --- generation, then training: liger-kernel patches transformers for the whole process once
-        # a model trains with it, and neither eval's generation nor the seed recipe runs with it ---
-        if with_eval:
+        # a model trains with it, and neither eval's generation nor the tutorial's recipe runs with it ---
+        if plan.with_eval:
             result["eval"] = time_generation(
-                cfg, model_dir, adapters, rows, workdir, loop_sample=loop_sample, loop_workers=loop_workers
+                cfg,
+                model_dir,
+                plan.adapters,
+                rows,
+                workdir,
+                loop_sample=plan.loop_sample,
+                loop_workers=plan.loop_workers,
             )
 
         def timed(config):
-            return time_training(config, model_dir, columns, steps, warmup, result["epoch_tokens"], workdir)
+            return time_training(
+                config,
+                model_dir,
+                columns,
+                steps=plan.steps,
+                warmup=plan.warmup,
+                epoch_tokens=epoch_tokens,
+                workdir=workdir,
+            )
 
-        seed = timed(with_overrides(cfg, SEED_RECIPE)) if compare_seed else None
+        tutorial = timed(with_overrides(cfg, TUTORIAL_RECIPE)) if plan.compare_tutorial else None
         result.update(timed(cfg))
-        if seed is not None:
-            result["seed"], result["ratio"] = seed, round(result["tokens_per_s"] / seed["tokens_per_s"], 2)
-    print(report(result))
-    if json_path is not None:
-        files.write_json(json_path, result)
-        print(f"wrote {json_path}")
+        if tutorial is not None:
+            result["tutorial"], result["ratio"] = tutorial, round(result["tokens_per_s"] / tutorial["tokens_per_s"], 2)
+    print(render(result))
+    if plan.json_path is not None:
+        files.write_json(plan.json_path, result)
+        print(f"wrote {plan.json_path}")
     return result
 
 
-def report(r: dict) -> str:
+def render(r: dict) -> str:
+    """The figures as a person reads them: a table, the speed-up, the generation lines."""
+
     def line(name, f):
         mem = f"{f['peak_memory_gib']:.2f} GiB" if f["peak_memory_gib"] is not None else "n/a"
         mfu = f"{100 * f['mfu']:.1f}%" if f["mfu"] is not None else "n/a"
@@ -437,8 +430,8 @@ def report(r: dict) -> str:
         "|---|---|---|---|---|---|",
         line("this config", r),
     ]
-    if "seed" in r:
-        out += [line("seed recipe", r["seed"]), f"speed-up over the seed recipe: {r['ratio']:.1f}x"]
+    if "tutorial" in r:
+        out += [line("tutorial recipe", r["tutorial"]), f"speed-up over the tutorial's recipe: {r['ratio']:.1f}x"]
     if "eval" in r:
         out += eval_lines(r["eval"])
     return "\n".join(out)
@@ -455,7 +448,7 @@ def eval_lines(e: dict) -> list[str]:
         f"{100 * e['same_arithmetic_same_outputs']:.1f}%",
     ]
     if "rouge_sample" in e:
-        shown = ("rouge1", "rouge2", "rougeL")
+        shown = [k for k, _ in SHOWN]
         for path in ("batched", "loop"):
             scores = e["rouge_sample"][path]
             lines.append(f"ROUGE-1/2/L on the sample, {path}: " + " / ".join(f"{100 * scores[k]:.2f}" for k in shown))

@@ -35,10 +35,12 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
-def _config(config_path, overrides):
+def _config(config_path, overrides, extra: dict | None = None):
+    """The config: defaults < YAML < --set < `extra` (options that stand for config keys)."""
     from samsum_qlora.config import load_config, parse_overrides
 
-    return load_config(config_path, parse_overrides(overrides))
+    given = {key: value for key, value in (extra or {}).items() if value is not None}
+    return load_config(config_path, parse_overrides(overrides) | given)
 
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
@@ -67,8 +69,8 @@ def train(config_path, overrides, overwrite, resume):
 
     Rerunning the same command into the same output dir resumes from the newest complete
     checkpoint."""
-    from samsum_qlora.train import train_adapters
-    from samsum_qlora.trainer import Stopped
+    from samsum_qlora.commands.train import train_adapters
+    from samsum_qlora.training import Stopped
 
     cfg = _config(config_path, overrides)
     try:
@@ -93,16 +95,9 @@ def train(config_path, overrides, overwrite, resume):
     metavar="NAME",
     help="Score this model of an OpenAI-compatible API instead (key from $OPENAI_API_KEY).",
 )
-@click.option(
-    "--api-base",
-    default=None,
-    metavar="URL",
-    help="API root for --api-model, e.g. http://localhost:8000/v1 (default: https://api.openai.com/v1).",
-)
-@click.option("--api-concurrency", type=int, default=None, help="Requests in flight at once (default: 8).")
-@click.option(
-    "--api-timeout", type=float, default=None, help="Seconds to wait for one answer before retrying (default: 60)."
-)
+@click.option("--api-base", default=None, metavar="URL", help="API root for --api-model (sets api.base).")
+@click.option("--api-concurrency", type=int, default=None, help="Requests in flight at once (sets api.concurrency).")
+@click.option("--api-timeout", type=float, default=None, help="Seconds to wait for one answer (sets api.timeout).")
 def evaluate_cmd(
     config_path,
     overrides,
@@ -122,9 +117,13 @@ def evaluate_cmd(
     With --api-model, the summaries come from a Chat Completions endpoint (OpenAI, vLLM, Ollama,
     LiteLLM), asked with the same instruction and dialogue; results go to
     <train.output_dir>/eval-api-NAME."""
-    from samsum_qlora.evaluate import evaluate_model, plan_eval
+    from samsum_qlora.commands.evaluate import evaluate_model, plan_eval
 
-    cfg = _config(config_path, overrides)
+    api_options = {"api.base": api_base, "api.concurrency": api_concurrency, "api.timeout": api_timeout}
+    given = [f"--{key.replace('.', '-')}" for key, value in api_options.items() if value is not None]
+    if api_model is None and given:
+        raise UserError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} --api-model NAME")
+    cfg = _config(config_path, overrides, api_options)
     plan = plan_eval(
         cfg,
         adapters=adapters,
@@ -133,23 +132,12 @@ def evaluate_cmd(
         limit=limit,
         output_dir=output_dir,
         api_model=api_model,
-        api_base=api_base,
     )
     predict = None
     if plan.api_base is not None:
         from samsum_qlora import api
 
-        predict = api.predictor(
-            plan.api_base,
-            model=plan.model,
-            instruction=cfg.data.task_instruction,
-            max_tokens=cfg.eval.max_new_tokens,
-            key=os.environ.get(api.KEY_ENV),
-            concurrency=8 if api_concurrency is None else api_concurrency,
-            timeout=60.0 if api_timeout is None else api_timeout,
-        )
-    elif api_concurrency is not None or api_timeout is not None:
-        raise UserError("--api-concurrency and --api-timeout need --api-model")
+        predict = api.predictor(cfg, model=plan.model, key=os.environ.get(api.KEY_ENV))
     evaluate_model(cfg, plan, overwrite=overwrite, predict=predict)
 
 
@@ -175,7 +163,7 @@ def preprocess(config_path, overrides, split, out_dir, show):
 
     With --show N, prints N examples; the tokens the loss is computed on are shown between
     ⟦ and ⟧ (and in green on a terminal)."""
-    from samsum_qlora.preprocess import tokenize_split
+    from samsum_qlora.commands.preprocess import tokenize_split
 
     tokenize_split(_config(config_path, overrides), split=split, out_dir=Path(out_dir), show=show)
 
@@ -195,10 +183,12 @@ def report(dirs, out_dir):
 
     Each argument is an eval folder (metrics.json + predictions.jsonl) or a training run folder,
     whose eval*/ folders are all used."""
-    from samsum_qlora.report import write_report
+    from samsum_qlora.commands.report import write_report
+    from samsum_qlora.layout import ReportDir
 
     click.echo(write_report(list(dirs), out_dir), nl=False)
-    click.echo(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.png'}", err=True)
+    written = ReportDir(out_dir)
+    click.echo(f"wrote {written.markdown} and {written.chart}", err=True)
 
 
 @main.command()
@@ -224,7 +214,7 @@ def merge(config_path, overrides, adapters, out_dir, dtype):
     """Merge LoRA adapters into the base weights and save a plain model.
 
     The merged model's logits must match base + adapters on probe prompts, else nothing is written."""
-    from samsum_qlora.merge import merge_adapters
+    from samsum_qlora.commands.merge import merge_adapters
 
     merge_adapters(
         adapters, out_dir, cfg=_config(config_path, overrides) if config_path or overrides else None, dtype=dtype
@@ -237,7 +227,11 @@ def merge(config_path, overrides, adapters, out_dir, dtype):
 @click.option("--split", default=None, help="Split whose lengths are timed (default: data.train_split).")
 @click.option("--steps", type=int, default=20, show_default=True, help="Timed optimizer steps, after warm-up.")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed steps first (allocation, kernels).")
-@click.option("--compare", type=click.Choice(["seed"]), help="Also time the seed tutorial's recipe, same process.")
+@click.option(
+    "--compare",
+    type=click.Choice(["tutorial", "seed"]),
+    help="Also time the tutorial's recipe in the same process ('seed' is an older name for it).",
+)
 @click.option("--eval", "with_eval", is_flag=True, help="Also time batched generation against the per-example loop.")
 @click.option("--loop-sample", type=int, default=16, show_default=True, help="First prompts the slow loop decodes.")
 @click.option(
@@ -282,17 +276,16 @@ def bench(
 ):
     """Time training (real tokens/s, padding, peak memory, MFU, epoch time) and generation on
     model.name's architecture with random weights (no weight download needed), or --model-dir's."""
-    from samsum_qlora.bench import benchmark
+    from samsum_qlora.commands.bench import BenchPlan, benchmark
 
     cfg = _config(config_path, overrides)
     if min(steps, warmup, loop_sample, loop_workers) < 1:
         raise UserError("--steps, --warmup, --loop-sample and --loop-workers must be at least 1")
-    benchmark(
-        cfg,
+    plan = BenchPlan(
         split=split or cfg.data.train_split,
         steps=steps,
         warmup=warmup,
-        compare_seed=compare == "seed",
+        compare_tutorial=compare is not None,
         with_eval=with_eval,
         loop_sample=loop_sample,
         loop_workers=loop_workers,
@@ -301,6 +294,7 @@ def bench(
         model_dir=Path(model_dir) if model_dir else None,
         adapters=Path(adapters) if adapters else None,
     )
+    benchmark(cfg, plan)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from samsum_qlora import chat, data, files
-from samsum_qlora import model as modeling
+from samsum_qlora import chat, data, files, modeling
 from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
 
@@ -32,8 +31,8 @@ def tokenize_split(cfg: Config, *, split: str, out_dir: Path, show: int) -> None
 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out {out_dir} exists and is not empty; choose a new folder")
-    tokenizer = modeling.load_tokenizer(cfg.model)
-    fmt = chat.ChatFormat.build(tokenizer, cfg.data, modeling.generation_eos(cfg.model))
+    fmt = modeling.chat_format(cfg)
+    tokenizer = fmt.tokenizer
     columns, stats = fmt.encode_rows(data.load_rows(cfg.data.source, split, cfg.data.revision))
     if stats.kept == 0:
         raise UserError(f"no usable rows in {cfg.data.source} ({split})")

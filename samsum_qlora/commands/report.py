@@ -1,4 +1,4 @@
-"""`samsum-qlora report`: the seed's comparison table over several evaluations, with bootstrap
+"""`samsum-qlora report`: the tutorial's comparison table over several evaluations, with bootstrap
 confidence intervals and a bar chart.
 
 Scores are recomputed from each folder's predictions.jsonl, so the table and its intervals come
@@ -14,11 +14,19 @@ from pathlib import Path
 
 from samsum_qlora import files
 from samsum_qlora.errors import UserError
-from samsum_qlora.layout import EvalDir
-from samsum_qlora.metrics import LEVEL, RESAMPLES, SEED, bootstrap_interval, results_table, rouge_per_example
+from samsum_qlora.layout import EvalDir, ReportDir, RunDir
+from samsum_qlora.metrics import (
+    LEVEL,
+    RESAMPLES,
+    SEED,
+    SHOWN,
+    bootstrap_interval,
+    mean,
+    results_table,
+    rouge_per_example,
+)
 from samsum_qlora.predictions import KIND_API, KIND_BASE, KIND_QLORA
 
-SHOWN = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))  # the seed's columns
 KIND_ORDER = (KIND_BASE, KIND_API, KIND_QLORA)  # the tutorial's row order within one run folder
 
 
@@ -33,8 +41,7 @@ class Scored:
     per_example: dict[str, list[float]]  # metric -> F-measure per example, fractions 0-1
 
     def mean(self, metric: str) -> float:
-        values = self.per_example[metric]
-        return sum(values) / len(values)
+        return mean(self.per_example[metric])
 
 
 # --- finding and reading evaluations -------------------------------------------------------------
@@ -56,7 +63,7 @@ def eval_dirs(paths: list[Path]) -> list[Path]:
         if is_eval_dir(path):
             found.append(path)
             continue
-        inside = [p for p in path.glob("eval*") if p.is_dir() and is_eval_dir(p)]
+        inside = RunDir(path).eval_dirs()
         if not inside:
             raise UserError(
                 f"{path} holds no metrics.json and no eval*/ folder with one: run `samsum-qlora eval` first"
@@ -119,7 +126,7 @@ def intervals(scored: Scored, **kwargs) -> dict[str, tuple[float, float]]:
 
 
 def interval_table(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]) -> str:
-    """Percent, 2 decimals, like the seed's table; n = examples scored."""
+    """Percent, 2 decimals, like the tutorial's table; n = examples scored."""
     lines = [
         "| Model | Type | n | " + " | ".join(f"{label} 95% CI" for _, label in SHOWN) + " |",
         "|---|---|---|" + "---|" * len(SHOWN),
@@ -204,7 +211,7 @@ def write_report(paths: list[Path], out_dir: Path) -> str:
     cis = [intervals(r) for r in rows]
     markdown = render_markdown(rows, cis)
     png = render_chart(rows, cis)
-    out = files.ensure_writable_dir(out_dir)
-    files.write_text(out / "report.md", markdown)
-    files.write_bytes(out / "report.png", png)
+    out = ReportDir(files.ensure_writable_dir(out_dir))
+    files.write_text(out.markdown, markdown)
+    files.write_bytes(out.chart, png)
     return markdown

@@ -11,8 +11,8 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from samsum_qlora import layout, runtime
-from samsum_qlora.config import LoraArgs, ModelArgs, QuantArgs
+from samsum_qlora import chat, layout, runtime
+from samsum_qlora.config import Config, LoraArgs, ModelArgs, QuantArgs
 from samsum_qlora.errors import UserError
 
 if TYPE_CHECKING:
@@ -63,10 +63,9 @@ def model_shape(model_config) -> dict:
 
 def check_source(name: str) -> None:
     """A model that looks like a path must be one: say so, instead of the Hub's "Repo id must be
-    in the form 'namespace/name'". Hub ids have at most one slash."""
+    in the form 'namespace/name'"."""
     path = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not path.exists():
+    if layout.is_local(name) and not path.exists():
         raise UserError(f"model {name} does not exist (give a model folder or a Hub id)")
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{name} holds no model: no config.json in it")
@@ -99,6 +98,12 @@ def read_template(value: str) -> str:
     if not path.is_file():
         raise UserError(f"model.chat_template: {value} is not a file; give a .jinja file or the template's text")
     return path.read_text(encoding="utf-8")
+
+
+def chat_format(cfg: Config) -> chat.ChatFormat:
+    """The model's tokenizer with its chat rules and `cfg.data`'s prompt settings: what every command
+    that tokenises (train, eval, preprocess, bench, merge) builds first."""
+    return chat.ChatFormat.build(load_tokenizer(cfg.model), cfg.data, generation_eos(cfg.model))
 
 
 def generation_eos(m: ModelArgs) -> list[int]:
@@ -157,12 +162,8 @@ def load_model(m: ModelArgs, q: QuantArgs, *, training: bool):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    cuda = torch.cuda.is_available()
-    rt = runtime.current()
-    if cuda:
-        # Under torchrun this process's GPU must be the current device too: liger-kernel's RoPE
-        # launches on the current one, not its tensors'.
-        torch.cuda.set_device(rt.local_rank)
+    device = runtime.use_local_gpu()
+    if device != "cpu":
         torch.backends.cuda.enable_cudnn_sdp(m.cudnn_attention)
     elif m.attn_implementation.startswith("flash_attention"):
         raise UserError(f"{m.attn_implementation} needs a CUDA GPU; use --set model.attn_implementation=sdpa")
@@ -175,7 +176,7 @@ def load_model(m: ModelArgs, q: QuantArgs, *, training: bool):
                 quantization_config=quantization_config(q),
                 dtype=torch_dtype(q.bnb_4bit_compute_dtype),
                 attn_implementation=m.attn_implementation,
-                device_map={"": rt.local_rank if cuda else "cpu"},  # one process = one device
+                device_map={"": device},  # one process = one device
             )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
@@ -216,9 +217,7 @@ def check_vocabulary(model, tokenizer) -> None:
 def apply_fused_kernels(model) -> bool:
     """liger-kernel's RMSNorm, SwiGLU and RoPE for a Llama being trained on a GPU (the gain is in
     docs/performance.md). Elsewhere, or without the package, the model is left as it is."""
-    import torch
-
-    if model.config.model_type != "llama" or not torch.cuda.is_available():
+    if model.config.model_type != "llama" or not runtime.has_cuda():
         return False
     try:
         import liger_kernel.transformers as liger
@@ -258,6 +257,20 @@ def dequantize_base(model, dtype_name: str):
                 setattr(parent, name, plain)
     model.is_loaded_in_4bit = False  # peft and the Trainer now treat it as a plain model
     return model
+
+
+def training_model(cfg: Config, tokenizer):
+    """The model `train` trains (and `bench` times): the base as configured, checked against the
+    tokenizer, with fresh LoRA adapters."""
+    model = load_model(cfg.model, cfg.quantization, training=True)
+    check_vocabulary(model, tokenizer)
+    return attach_new_adapters(
+        model,
+        cfg.lora,
+        cfg.quantization,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        half_precision=cfg.train.bf16 or cfg.train.fp16,
+    )
 
 
 def attach_new_adapters(model, lora: LoraArgs, q: QuantArgs, *, gradient_checkpointing: bool, half_precision: bool):

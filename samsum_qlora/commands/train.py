@@ -14,9 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from samsum_qlora import chat, checkpoints, data, files, runtime, tracking
-from samsum_qlora import model as modeling
-from samsum_qlora import trainer as training
+from samsum_qlora import chat, checkpoints, data, files, layout, modeling, runtime, tracking, training
 from samsum_qlora.config import Config, dump_config
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import RunDir
@@ -27,7 +25,7 @@ def train_adapters(cfg: Config, *, overwrite: bool = False, resume: str | None =
     process runs this; only rank 0 holds the output folder, talks and writes."""
     rt = runtime.current()
     run = RunDir(Path(cfg.train.output_dir))
-    with files.hold(run.root, "train") if rt.is_main else contextlib.nullcontext():
+    with files.hold(run.lock, "train") if rt.is_main else contextlib.nullcontext():
         return _train(cfg, run, rt, overwrite=overwrite, resume=resume)
 
 
@@ -42,17 +40,12 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
     set_seed(cfg.train.seed)
 
     # --- data: rows -> chat template -> tokens and labels ---
-    tokenizer = modeling.load_tokenizer(cfg.model)
-    fmt = chat.ChatFormat.build(tokenizer, cfg.data, modeling.generation_eos(cfg.model))
+    fmt = modeling.chat_format(cfg)
     columns, stats = encode_training_rows(cfg, fmt, rt)
     train_args = per_process_args(cfg, run, rt)
 
     # --- model: the 4-bit base, then fresh LoRA adapters ---
-    model = modeling.load_model(cfg.model, cfg.quantization, training=True)
-    modeling.check_vocabulary(model, tokenizer)
-    model = modeling.attach_new_adapters(model, cfg.lora, cfg.quantization,
-                                         gradient_checkpointing=cfg.train.gradient_checkpointing,
-                                         half_precision=cfg.train.bf16 or cfg.train.fp16)  # fmt: skip
+    model = modeling.training_model(cfg, fmt.tokenizer)
     trainable, total = model.get_nb_trainable_parameters()
     rt.say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
@@ -66,23 +59,25 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
     check_finite(model, trainer.args.learning_rate)
 
     # --- save: the adapters and what a later reader needs, whole or not at all ---
-    metrics = train_metrics(trainer, result, time.perf_counter() - started, stats, resume_from=resume_from,
-                            processes=rt.world_size, trainable=trainable, train_args=train_args)  # fmt: skip
+    seconds = time.perf_counter() - started
+    metrics = train_metrics(
+        trainer, result, seconds, stats, resume_from=resume_from, trainable=trainable, args=train_args
+    )
     if rt.is_main:
         with files.disk_full_is_user_error(run.root, "saving the adapters"):
-            publish(cfg, run, model, tokenizer, metrics)
+            publish(cfg, run, model, fmt.tokenizer, metrics)
         print(f"saved adapters to {run.adapters}; train loss {result.training_loss:.4f}")
-    trainer.accelerator.wait_for_everyone()  # every process returns once the adapters are in place
+    runtime.barrier()  # every process returns once the adapters are in place
     return metrics
 
 
-def start_point(cfg: Config, config_tree: dict, run: RunDir, rt: runtime.Runtime, *, overwrite: bool,
-                resume: str | None):  # fmt: skip
+def start_point(
+    cfg: Config, config_tree: dict, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, resume: str | None
+):
     """The checkpoint to resume from (None: step 0), after the checks that need no model."""
-    import torch
     from transformers.utils import is_torch_bf16_available_on_device
 
-    training.check_precision(cfg.train, torch.cuda.is_available(), is_torch_bf16_available_on_device("cpu"))
+    training.check_precision(cfg.train, runtime.has_cuda(), is_torch_bf16_available_on_device("cpu"))
     resume_from = checkpoints.start_point(run, config_tree, overwrite=overwrite, resume=resume, warn=rt.say)
     if resume_from is None and rt.is_main:
         shutil.rmtree(run.checkpoints, ignore_errors=True)  # an earlier run's: they must not mix with ours
@@ -93,7 +88,7 @@ def start_point(cfg: Config, config_tree: dict, run: RunDir, rt: runtime.Runtime
 def fit(trainer, stop, run: RunDir, resume_from, rt: runtime.Runtime):
     """trainer.train(), resuming where asked; a signal ends it with a checkpoint and `Stopped`."""
     if resume_from is not None:
-        rt.say(f"resuming from {resume_from} (step {resume_from.name.split('-')[-1]})")
+        rt.say(f"resuming from {resume_from} (step {layout.checkpoint_step(resume_from)})")
     try:
         with files.disk_full_is_user_error(run.root, "saving a checkpoint"):
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -154,9 +149,7 @@ def check_finite(model, learning_rate: float) -> None:
         )
 
 
-def train_metrics(
-    trainer, result, seconds: float, stats, *, resume_from, processes: int, trainable: int, train_args
-) -> dict:
+def train_metrics(trainer, result, seconds: float, stats, *, resume_from, trainable: int, args) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     seen = trainer.state.num_input_tokens_seen
     counts = {"rows": stats.kept} | {k: v for k, v in dataclasses.asdict(stats).items() if k != "kept"}
@@ -173,10 +166,10 @@ def train_metrics(
         # (not after a resume, which counts earlier ones too): what a throughput comparison needs.
         "tokens_seen": seen,
         "tokens_per_second": None if resume_from else round(seen / seconds, 1),
-        "processes": processes,
+        "processes": runtime.current().world_size,
         "per_process_batch": {
-            "max_tokens_per_batch": train_args.max_tokens_per_batch,
-            "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
+            "max_tokens_per_batch": args.max_tokens_per_batch,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
         },
     }
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from samsum_qlora import chat, files, layout, runtime
-from samsum_qlora import model as modeling
+from samsum_qlora import batching, chat, files, layout, modeling, runtime
 from samsum_qlora.config import DTYPES, Config, with_overrides
 from samsum_qlora.errors import UserError
 
@@ -27,7 +26,6 @@ PROBE_DIALOGUES = (  # short, SAMSum-like: the chat template and a dialogue, as 
     "Tim: Hi, what's up?\nKim: Bad mood tbh, I was going to do lots of stuff but ended up procrastinating\n"
     "Tim: What did you plan on doing?\nKim: Oh you know, uni stuff and unfucking my room",
 )
-MERGE_INFO = "merge.json"
 
 
 def stored_dtype(checkpoint_config, asked: str | None) -> str:
@@ -40,7 +38,7 @@ def stored_dtype(checkpoint_config, asked: str | None) -> str:
 
 def probe_batch(fmt: chat.ChatFormat):
     """Right-padded prompt ids and mask; only unpadded positions are compared."""
-    return chat.pad([fmt.prompt(d) for d in PROBE_DIALOGUES], fmt.pad_id)
+    return batching.pad([fmt.prompt(d) for d in PROBE_DIALOGUES], fmt.pad_id)
 
 
 def logits(model, input_ids, mask):
@@ -58,7 +56,7 @@ def base_config(adapters: Path, cfg: Config | None) -> tuple[Config, str]:
     if cfg is not None:
         return cfg, "the config"
     base, revision = layout.adapter_base(adapters)
-    if not Path(base).expanduser().exists() and (base.startswith((".", "/", "~")) or base.count("/") > 1):
+    if layout.is_local(base) and not Path(base).expanduser().exists():
         raise UserError(
             f"the adapters' base {base} is not here (relative to another folder?); "
             "pass --config or --set model.name=PATH"
@@ -99,7 +97,7 @@ def merge_adapters(adapters: Path, out: Path, *, cfg: Config | None = None, dtyp
 
     # --- base, then base + adapters, then merged: logits on the same probe prompts ---
     with exact_float32():
-        fmt = chat.ChatFormat.build(modeling.load_tokenizer(cfg.model), cfg.data)
+        fmt = modeling.chat_format(cfg)
         # the checkpoint's own dtype, read before loading (the loaded config says float32)
         target = stored_dtype(AutoConfig.from_pretrained(cfg.model.name, revision=cfg.model.revision), dtype)
         model = modeling.load_model(f32.model, f32.quantization, training=False).eval()
@@ -132,7 +130,7 @@ def merge_adapters(adapters: Path, out: Path, *, cfg: Config | None = None, dtyp
     with files.disk_full_is_user_error(out.parent, "saving the merged model"), files.staged_dir(out) as staging:
         merged_model.save_pretrained(staging)
         fmt.tokenizer.save_pretrained(staging)
-        files.write_json(staging / MERGE_INFO, info)
+        files.write_json(staging / layout.MERGE_INFO, info)
     print(f"saved the merged model to {out}")
     return info
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import REFERENCE, SMOKE_CONFIG, TINY_MODEL, smoke_overrides
 
-from samsum_qlora import model as modeling
+from samsum_qlora import modeling
 from samsum_qlora.config import Config, ModelArgs, load_config
 from samsum_qlora.errors import UserError
 
@@ -92,7 +92,7 @@ def test_dequantize_once_holds_exactly_the_nf4_weights(tmp_path):
 
 
 def test_cuda_only_settings_without_cuda_say_what_to_set():
-    from samsum_qlora import trainer as training
+    from samsum_qlora import training
 
     with pytest.raises(UserError, match="--set train.fp16=false"):
         training.check_precision(load_config(None, {"train.bf16": False, "train.fp16": True}).train, False, True)

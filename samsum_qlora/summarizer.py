@@ -1,0 +1,82 @@
+"""Our model as a summarizer: the chat format, the prompts, the batches and the model that `eval` and
+`bench` share, so the speed `bench` measures is the speed of the code `eval` runs.
+
+`Summarizer` loads once (the base, dequantised NF4 on the fast path, with the adapters merged or
+attached unless scoring the base alone) and decodes many prompts in batches; `local_predictor`
+wraps it as the `predictions.Predict` an evaluation calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from samsum_qlora import batching, generation, modeling
+from samsum_qlora.config import Config
+from samsum_qlora.predictions import Predict, Prediction, Save
+
+
+class Summarizer:
+    def __init__(self, cfg: Config, adapters: Path | None):
+        self.cfg, self.adapters = cfg, adapters
+        self.fmt = modeling.chat_format(cfg)
+        self.decoding = generation.Decoding(cfg.eval.max_new_tokens, self.fmt.stop_ids, self.fmt.pad_id)
+        self.model = None
+
+    def prompts(self, dialogues: list[str]) -> list[list[int]]:
+        """Prompt ids, the dialogue's tail cut to fit data.max_length, as in training."""
+        return [self.fmt.prompt(d) for d in dialogues]
+
+    def batches(self, prompts: list[list[int]], *, rank: int = 0, processes: int = 1) -> list[list[int]]:
+        """The batches one process would generate, longest first; with `processes` > 1, only
+        batches rank, rank + N, ...: each padded exactly as one process would pad it."""
+        e = self.cfg.eval
+        lengths = [len(p) for p in prompts]
+        every = batching.generation_batches(
+            lengths, max_rows=e.batch_size, max_tokens=e.max_tokens_per_batch, new_tokens=e.max_new_tokens
+        )
+        return every[rank::processes]
+
+    def load(self):
+        """The generation model, loaded on first use and checked against the tokenizer."""
+        if self.model is None:
+            c = self.cfg
+            self.model = modeling.load_generation_model(
+                c.model, c.quantization, self.adapters, merge=c.eval.merge_adapters
+            )
+            modeling.check_vocabulary(self.model, self.fmt.tokenizer)
+        return self.model
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        batches: list[list[int]],
+        on_batch: Callable[[list[int], list[generation.Decoded]], None],
+        *,
+        progress: bool = True,
+    ) -> None:
+        graphs = self.cfg.eval.cuda_graphs
+        generation.generate(
+            self.load(), prompts, batches, self.decoding, graphs=graphs, on_batch=on_batch, progress=progress
+        )
+
+    def text(self, decoded: generation.Decoded) -> Prediction:
+        return Prediction(self.fmt.decode(decoded.ids), decoded.ended)
+
+
+def local_predictor(cfg: Config, adapters: Path | None, *, rank: int = 0, processes: int = 1) -> Predict:
+    """Our own model as a `Predict`. With `processes` > 1, this process's share of the batches."""
+
+    def predict(rows: list[dict], save: Save) -> None:
+        summarizer = Summarizer(cfg, adapters)
+        prompts = summarizer.prompts([r["dialogue"] for r in rows])
+        batches = summarizer.batches(prompts, rank=rank, processes=processes)
+        if not batches:
+            return  # fewer batches than processes: nothing for this one, so no model to load
+
+        def on_batch(indices, decoded):
+            save(indices, [summarizer.text(d) for d in decoded])
+
+        summarizer.generate(prompts, batches, on_batch, progress=rank == 0)
+
+    return predict
