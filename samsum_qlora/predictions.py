@@ -145,6 +145,7 @@ def saver(sink, rows: list[dict], todo: list[int], into: dict[int, dict]) -> Sav
             record = {
                 "index": row,
                 "id": rows[row]["id"],
+                "dialogue": clean(rows[row]["dialogue"]),  # for the report page's example browser
                 "reference": clean(rows[row]["summary"]),
                 "prediction": p.text,
                 "ended": p.ended,
