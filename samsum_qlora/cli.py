@@ -188,17 +188,25 @@ def preprocess(config_path, overrides, split, out_dir, show):
     default="report",
     show_default=True,
     type=click.Path(path_type=Path),
-    help="Where report.md and report.png go.",
+    help="Where report.md, report.png and report.html go.",
 )
-def report(dirs, out_dir):
-    """Compare evaluations: the ROUGE table with bootstrap 95% intervals, as Markdown and a chart.
+@click.option(
+    "--html/--no-html",
+    default=True,
+    show_default=True,
+    help="Also write report.html: the table, the chart, paired comparisons and every example, in one page.",
+)
+def report(dirs, out_dir, html):
+    """Compare evaluations: the ROUGE table with bootstrap 95% intervals, as Markdown and a chart,
+    and a self-contained web page to browse the examples (open report.html in a browser).
 
     Each argument is an eval folder (metrics.json + predictions.jsonl) or a training run folder,
     whose eval*/ folders are all used."""
     from samsum_qlora.report import write_report
 
-    click.echo(write_report(list(dirs), out_dir), nl=False)
-    click.echo(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.png'}", err=True)
+    click.echo(write_report(list(dirs), out_dir, html=html), nl=False)
+    written = [out_dir / "report.md", out_dir / "report.png"] + ([out_dir / "report.html"] if html else [])
+    click.echo("wrote " + ", ".join(map(str, written[:-1])) + f" and {written[-1]}", err=True)
 
 
 @main.command()
