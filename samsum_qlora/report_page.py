@@ -279,7 +279,8 @@ src="data:image/png;base64,{chart}"></figure>
 <label>Show <select id="ended"></select></label>
 <span id="count" class="muted"></span>
 </div>
-<div class="scroller"><table id="examples"><thead><tr></tr></thead><tbody></tbody></table></div>
+<div class="scroller"><div id="examples" role="table" aria-label="Examples">
+<div class="head" role="row"></div><div class="rows" role="rowgroup"></div></div></div>
 <p class="note">Link to a row with <code>report.html#id=ROW_ID</code> (the id in the first column).</p>
 </section>
 </main>
@@ -330,13 +331,17 @@ button.link:hover { text-decoration: underline; }
 .toolbar input[type=search] { min-width: 260px; flex: 0 1 340px; }
 .toolbar button#direction { cursor: pointer; }
 .scroller { max-height: 78vh; overflow: auto; border: 1px solid var(--line); border-radius: 0 0 6px 6px; }
-#examples { width: 100%; font-size: 0.9rem; table-layout: fixed; }
-#examples th { position: sticky; top: 0; z-index: 1; background: var(--bg); text-align: left; padding: 8px 10px;
-  border-bottom: 1px solid var(--line); font-weight: 600; box-shadow: 0 1px 0 var(--line); }
-#examples td { padding: 8px 10px; border-bottom: 1px solid var(--line); vertical-align: top; overflow-wrap: anywhere; }
-#examples th.rowhead { width: 8.5em; } #examples th.dialogue { width: 28%; }
-#examples tr.target td { background: #fff8c5; }
-#examples tr:hover td { background: #fafbfc; } #examples tr.target:hover td { background: #fff8c5; }
+/* rows are grid boxes, not table rows, so that the browser can skip laying out those off screen
+   (content-visibility): sorting or filtering a thousand rows then costs only the rows in view */
+#examples { font-size: 0.9rem; min-width: fit-content; }
+#examples .head, #examples .row { display: grid; grid-template-columns: 8.5em minmax(16em, 2.2fr)
+  minmax(12em, 1.3fr) repeat(var(--models, 1), minmax(14em, 1.6fr)); }
+#examples .head { position: sticky; top: 0; z-index: 1; background: var(--bg); font-weight: 600;
+  border-bottom: 1px solid var(--line); box-shadow: 0 1px 2px rgba(0, 0, 0, 0.06); }
+#examples .row { border-bottom: 1px solid var(--line); content-visibility: auto; contain-intrinsic-size: auto 150px; }
+#examples .head > div, #examples .cell { padding: 8px 10px; min-width: 0; overflow-wrap: anywhere; }
+#examples .row:hover { background: #fafbfc; }
+#examples .row.target, #examples .row.target:hover { background: #fff8c5; }
 .rowid a { color: var(--accent); text-decoration: none; font-family: ui-monospace, monospace; font-size: 0.85em; }
 .rowid .pos, .rowid .sortval { display: block; color: var(--muted); font-size: 0.8em; }
 .rowid .sortval { font-variant-numeric: tabular-nums; margin-top: 4px; }
@@ -357,7 +362,7 @@ SCRIPT = r"""
   const DATA = JSON.parse(document.getElementById("report-data").textContent);
   const MODELS = DATA.models, METRICS = DATA.metrics, ROWS = DATA.rows;
   const $ = (id) => document.getElementById(id);
-  const tbody = document.querySelector("#examples tbody");
+  const rowsBox = document.querySelector("#examples .rows");
   const sortSel = $("sort"), metricSel = $("metric"), endedSel = $("ended"), filterBox = $("filter");
   const dirButton = $("direction"), countEl = $("count");
   let descending = true;
@@ -366,6 +371,11 @@ SCRIPT = r"""
     const node = document.createElement(tag);
     if (cls) node.className = cls;
     if (text !== undefined && text !== null) node.textContent = text;
+    return node;
+  }
+  function cell(cls) {
+    const node = el("div", "cell " + cls);
+    node.setAttribute("role", "cell");
     return node;
   }
   function option(select, value, text) {
@@ -396,7 +406,7 @@ SCRIPT = r"""
   }
 
   function summaryCell(out) {
-    const td = el("td", "summary");
+    const td = cell("summary");
     if (!out) { td.appendChild(el("div", "absent", "(not scored)")); return td; }
     td.appendChild(out.prediction ? foldable(out.prediction) : el("div", "absent", "(empty)"));
     const chips = el("div", "chips");
@@ -413,10 +423,11 @@ SCRIPT = r"""
   }
 
   function buildRow(row) {
-    const tr = el("tr");
+    const tr = el("div", "row");
+    tr.setAttribute("role", "row");
     tr.dataset.id = row.id;
     tr.dataset.key = row.key;
-    const head = el("td", "rowid");
+    const head = cell("rowid");
     const link = el("a", null, row.id);
     link.href = "#id=" + encodeURIComponent(row.id);
     head.appendChild(link);
@@ -424,11 +435,11 @@ SCRIPT = r"""
     row.sortEl = el("span", "sortval");
     head.appendChild(row.sortEl);
     tr.appendChild(head);
-    const dialogue = el("td", "dialogue");
+    const dialogue = cell("dialogue");
     dialogue.appendChild(
       row.dialogue === null ? el("div", "absent", "(dialogue not recorded)") : foldable(row.dialogue));
     tr.appendChild(dialogue);
-    const reference = el("td", "reference");
+    const reference = cell("reference");
     reference.appendChild(foldable(row.reference));
     tr.appendChild(reference);
     row.out.forEach((out) => tr.appendChild(summaryCell(out)));
@@ -438,10 +449,13 @@ SCRIPT = r"""
   }
 
   function buildControls() {
-    const headRow = document.querySelector("#examples thead tr");
-    [["Row", "rowhead"], ["Dialogue", "dialogue"], ["Reference", "reference"]].forEach(([text, cls]) =>
-      headRow.appendChild(el("th", cls, text)));
-    MODELS.forEach((m) => headRow.appendChild(el("th", "model", m.label)));
+    const headRow = document.querySelector("#examples .head");
+    document.getElementById("examples").style.setProperty("--models", String(MODELS.length));
+    ["Row", "Dialogue", "Reference"].concat(MODELS.map((m) => m.label)).forEach((text) => {
+      const th = el("div", null, text);
+      th.setAttribute("role", "columnheader");
+      headRow.appendChild(th);
+    });
     option(sortSel, "order", "row order");
     MODELS.forEach((m, i) => option(sortSel, "model:" + i, m.label));
     option(sortSel, "best", "best of all models");
@@ -491,7 +505,7 @@ SCRIPT = r"""
       row.sortEl.textContent = row.value === null ? "" :
         (how.startsWith("diff") ? (row.value >= 0 ? "+" : "") : "") + pct(row.value);
     });
-    tbody.replaceChildren(...shown.map((row) => row.tr));
+    rowsBox.replaceChildren(...shown.map((row) => row.tr));
     countEl.textContent = shown.length + " of " + ROWS.length + " dialogues";
   }
 
@@ -503,7 +517,7 @@ SCRIPT = r"""
     const row = ROWS.find((r) => r.id === id);
     if (!row) return;
     if (!row.tr.isConnected) { filterBox.value = ""; endedSel.value = ""; apply(); }
-    document.querySelectorAll("#examples tr.target").forEach((tr) => tr.classList.remove("target"));
+    document.querySelectorAll("#examples .row.target").forEach((tr) => tr.classList.remove("target"));
     row.tr.classList.add("target");
     row.tr.scrollIntoView({ block: "center" });
   }
@@ -514,14 +528,16 @@ SCRIPT = r"""
   metricSel.addEventListener("change", apply);
   endedSel.addEventListener("change", apply);
   filterBox.addEventListener("input", apply);
-  dirButton.addEventListener("click", () => {
-    descending = !descending;
+  function setDirection(highFirst) {
+    descending = highFirst;
     dirButton.textContent = descending ? "↓ high first" : "↑ low first";
     apply();
-  });
+  }
+  dirButton.addEventListener("click", () => setDirection(!descending));
+  // the paired comparison's "browse A − B": the rows where A gains most come first
   document.querySelectorAll("button[data-a]").forEach((button) => button.addEventListener("click", () => {
     sortSel.value = "diff:" + button.dataset.a + ":" + button.dataset.b;
-    apply();
+    setDirection(true);
     $("examples-section").scrollIntoView();
   }));
   window.addEventListener("hashchange", followHash);
