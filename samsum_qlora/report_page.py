@@ -129,13 +129,20 @@ def paired_comparisons(evals: list[Evaluation], rows: list[dict], **bootstrap) -
     return out
 
 
+def short_labels(evals: list[Evaluation]) -> list[str]:
+    """Labels for narrow places (column heads, menus): a model path or Hub id loses its folders
+    ("tiny-llama (base)"), unless that would make two labels equal."""
+    short = [f"{ev.model.rstrip('/').rsplit('/', 1)[-1] or ev.model} ({ev.kind})" for ev in evals]
+    return short if len(set(short)) == len(short) else [label(ev) for ev in evals]
+
+
 def page_data(evals: list[Evaluation]) -> dict:
     """What the page's script renders: the models and the matched rows."""
-    return {
-        "metrics": [name for _, name in SHOWN],
-        "models": [{"label": label(ev), "model": ev.model, "kind": ev.kind, "n": len(ev.records)} for ev in evals],
-        "rows": example_rows(evals),
-    }
+    models = [
+        {"label": label(ev), "short": short, "model": ev.model, "kind": ev.kind, "n": len(ev.records)}
+        for ev, short in zip(evals, short_labels(evals))
+    ]
+    return {"metrics": [name for _, name in SHOWN], "models": models, "rows": example_rows(evals)}
 
 
 def script_json(data) -> str:
@@ -311,7 +318,7 @@ table.scores, table.pairs { font-size: 0.95rem; }
 table.scores th, table.scores td, table.pairs th, table.pairs td { padding: 6px 12px;
   border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
 table.scores th, table.pairs th { background: var(--bg); font-weight: 600; }
-table.pairs th.num { white-space: nowrap; }
+table.scores th, table.pairs th.num { white-space: nowrap; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .mean { display: block; font-weight: 600; }
 .ci { display: block; font-size: 0.8em; color: var(--muted); white-space: nowrap; }
@@ -323,11 +330,12 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .sources { font-size: 0.88rem; color: var(--muted); } .sources ul { margin: 4px 0; padding-left: 20px; }
 button.link { border: 0; background: none; color: var(--accent); cursor: pointer; padding: 0; font: inherit; }
 button.link:hover { text-decoration: underline; }
+table.pairs button.link { white-space: nowrap; }
 .toolbar { display: flex; flex-wrap: wrap; gap: 10px 16px; align-items: center; padding: 10px 12px;
   background: var(--bg); border: 1px solid var(--line); border-bottom: 0; border-radius: 6px 6px 0 0; }
 .toolbar select, .toolbar input, .toolbar button#direction { font: inherit; font-size: 0.9rem; padding: 4px 8px;
   border: 1px solid var(--line); border-radius: 6px; background: #fff; }
-.toolbar select { max-width: 30em; }
+.toolbar select { max-width: 24em; }
 .toolbar input[type=search] { min-width: 260px; flex: 0 1 340px; }
 .toolbar button#direction { cursor: pointer; }
 .scroller { max-height: 78vh; overflow: auto; border: 1px solid var(--line); border-radius: 0 0 6px 6px; }
@@ -384,6 +392,7 @@ SCRIPT = r"""
     select.appendChild(o);
   }
   function pct(x) { return (100 * x).toFixed(2); }
+  function short(metric) { return metric.replace("ROUGE-", "R"); }
   // white at 0 to a soft green at 1: higher is greener, nothing shouts
   function tint(x) { return "rgba(46, 160, 67, " + (0.06 + 0.42 * Math.max(0, Math.min(1, x))).toFixed(3) + ")"; }
 
@@ -411,7 +420,7 @@ SCRIPT = r"""
     td.appendChild(out.prediction ? foldable(out.prediction) : el("div", "absent", "(empty)"));
     const chips = el("div", "chips");
     out.scores.forEach((s, m) => {
-      const chip = el("span", "chip score", METRICS[m].replace("ROUGE-", "R") + " " + pct(s));
+      const chip = el("span", "chip score", short(METRICS[m]) + " " + pct(s));
       chip.style.background = tint(s);
       chip.title = METRICS[m] + " F-measure x100";
       chips.appendChild(chip);
@@ -451,22 +460,23 @@ SCRIPT = r"""
   function buildControls() {
     const headRow = document.querySelector("#examples .head");
     document.getElementById("examples").style.setProperty("--models", String(MODELS.length));
-    ["Row", "Dialogue", "Reference"].concat(MODELS.map((m) => m.label)).forEach((text) => {
+    ["Row", "Dialogue", "Reference"].concat(MODELS.map((m) => m.short)).forEach((text, k) => {
       const th = el("div", null, text);
       th.setAttribute("role", "columnheader");
+      if (k >= 3) th.title = MODELS[k - 3].label;
       headRow.appendChild(th);
     });
     option(sortSel, "order", "row order");
-    MODELS.forEach((m, i) => option(sortSel, "model:" + i, m.label));
+    MODELS.forEach((m, i) => option(sortSel, "model:" + i, m.short));
     option(sortSel, "best", "best of all models");
     MODELS.forEach((a, i) => MODELS.forEach((b, j) => {
-      if (i !== j) option(sortSel, "diff:" + i + ":" + j, a.label + " − " + b.label);
+      if (i !== j) option(sortSel, "diff:" + i + ":" + j, a.short + " − " + b.short);
     }));
     METRICS.forEach((name, m) => option(metricSel, String(m), name));
     metricSel.value = String(METRICS.length - 1);  // ROUGE-L
     option(endedSel, "", "all rows");
     option(endedSel, "any", "a summary did not end");
-    MODELS.forEach((m, i) => option(endedSel, "model:" + i, m.label + " did not end"));
+    MODELS.forEach((m, i) => option(endedSel, "model:" + i, m.short + " did not end"));
   }
 
   // the value a row is sorted by, or null where it has none (those go last)
@@ -501,9 +511,11 @@ SCRIPT = r"""
         return sign * (x.value - y.value);
       });
     }
+    // beside each row's id, the value it is sorted by: "RL 23.53", "best RL 40.00", "Δ RL +19.27"
+    const prefix = ({ best: "best ", diff: "Δ " }[how.split(":")[0]] || "") + short(METRICS[m]) + " ";
     shown.forEach((row) => {
-      row.sortEl.textContent = row.value === null ? "" :
-        (how.startsWith("diff") ? (row.value >= 0 ? "+" : "") : "") + pct(row.value);
+      const sign = how.startsWith("diff") && row.value >= 0 ? "+" : "";
+      row.sortEl.textContent = row.value === null ? "" : prefix + sign + pct(row.value);
     });
     rowsBox.replaceChildren(...shown.map((row) => row.tr));
     countEl.textContent = shown.length + " of " + ROWS.length + " dialogues";

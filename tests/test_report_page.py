@@ -186,3 +186,14 @@ def test_jsonl_lines_end_at_newline_only(tmp_path):
     recs = [{"dialogue": "A: hi\u2028B: yo\u0085C: \x0c"}, {"dialogue": "plain"}]
     files.write_jsonl(tmp_path / "p.jsonl", recs)
     assert files.read_jsonl(tmp_path / "p.jsonl") == recs
+
+
+def test_short_labels_drop_folders_unless_two_would_meet(tmp_path):
+    write_records(tmp_path / "a", "/models/tiny-llama", "base", records((0, "x", REFS[0])))
+    write_records(tmp_path / "b", "meta-llama/Llama-3.2-1B-Instruct", "API", records((0, "x", REFS[0])))
+    write_records(tmp_path / "c", "/other/tiny-llama", "base", records((0, "x", REFS[0])))
+    two = scored(tmp_path / "a", tmp_path / "b")
+    assert report_page.short_labels(two) == ["tiny-llama (base)", "Llama-3.2-1B-Instruct (API)"]
+    three = scored(tmp_path / "a", tmp_path / "b", tmp_path / "c")
+    assert report_page.short_labels(three) == [report_page.label(e) for e in three]
+    assert report_page.label(three[2]) == "/other/tiny-llama (base)"
