@@ -149,7 +149,7 @@ def shown_ids(page) -> list[str]:
     return page.eval_on_selector_all("#examples .row", "rows => rows.map(r => r.dataset.id)")
 
 
-def test_the_page_in_chromium(built, browser):
+def test_the_page_in_chromium(browser, built):  # browser first: without one, skip before building
     run, html = built
     page, seen = open_page(browser, html.as_uri())
     folders = {files.read_json(f / "metrics.json")["type"]: f for f in sorted(run.glob("eval*"))}
