@@ -525,7 +525,8 @@ SCRIPT = r"""
   function followHash() {
     const match = /^#id=(.*)$/.exec(location.hash);
     if (!match) return;
-    const id = decodeURIComponent(match[1]);
+    let id = match[1];
+    try { id = decodeURIComponent(id); } catch (e) { /* a hand-typed "%": take it as written */ }
     const row = ROWS.find((r) => r.id === id);
     if (!row) return;
     if (!row.tr.isConnected) { filterBox.value = ""; endedSel.value = ""; apply(); }

@@ -208,6 +208,7 @@ def test_the_page_in_chromium(browser, built):  # browser first: without one, sk
     page.evaluate("location.hash = '#id=smp-test-009'")
     page.wait_for_selector("#examples .row.target")
     assert page.eval_on_selector_all("#examples .row.target", "rows => rows.map(r => r.dataset.id)") == ["smp-test-009"]
+    page.evaluate("location.hash = '#id=50%'")  # hand-typed, not a valid escape: no row, no error
     fresh, seen_fresh = open_page(browser, html.as_uri() + "#id=smp-test-012")
     assert fresh.eval_on_selector_all("#examples .row.target", "rows => rows.map(r => r.dataset.id)") == [
         "smp-test-012"
