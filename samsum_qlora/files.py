@@ -60,9 +60,10 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Complete lines only: a line cut off by a crash is dropped."""
+    """Complete lines only: a line cut off by a crash is dropped. Lines end at "\\n" alone: write_jsonl
+    leaves U+2028, U+0085 and the like unescaped inside strings, where splitlines() would cut."""
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:

@@ -147,6 +147,7 @@ def saver(sink, todo: list[dict], into: dict[int, dict]) -> Save:
             record = {
                 "index": row["index"],
                 "id": row["id"],
+                "dialogue": clean(row["dialogue"]),  # for the report page's example browser
                 "reference": clean(row["summary"]),
                 "prediction": p.text,
                 "ended": p.ended,

@@ -46,9 +46,11 @@ def test_csv_with_numeric_ids_and_parquet(tmp_path):
 
     frame = pd.DataFrame({"id": [13, 14], "dialogue": ["A: hi", "B: yo"], "summary": ["A greets.", "B greets."]})
     frame.to_parquet(tmp_path / "train.parquet")
-    assert data.load_rows(str(tmp_path), "train")[0] == {"index": 0, "id": "13", "dialogue": "A: hi", "summary": "A greets."}
+    first = {"index": 0, "id": "13", "dialogue": "A: hi", "summary": "A greets."}
+    assert data.load_rows(str(tmp_path), "train")[0] == first
     frame.to_csv(tmp_path / "test.csv", index=False)
-    assert data.load_rows(str(tmp_path), "test")[1] == {"index": 1, "id": "14", "dialogue": "B: yo", "summary": "B greets."}
+    second = {"index": 1, "id": "14", "dialogue": "B: yo", "summary": "B greets."}
+    assert data.load_rows(str(tmp_path), "test")[1] == second
 
 
 def test_csv_keeps_quoted_newlines_and_crlf(tmp_path):

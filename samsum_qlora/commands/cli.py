@@ -176,19 +176,27 @@ def preprocess(config_path, overrides, split, out_dir, show):
     default="report",
     show_default=True,
     type=click.Path(path_type=Path),
-    help="Where report.md and report.png go.",
+    help="Where report.md, report.png and report.html go.",
 )
-def report(dirs, out_dir):
-    """Compare evaluations: the ROUGE table with bootstrap 95% intervals, as Markdown and a chart.
+@click.option(
+    "--html/--no-html",
+    default=True,
+    show_default=True,
+    help="Also write report.html: the table, the chart, paired comparisons and every example, in one page.",
+)
+def report(dirs, out_dir, html):
+    """Compare evaluations: the ROUGE table with bootstrap 95% intervals, as Markdown and a chart,
+    and a self-contained web page to browse the examples (open report.html in a browser).
 
     Each argument is an eval folder (metrics.json + predictions.jsonl) or a training run folder,
     whose eval*/ folders are all used."""
     from samsum_qlora.commands.report import write_report
     from samsum_qlora.layout import ReportDir
 
-    click.echo(write_report(list(dirs), out_dir), nl=False)
-    written = ReportDir(out_dir)
-    click.echo(f"wrote {written.markdown} and {written.chart}", err=True)
+    click.echo(write_report(list(dirs), out_dir, html=html), nl=False)
+    out = ReportDir(out_dir)
+    written = [out.markdown, out.chart] + ([out.page] if html else [])
+    click.echo("wrote " + ", ".join(map(str, written[:-1])) + f" and {written[-1]}", err=True)
 
 
 @main.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from samsum_qlora import files
@@ -26,6 +26,7 @@ from samsum_qlora.metrics import (
     rouge_per_example,
 )
 from samsum_qlora.predictions import KIND_API, KIND_BASE, KIND_QLORA
+from samsum_qlora.report_page import render_page
 
 KIND_ORDER = (KIND_BASE, KIND_API, KIND_QLORA)  # the tutorial's row order within one run folder
 
@@ -39,6 +40,7 @@ class Scored:
     kind: str
     ids: list[str]
     per_example: dict[str, list[float]]  # metric -> F-measure per example, fractions 0-1
+    records: list[dict] = field(default_factory=list)  # predictions.jsonl's rows, for report.html
 
     def mean(self, metric: str) -> float:
         return mean(self.per_example[metric])
@@ -104,6 +106,7 @@ def load_scored(folder: Path) -> Scored:
         kind=str(meta["type"]),
         ids=[str(r["id"]) for r in records],
         per_example=per_example,
+        records=records,
     )
     for metric, _ in SHOWN:  # a hand-edited or stale folder would make the table disagree with its eval
         if metric in meta and abs(float(meta[metric]) - scored.mean(metric)) > 5e-5:
@@ -204,14 +207,18 @@ def name_apart(rows: list[Scored]) -> list[Scored]:
     return rows
 
 
-def write_report(paths: list[Path], out_dir: Path) -> str:
-    """Report on every evaluation under `paths`; writes <out>/report.md and report.png, returns the Markdown."""
+def write_report(paths: list[Path], out_dir: Path, *, html: bool = True) -> str:
+    """Report on every evaluation under `paths`; writes <out>/report.md, report.png and (with `html`)
+    report.html, returns the Markdown."""
     folders = eval_dirs(paths)
     rows = name_apart([load_scored(f) for f in folders])  # every folder is read before anything is written
     cis = [intervals(r) for r in rows]
     markdown = render_markdown(rows, cis)
     png = render_chart(rows, cis)
+    page = render_page(rows, cis, png) if html else None
     out = ReportDir(files.ensure_writable_dir(out_dir))
     files.write_text(out.markdown, markdown)
     files.write_bytes(out.chart, png)
+    if page is not None:
+        files.write_text(out.page, page)
     return markdown

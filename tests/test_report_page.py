@@ -1,0 +1,200 @@
+"""report.html: its data on the hand-made folders of test_report.py, whose ROUGE is known by hand,
+and its escaping. The page in a real browser is tests/test_report_browser.py."""
+
+import base64
+import json
+
+import pytest
+from conftest import SMOKE_CONFIG, smoke_overrides
+from test_cli import run_cli
+from test_report import REFS, ROWS, write_eval
+
+from samsum_qlora import chat, data, files, metrics, report_page
+from samsum_qlora.commands import evaluate, report
+from samsum_qlora.config import load_config
+from samsum_qlora.predictions import Prediction
+
+HOSTILE = "Eve: </script><script>alert(1)</script> <!-- & \u2028\u2029 <b>bold</b>"
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    for name, (model, kind, answers) in ROWS.items():
+        write_eval(tmp_path / "run" / name, model, kind, answers)
+    return tmp_path / "run"
+
+
+def scored(*folders):
+    return report.name_apart([report.load_scored(f) for f in report.eval_dirs(list(folders))])
+
+
+def test_per_row_scores_are_rouge_per_example(run_dir):
+    evals = scored(run_dir)  # base, API, QLoRA
+    rows = report_page.example_rows(evals)
+    assert [r["id"] for r in rows] == ["t0", "t1", "t2", "t3"]
+    assert [r["reference"] for r in rows] == REFS
+    for k, ev in enumerate(evals):
+        records = files.read_jsonl(ev.folder / "predictions.jsonl")
+        expected = metrics.rouge_per_example([r["prediction"] for r in records], [r["reference"] for r in records])
+        assert [r["out"][k]["scores"] for r in rows] == [list(s) for s in zip(*(expected[m] for m, _ in report.SHOWN))]
+        assert [r["out"][k]["prediction"] for r in rows] == [r["prediction"] for r in records]
+    # by hand: the base model answers t1 with its last two words swapped
+    assert rows[1]["out"][0]["scores"] == pytest.approx([1, 1 / 3, 3 / 4])
+    assert rows[1]["out"][0]["ended"] is None and rows[1]["dialogue"] is None  # older records: not recorded
+
+
+def test_paired_differences_and_wins_ties_losses_by_hand(run_dir):
+    # per-row ROUGE-L: base (1, 3/4, 0, 0), API (1, 1, 3/4, 0), QLoRA (1, 1, 1, 3/4)
+    evals = scored(run_dir)
+    pairs = report_page.paired_comparisons(evals, report_page.example_rows(evals))
+    got = {(p["a"], p["b"]): p for p in pairs}
+    assert list(got) == [(1, 0), (2, 0), (2, 1)]  # later minus earlier: API - base, QLoRA - base, QLoRA - API
+    assert [(p["n"], p["wins"], p["ties"], p["losses"]) for p in pairs] == [(4, 2, 2, 0), (4, 3, 1, 0), (4, 2, 2, 0)]
+    means = {pair: [p["diff"][m]["mean"] for m in ("rouge1", "rouge2", "rougeL")] for pair, p in got.items()}
+    assert means[(1, 0)] == pytest.approx([1 / 4, 1 / 4, 1 / 4])
+    assert means[(2, 0)] == pytest.approx([1 / 2, 1 / 2, 1 / 2])
+    assert means[(2, 1)] == pytest.approx([1 / 4, 1 / 4, 1 / 4])
+    qlora, base = evals[2], evals[0]
+    for metric in ("rouge1", "rouge2", "rougeL"):  # the interval is metrics.paired_difference's
+        assert got[(2, 0)]["diff"][metric] == metrics.paired_difference(
+            qlora.per_example[metric], base.per_example[metric]
+        )
+
+
+def test_a_worse_later_evaluation_loses(run_dir):
+    evals = scored(run_dir / "eval", run_dir / "eval-base")  # QLoRA first: the pair is base - QLoRA
+    (pair,) = report_page.paired_comparisons(evals, report_page.example_rows(evals))
+    assert (pair["a"], pair["b"], pair["wins"], pair["ties"], pair["losses"]) == (1, 0, 0, 1, 3)
+    assert pair["diff"]["rougeL"]["mean"] == pytest.approx(-1 / 2)
+    assert pair["diff"]["rougeL"]["high"] <= 0
+
+
+def records(*rows):
+    """Records as eval writes them: (index, id, prediction) against REFS[index]."""
+    return [
+        {"index": i, "id": ident, "dialogue": f"dialogue {i}", "reference": REFS[i], "prediction": p, "ended": True}
+        for i, ident, p in rows
+    ]
+
+
+def write_records(folder, model, kind, recs):
+    folder.mkdir(parents=True)
+    files.write_jsonl(folder / "predictions.jsonl", recs)
+    files.write_json(folder / "metrics.json", {"model": model, "type": kind})
+
+
+def test_rows_match_by_index_so_repeated_ids_stay_apart(tmp_path):
+    write_records(tmp_path / "a", "m", "base", records((0, "x", REFS[0]), (1, "x", "red"), (2, "y", REFS[2])))
+    # another order, a row the first lacks, one it skipped; id "x" twice, told apart by the index
+    write_records(tmp_path / "b", "m", "API", records((3, "z", REFS[3]), (1, "x", REFS[1]), (0, "x", "red")))
+    evals = scored(tmp_path / "a", tmp_path / "b")
+    rows = report_page.example_rows(evals)
+    assert [(r["index"], r["id"]) for r in rows] == [(0, "x"), (1, "x"), (2, "y"), (3, "z")]
+    assert [[o and o["scores"][2] for o in r["out"]] for r in rows] == [[1, 0], [0, 1], [1, None], [None, 1]]
+    (pair,) = report_page.paired_comparisons(evals, rows)
+    assert (pair["n"], pair["wins"], pair["ties"], pair["losses"]) == (2, 1, 0, 1)
+
+
+def test_rows_of_another_split_never_pair_up(tmp_path):
+    write_records(tmp_path / "a", "m", "base", records((0, "test-1", REFS[0])))
+    write_records(tmp_path / "b", "m", "API", records((0, "val-1", REFS[0])))
+    evals = scored(tmp_path / "a", tmp_path / "b")
+    (pair,) = report_page.paired_comparisons(evals, report_page.example_rows(evals))
+    assert pair["n"] == 0 and pair["diff"] == {}
+    page = report_page.render_page(evals, [report.intervals(e) for e in evals], b"png")
+    assert "no rows in common" in page and "did not score the same examples" in page
+
+
+def test_without_an_index_rows_match_by_id_numbered_on_repeats(tmp_path):
+    plain = [{"id": i, "reference": REFS[0], "prediction": REFS[0]} for i in ("p", "q", "p")]
+    write_records(tmp_path / "a", "m", "base", plain)
+    write_records(tmp_path / "b", "m", "API", plain[:2])
+    assert report_page.row_keys(scored(tmp_path / "a", tmp_path / "b")) == [["p", "q", "p#2"], ["p", "q"]]
+
+
+def test_embedded_json_cannot_close_its_script_tag():
+    payload = {"dialogue": HOSTILE, "n": [1, 0.5]}
+    text = report_page.script_json(payload)
+    assert json.loads(text) == payload  # still the same JSON
+    for raw in ("<", ">", "&", "\u2028", "\u2029"):
+        assert raw not in text
+    assert "\\u003c/script\\u003e" in text and "\\u0026" in text and "\\u2028\\u2029" in text
+
+
+def test_the_page_holds_data_only_as_escaped_json(run_dir, tmp_path):
+    base = run_dir / "eval-base"
+    recs = files.read_jsonl(base / "predictions.jsonl")
+    files.write_jsonl(base / "predictions.jsonl", [recs[0] | {"dialogue": HOSTILE, "prediction": HOSTILE}, *recs[1:]])
+    meta = files.read_json(base / "metrics.json")
+    files.write_json(base / "metrics.json", meta | {"model": "<b>model</b>"})
+    report.write_report([run_dir], tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("<script") == 2 and page.count("</script>") == 2  # ours: the data block and the code
+    assert "alert(1)" in page and "<b>" not in page and "&lt;b&gt;model&lt;/b&gt;" in page
+    blob = page.split('<script type="application/json" id="report-data">')[1].split("</script>")[0]
+    data = json.loads(blob)
+    assert data["rows"][0]["dialogue"] == HOSTILE and data["rows"][0]["out"][0]["prediction"] == HOSTILE
+    assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "document.write" not in page
+
+
+def test_the_page_is_self_contained(run_dir, tmp_path):
+    report.write_report([run_dir], tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    png = (tmp_path / "out" / "report.png").read_bytes()
+    assert f"data:image/png;base64,{base64.b64encode(png).decode()}" in page  # the chart, inline
+    for remote in ("http://", "https://", "//cdn", "<link", 'src="http'):
+        assert remote not in page
+    # the table's numbers: report.md's, x100 with 2 decimals
+    for value in ("50.00", "33.33", "43.75", "75.00", "58.33", "68.75", "100.00", "83.33", "93.75"):
+        assert f'<span class="mean">{value}</span>' in page
+
+
+def test_older_predictions_without_dialogue_still_render(run_dir, tmp_path):
+    # one folder written by this eval (with dialogues), the others older (without)
+    recs = files.read_jsonl(run_dir / "eval" / "predictions.jsonl")
+    files.write_jsonl(run_dir / "eval" / "predictions.jsonl", [r | {"dialogue": f"A: {r['id']}"} for r in recs[:2]])
+    evals = scored(run_dir)
+    data = report_page.page_data(evals)
+    assert [r["dialogue"] for r in data["rows"]] == ["A: t0", "A: t1", None, None]
+    page = report_page.render_page(evals, [report.intervals(e) for e in evals], b"png")
+    assert "(dialogue not recorded)" in page
+
+
+def test_no_html_writes_no_page_and_says_what_it_wrote(run_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["report", str(run_dir), "--no-html", "--out", "plain"])
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["report.md", "report.png"]
+    assert result.stderr.strip() == "wrote plain/report.md and plain/report.png"
+    result = run_cli(["report", str(run_dir), "--out", "full"])
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["report.html", "report.md", "report.png"]
+    assert result.stderr.strip() == "wrote full/report.md, full/report.png and full/report.html"
+    assert (tmp_path / "full" / "report.md").read_text() == (tmp_path / "plain" / "report.md").read_text()
+
+
+def test_eval_records_each_dialogue_cleaned(tmp_path):
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    plan = evaluate.plan_eval(cfg, base_only=True, limit=3, output_dir=str(tmp_path / "e"))
+    evaluate.evaluate_model(cfg, plan, predict=lambda rows, save: save([0, 1, 2], [Prediction("s", True)] * 3))
+    saved = files.read_jsonl(plan.output_dir / "predictions.jsonl")
+    rows = data.load_rows(cfg.data.source, "test")[:3]
+    assert [r["dialogue"] for r in saved] == [chat.clean(r["dialogue"]) for r in rows]
+    assert [list(r) for r in saved] == [["index", "id", "dialogue", "reference", "prediction", "ended"]] * 3
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    recs = [{"dialogue": "A: hi\u2028B: yo\u0085C: \x0c"}, {"dialogue": "plain"}]
+    files.write_jsonl(tmp_path / "p.jsonl", recs)
+    assert files.read_jsonl(tmp_path / "p.jsonl") == recs
+
+
+def test_short_labels_drop_folders_unless_two_would_meet(tmp_path):
+    write_records(tmp_path / "a", "/models/tiny-llama", "base", records((0, "x", REFS[0])))
+    write_records(tmp_path / "b", "meta-llama/Llama-3.2-1B-Instruct", "API", records((0, "x", REFS[0])))
+    write_records(tmp_path / "c", "/other/tiny-llama", "base", records((0, "x", REFS[0])))
+    two = scored(tmp_path / "a", tmp_path / "b")
+    assert report_page.short_labels(two) == ["tiny-llama (base)", "Llama-3.2-1B-Instruct (API)"]
+    three = scored(tmp_path / "a", tmp_path / "b", tmp_path / "c")
+    assert report_page.short_labels(three) == [report_page.label(e) for e in three]
+    assert report_page.label(three[2]) == "/other/tiny-llama (base)"
