@@ -187,7 +187,7 @@ def test_skyignore_keeps_local_state_out_of_the_sync(probe, node):
         "pyproject.toml",
         "configs/llama32-1b-samsum.yaml",
         "configs/smoke.yaml",
-        "samsum_qlora/cli.py",
+        "samsum_qlora/commands/cli.py",
         "samsum_qlora/assets/tiny-llama/config.json",
     ):
         assert (workdir / needed).is_file(), f"{needed} was not synced"

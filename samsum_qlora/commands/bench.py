@@ -287,8 +287,16 @@ def per_example_paths(task: LoopTask, prompts: list[list[int]], sample: list[int
     return loop, ours, timed, seconds
 
 
-def time_generation(cfg: Config, model_dir: Path, adapters: Path | None, rows: list[dict], workdir: Path, *,
-                    loop_sample: int, loop_workers: int) -> dict:  # fmt: skip
+def time_generation(
+    cfg: Config,
+    model_dir: Path,
+    adapters: Path | None,
+    rows: list[dict],
+    workdir: Path,
+    *,
+    loop_sample: int,
+    loop_workers: int,
+) -> dict:
     """`eval`'s batched generation of every prompt at eval.max_new_tokens with real stopping,
     against the tutorial's per-example loop on the split's first `loop_sample` prompts, shared by
     `loop_workers` processes."""

@@ -51,7 +51,7 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
 
     # --- trainer: checkpoints marked complete, stops on SIGTERM and Ctrl-C ---
     stop = training.StopOnSignal()
-    trainer = make_trainer(train_args, model, columns, fmt.pad_id, run, config_tree, stop)
+    trainer = make_trainer(train_args, model, columns, pad_id=fmt.pad_id, run=run, config_tree=config_tree, stop=stop)
 
     # --- train ---
     started = time.perf_counter()
@@ -123,7 +123,7 @@ def per_process_args(cfg: Config, run: RunDir, rt: runtime.Runtime):
     )
 
 
-def make_trainer(train_args, model, columns: dict, pad_id: int, run: RunDir, config_tree: dict, stop):
+def make_trainer(train_args, model, columns: dict, *, pad_id: int, run: RunDir, config_tree: dict, stop):
     callbacks = [training.ManifestCallback(config_tree), stop]
     if "wandb" in train_args.report_to:
         callbacks.append(training.ConfigToWandb(config_tree))
@@ -177,8 +177,11 @@ def train_metrics(trainer, result, seconds: float, stats, *, resume_from, traina
 def publish(cfg: Config, run: RunDir, model, tokenizer, metrics: dict) -> None:
     """The adapters, then config.yaml, run.json and train_metrics.json beside them: all written
     first, then renamed into place, so a failed write leaves the previous run's files as they were."""
-    beside = {run.config: dump_config(cfg), run.run_info: json.dumps(run_info(model), indent=2) + "\n",
-              run.train_metrics: json.dumps(metrics, indent=2) + "\n"}  # fmt: skip
+    beside = {
+        run.config: dump_config(cfg),
+        run.run_info: json.dumps(run_info(model), indent=2) + "\n",
+        run.train_metrics: json.dumps(metrics, indent=2) + "\n",
+    }
     pending = {path: path.with_name(f".{path.name}.pending") for path in beside}
     try:
         for path, text in beside.items():
