@@ -148,10 +148,15 @@ def training_arguments(t: TrainArgs, checkpoint_dir: Path, *, cuda: bool, count_
 @dataclass
 class Collator:
     """Right-pads a batch to its longest row (rounded up to `multiple`); labels are -100 wherever
-    there is padding. Accepts plain rows, or items that are themselves pre-formed batches."""
+    there is padding. Accepts plain rows, or items that are themselves pre-formed batches.
+
+    With `trained_positions`, it also says where the loss is computed (`TRAINED_AT`: flat positions
+    row * width + t whose next token is trained; `TRAINED_IDS`: those next tokens), found here on the
+    CPU so the training step never waits for the GPU to find them."""
 
     pad_id: int
     multiple: int = 1
+    trained_positions: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if features and features[0]["input_ids"] and isinstance(features[0]["input_ids"][0], list):
@@ -164,7 +169,27 @@ class Collator:
         labels, _ = pad([f["labels"] for f in features], IGNORE_INDEX, multiple=self.multiple)
         if not (labels != IGNORE_INDEX).any():
             raise ValueError("a batch has no trained token: its loss would be a silent zero")
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if self.trained_positions:
+            batch[TRAINED_AT], batch[TRAINED_IDS] = trained_positions(labels)
+        return batch
+
+
+TRAINED_AT, TRAINED_IDS = "trained_at", "trained_ids"
+
+
+def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions row * width + t, the token trained there): every t whose next label is
+    trained, the causal shift by one of the model's own loss."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    rows, cols = keep.nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols, targets[keep]
+
+
+def collator(t: TrainArgs, pad_id: int) -> Collator:
+    """The collator `train` uses (and `bench` times)."""
+    return Collator(pad_id, t.pad_to_multiple_of, trained_positions=t.trained_logits_only)
 
 
 def training_set(t: TrainArgs, columns: dict):
@@ -183,35 +208,44 @@ def training_set(t: TrainArgs, columns: dict):
 # --- the Trainer -----------------------------------------------------------------------------------
 
 
-def trained_token_loss(hidden, labels, head, num_items_in_batch=None):
-    """Causal-LM cross-entropy computed only where a label is trained.
+def trained_token_loss(hidden, at: torch.Tensor, ids: torch.Tensor, head, num_items_in_batch=None):
+    """Causal-LM cross-entropy computed only where a label is trained (`trained_positions`).
 
     Equals the model's own loss (shift by one, ignore -100, sum / number of trained tokens), but
     projects only those positions to the vocabulary: ~12% of SAMSum tokens, so the vocabulary-wide
     logits of the prompt are never built."""
     import torch.nn.functional as F
 
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep]).float()
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-    return loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
+    logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)).float()
+    loss = F.cross_entropy(logits, ids, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else ids.numel())
 
 
 class LossTrainer(Trainer):
-    """The Trainer with two hooks: `compute_loss` can keep the model from building every logit
-    (the forward asks for one position's logits, and a hook on the decoder, whatever the family,
-    hands over its final hidden states to project where labels are trained), and `training_step`
-    stops the run at the first loss that is not finite, before it reaches a checkpoint."""
+    """The Trainer with hooks that keep the GPU busy and the loss right:
+
+    - `compute_loss` can keep the model from building every logit: the forward asks for one
+      position's logits, and a hook on the decoder, whatever the family, hands over its final hidden
+      states to project where labels are trained;
+    - nothing in a step waits for the GPU: the loss is checked for being finite one step later,
+      when it has long been computed (and before any checkpoint is written), and real tokens are
+      counted on the CPU, where the batch still is. A step that waits makes the GPU idle while
+      Python prepares the next one.
+    """
 
     def __init__(self, *args, trained_logits_only: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.trained_logits_only = trained_logits_only
+        self._unchecked: list[tuple[int, torch.Tensor, Any]] = []  # (step, loss copied to the CPU, its event)
+        self._uncounted_tokens = 0  # this process's real tokens not yet summed over the processes
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        at, ids = inputs.pop(TRAINED_AT, None), inputs.pop(TRAINED_IDS, None)
         if not self.trained_logits_only:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
+        if at is None:  # a batch from elsewhere: find the positions here (this waits for the GPU)
+            at, ids = trained_positions(labels)
         base = self.accelerator.unwrap_model(model).get_base_model()
         captured = {}
         hook = base.get_decoder().register_forward_hook(lambda mod, args, out: captured.update(hidden=out[0]))
@@ -219,19 +253,73 @@ class LossTrainer(Trainer):
             outputs = model(**inputs, use_cache=False, logits_to_keep=1)
         finally:
             hook.remove()
-        loss = trained_token_loss(captured["hidden"], labels, base.get_output_embeddings(), num_items_in_batch)
+        loss = trained_token_loss(captured["hidden"], at, ids, base.get_output_embeddings(), num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):  # the Trainer synchronises here anyway to log the loss
-            raise UserError(
-                f"training diverged at step {self.state.global_step + 1}: the loss is {loss.item()}; "
-                f"lower train.learning_rate (now {self.args.learning_rate:g}); nothing was published"
-            )
+        self.check_losses(keep_last=1)  # the previous step's, computed while this one was queued
+        copy, event = loss.detach(), None
+        if loss.is_cuda:  # into pinned memory, so the copy does not wait for the queue either
+            copy = torch.empty((), dtype=loss.dtype, pin_memory=True).copy_(loss.detach(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._unchecked.append((self.state.global_step + 1, copy, event))
         return loss
+
+    def check_losses(self, keep_last: int = 0) -> None:
+        """Stop at the first loss that is not finite, of all but the newest `keep_last` steps."""
+        while len(self._unchecked) > keep_last:
+            step, copy, event = self._unchecked.pop(0)
+            if event is not None:
+                event.synchronize()  # only until that loss was copied, not the whole queue
+            if not math.isfinite(copy.item()):
+                raise UserError(
+                    f"training diverged at step {step}: the loss is {copy.item()}; lower "
+                    f"train.learning_rate (now {self.args.learning_rate:g}); nothing was published"
+                )
+
+    def _track_num_input_tokens(self, inputs):
+        """The Trainer's count of real tokens, taken from the batch on the CPU instead of summed on
+        the GPU and read back every step; under torchrun the processes' counts are summed only
+        when the count is logged or saved (`sum_tokens`)."""
+        if self.args.include_num_input_tokens_seen == "no":
+            return
+        local = int(inputs["attention_mask"].sum())
+        if self.args.world_size > 1:
+            self._uncounted_tokens += local
+        else:
+            self.state.num_input_tokens_seen += local
+
+    def settle(self, *, count: bool) -> None:
+        """Check every pending loss; with `count`, add every process's pending tokens to the count
+        (under torchrun a collective: every process calls it at the same step)."""
+        self.check_losses()
+        if count and self.args.world_size > 1 and self.args.include_num_input_tokens_seen != "no":
+            import torch.distributed as dist
+
+            total = torch.tensor(self._uncounted_tokens, device=self.args.device)
+            dist.all_reduce(total)
+            self.state.num_input_tokens_seen += int(total.item())
+            self._uncounted_tokens = 0
+
+
+class SettleBeforeWriting(TrainerCallback):
+    """Before the Trainer logs or saves a checkpoint, and when it stops: the losses checked and the
+    tokens counted, the two things `LossTrainer` leaves pending so that a step never waits."""
+
+    def __init__(self, trainer: LossTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # logging and saving fall on the same steps in every process; a signal may not
+        if control.should_log or control.should_save or control.should_training_stop:
+            self.trainer.settle(count=control.should_log or control.should_save)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.settle(count=True)
 
 
 class ManifestCallback(TrainerCallback):
@@ -321,6 +409,7 @@ def build_trainer(
         args=training_arguments(t, checkpoint_dir, cuda=runtime.has_cuda(), count_tokens=count_tokens),
         trained_logits_only=t.trained_logits_only,
     )
+    trainer.add_callback(SettleBeforeWriting(trainer))
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(ReadableProgress)
     return trainer

@@ -131,3 +131,33 @@ def test_logs_are_numbers_not_strings():
         10, 40, {"loss": 7.26812, "grad_norm": 0.5312, "learning_rate": 2e-05, "epoch": 0.25, "total_flos": 1e12}
     )
     assert line == "step 10/40: loss 7.268, grad_norm 0.5312, learning_rate 2.000e-05, epoch 0.25"
+
+
+def test_trained_positions_are_the_shifted_trained_labels():
+    """Position t is trained when label t + 1 is: the model's own causal shift, found on the CPU."""
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, -100, -100, -100]])
+    at, ids = training.trained_positions(labels)
+    assert at.tolist() == [1, 2, 5] and ids.tolist() == [7, 8, 5]  # rows of width 5: row 1, t=0 is 5
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    keep = labels[:, 1:] != -100
+    assert torch.equal(hidden.reshape(-1, 3).index_select(0, at), hidden[:, :-1][keep])
+
+
+def test_a_loss_that_is_not_finite_is_caught_before_logging_or_saving(tmp_path, tokenizer):
+    """Steps do not wait for their loss; it is checked a step later, and always before the Trainer
+    logs or writes a checkpoint, naming the step it came from."""
+    from transformers import TrainerControl
+
+    from samsum_qlora.errors import UserError
+
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    columns = encoded(tokenizer, cfg)
+    trainer = training.build_trainer(
+        cfg.train, with_adapters(cfg), training.training_set(cfg.train, columns), training.Collator(0), tmp_path / "ck"
+    )
+    trainer._unchecked.append((7, torch.tensor(float("nan")), None))
+    trainer.check_losses(keep_last=1)  # the newest loss may wait for the next step
+    settle = next(c for c in trainer.callback_handler.callbacks if isinstance(c, training.SettleBeforeWriting))
+    settle.on_step_end(trainer.args, trainer.state, TrainerControl())  # neither logging nor saving: no wait
+    with pytest.raises(UserError, match="training diverged at step 7: the loss is nan"):
+        settle.on_step_end(trainer.args, trainer.state, TrainerControl(should_save=True))

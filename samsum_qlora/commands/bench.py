@@ -150,7 +150,7 @@ def time_training(
     runtime.release_memory(reset_peak=True)
     tokenizer = modeling.load_tokenizer(cfg.model)
     model = modeling.training_model(cfg, tokenizer)
-    clock, counting = Clock(), Counting(training.Collator(chat.pad_id(tokenizer), cfg.train.pad_to_multiple_of))
+    clock, counting = Clock(), Counting(training.collator(cfg.train, chat.pad_id(tokenizer)))
     trainer = training.build_trainer(
         cfg.train, model, training.training_set(cfg.train, columns), counting, workdir / "ckpt", [clock]
     )
