@@ -71,9 +71,17 @@ class QuantArgs:
     bnb_4bit_compute_dtype: str = "bfloat16"
     # Dequantise the NF4 weights once after loading, into a frozen copy in the compute dtype,
     # instead of on every matmul: the same numbers, much faster, 2 bytes/param more memory.
-    dequantize_once: bool = True
+    # auto: only when that copy takes at most half of the GPU memory still free (an 8B on a 24 GB
+    # card keeps 4 bits); true / false force it.
+    dequantize_once: bool | str = "auto"
 
     def __post_init__(self):
+        choice = str(self.dequantize_once).lower()
+        _check(
+            choice in ("true", "false", "auto"),
+            f"quantization.dequantize_once must be true, false or auto, got {self.dequantize_once!r}",
+        )
+        self.dequantize_once = choice == "true" if choice != "auto" else "auto"
         _check(
             self.bnb_4bit_quant_type in ("nf4", "fp4"),
             f"quantization.bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}",
@@ -362,10 +370,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently convert) a YAML or --set value against the field's annotated type."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
+        for candidate in args[:-1]:  # the first type the value fits (bool | str: true, false or "auto")
+            try:
+                return _coerce(value, candidate, key)
+            except UserError:
+                continue
+        return _coerce(value, args[-1], key)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):  # --set lora.target_modules=q_proj,v_proj

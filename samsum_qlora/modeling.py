@@ -273,20 +273,58 @@ def training_model(cfg: Config, tokenizer):
     )
 
 
+def dequantized_bytes(model, dtype_name: str) -> int:
+    """What the 4-bit layers' weights take once dequantised to `dtype_name`."""
+    import bitsandbytes as bnb
+
+    size = torch_dtype(dtype_name).itemsize
+    return sum(m.in_features * m.out_features * size for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
+def should_dequantize(q: QuantArgs, needed: int, free: int | None) -> tuple[bool, str]:
+    """(dequantise the 4-bit base once?, why). `quantization.dequantize_once` auto: yes when the
+    copy takes at most half of the memory still free, so activations keep the other half; always
+    on a CPU (its RAM is not the limit; bitsandbytes' CPU matmuls are)."""
+    if not q.load_in_4bit:
+        return False, ""
+    if q.dequantize_once != "auto":
+        return bool(q.dequantize_once), ""
+    copy = f"{needed / 2**30:.1f} GiB in {q.bnb_4bit_compute_dtype}"
+    if free is None:
+        return True, f"quantization.dequantize_once=auto: the 4-bit base is dequantised once ({copy}; a CPU)"
+    left = f"{free / 2**30:.1f} GiB free on the GPU"
+    if needed <= free / 2:
+        return True, f"quantization.dequantize_once=auto: the 4-bit base is dequantised once ({copy}, {left})"
+    return False, (
+        f"quantization.dequantize_once=auto: the base stays in 4 bits, dequantised at each matmul "
+        f"(a copy would take {copy} of the {left}); slower, but it fits"
+    )
+
+
+def dequantize_if_chosen(model, q: QuantArgs) -> bool:
+    """Dequantise the loaded 4-bit base once when `should_dequantize` says so, saying why when auto
+    chose; returns whether it did."""
+    needed = dequantized_bytes(model, q.bnb_4bit_compute_dtype) if q.load_in_4bit else 0
+    chosen, why = should_dequantize(q, needed, runtime.free_memory())
+    if why:
+        runtime.current().say(why)
+    if chosen:
+        dequantize_base(model, q.bnb_4bit_compute_dtype)
+    return chosen
+
+
 def attach_new_adapters(model, lora: LoraArgs, q: QuantArgs, *, gradient_checkpointing: bool, half_precision: bool):
     """Fresh LoRA adapters on the base: the QLoRA recipe (prepare_model_for_kbit_training on the
     4-bit model), or on the dequantised copy for the fast path."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if q.load_in_4bit and not q.dequantize_once:
+    if q.load_in_4bit and not dequantize_if_chosen(model, q):
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
         return get_peft_model(model, lora_config(lora))
-    if q.load_in_4bit:
-        model = dequantize_base(model, q.bnb_4bit_compute_dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing:
@@ -329,9 +367,7 @@ def load_generation_model(m: ModelArgs, q: QuantArgs, adapters: Path | None, *, 
     adapters attached, or merged in, unless scoring the base alone. Attached adapters stay float32,
     as in the tutorial's per-example loop; buffers (RoPE's float32 frequencies) are left alone."""
     model = load_model(m, q, training=False)
-    fast = q.load_in_4bit and q.dequantize_once
-    if fast:
-        model = dequantize_base(model, q.bnb_4bit_compute_dtype)
+    fast = q.load_in_4bit and dequantize_if_chosen(model, q)
     if adapters is not None:
         # Merging into 4-bit weights would requantise them: only a dequantised or plain base merges.
         model = attach_saved_adapters(model, adapters, m.name, merge=merge and (fast or not q.load_in_4bit))

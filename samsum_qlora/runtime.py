@@ -91,6 +91,18 @@ def release_memory(reset_peak: bool = False) -> None:
             torch.cuda.reset_peak_memory_stats()
 
 
+def free_memory() -> int | None:
+    """Bytes this process may still allocate on its GPU: what the card has free, within the share
+    `torch.cuda.set_per_process_memory_fraction` allows it; None on a CPU."""
+    import torch
+
+    if not has_cuda():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    share = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+    return int(min(free, share * total - torch.cuda.memory_reserved()))
+
+
 def peak_memory() -> int | None:
     """Bytes the GPU held at most since the last `release_memory(reset_peak=True)`; None on a CPU."""
     import torch

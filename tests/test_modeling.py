@@ -128,3 +128,28 @@ def test_cast_parameters_leaves_buffers_alone():
     )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {b.dtype for n, b in model.named_buffers() if n.endswith("inv_freq")} == {torch.float32}
+
+
+def test_auto_dequantises_only_what_leaves_half_the_free_memory():
+    """quantization.dequantize_once=auto: the bf16 copy of an 8B model's layers (~14 GiB) does not
+    fit beside its activations on a 24 GB card, the 1B's (~2.3 GiB) does; a CPU always dequantises."""
+    from samsum_qlora.config import QuantArgs
+
+    auto, gib = QuantArgs(), 2**30
+    assert auto.dequantize_once == "auto"
+    chosen, why = modeling.should_dequantize(auto, int(2.3 * gib), int(20 * gib))
+    assert chosen and "dequantised once (2.3 GiB in bfloat16, 20.0 GiB free on the GPU)" in why
+    chosen, why = modeling.should_dequantize(auto, 14 * gib, int(18.5 * gib))
+    assert not chosen and "stays in 4 bits" in why
+    assert modeling.should_dequantize(auto, 14 * gib, None)[0]  # a CPU
+    assert modeling.should_dequantize(QuantArgs(dequantize_once=True), 14 * gib, gib) == (True, "")
+    assert modeling.should_dequantize(QuantArgs(dequantize_once="false"), 1, 100 * gib) == (False, "")
+    assert modeling.should_dequantize(QuantArgs(load_in_4bit=False), 1, 100 * gib) == (False, "")
+
+
+def test_auto_counts_the_4bit_layers_in_the_compute_dtype(tmp_path):
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    model = modeling.load_model(cfg.model, cfg.quantization, training=False)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    expected = sum(4 * m.weight.quant_state.shape.numel() for m in layers)  # float32: 4 bytes a weight
+    assert layers and modeling.dequantized_bytes(model, "float32") == expected
