@@ -68,6 +68,9 @@ def test_bench_cli_writes_json_with_tutorial_comparison_and_eval(tmp_path):
     assert e["same_arithmetic_same_outputs"] == 1.0 and 0 <= e["same_outputs_as_loop"] <= 1
     assert r["weights"] == "random" and "weights: random" in result.output and "rouge_sample" not in e
     assert "speed-up over the tutorial's recipe" in result.output
+    # every step's time and batch shape, and the epoch as a run spends it, warm-up included
+    assert len(r["step_seconds"]) == len(r["step_shapes"]) == 3 and "epoch from the first step" in result.output
+    assert r["warmup_seconds"] > 0 and r["epoch_minutes_all"] >= r["warmup_seconds"] / 60
 
 
 def tiny_cfg():
@@ -148,3 +151,9 @@ EVAL_FIGURES = {"examples": 4, "max_new_tokens": 8, "batched_seconds": 1.0, "bat
                 "batched_tokens_per_s": 20.0, "ended_share": 1.0, "loop_tokens_per_s": 2.0,
                 "loop_projected_seconds": 10.0, "ratio": 10.0, "loop_sample": 4, "loop_timed": 4,
                 "same_outputs_as_loop": 0.5, "same_arithmetic_same_outputs": 1.0}  # fmt: skip
+
+
+def test_the_first_epoch_counts_the_warm_up_as_it_ran():
+    """A run's epoch = its first steps as they really went (compilation, new shapes) + the rest at pace."""
+    f = bench.first_epoch(bench.Timed(real_tokens=6_000, padded_tokens=0, seconds=30.0), 1_000.0, 66_000)
+    assert f == {"warmup_seconds": 30.0, "warmup_tokens": 6_000, "epoch_minutes_all": 1.5}  # (30 + 60) / 60

@@ -115,26 +115,47 @@ def base_parameter_count(model_dir: Path) -> int:
 
 
 class Counting:
-    """Wraps a collator to record (real, padded) tokens of every micro-batch, in order."""
+    """Wraps a collator to record (real, padded) tokens and the shape of every micro-batch, in order."""
 
     def __init__(self, collator):
-        self.collator, self.counts = collator, []
+        self.collator, self.counts, self.shapes = collator, [], []
 
     def __call__(self, features):
         batch = self.collator(features)
-        self.counts.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
+        mask = batch["attention_mask"]
+        self.counts.append((int(mask.sum()), mask.numel()))
+        self.shapes.append(tuple(mask.shape))
         return batch
 
 
 class Clock(TrainerCallback):
-    """The time at the end of every optimizer step, the GPU's work included."""
+    """Marks when training began and when each optimizer step ended, on the GPU's own timeline
+    (CUDA events: recording one waits for nothing, so the steps run exactly as in `train`, and the
+    time between two marks includes any moment the GPU waited for Python); on a CPU, the wall clock."""
 
     def __init__(self):
-        self.stamps: list[float] = []
+        self.marks: list = []
+
+    def _mark(self):
+        if runtime.has_cuda():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._mark()
 
     def on_step_end(self, args, state, control, **kwargs):
-        runtime.synchronize()
-        self.stamps.append(time.perf_counter())
+        self._mark()
+
+    def seconds(self, first: int, last: int) -> float:
+        """Seconds from mark `first` to mark `last` (mark 0: training began; mark k: step k ended)."""
+        if runtime.has_cuda():
+            self.marks[last].synchronize()
+            return self.marks[first].elapsed_time(self.marks[last]) / 1000
+        return self.marks[last] - self.marks[first]
 
 
 def time_training(
@@ -157,17 +178,33 @@ def time_training(
     trainer.train()
     micro = cfg.train.gradient_accumulation_steps
     timed = counting.counts[warmup * micro : (warmup + steps) * micro]
-    seconds = clock.stamps[warmup + steps - 1] - clock.stamps[warmup - 1]
     figures = summarise(
-        Timed(sum(r for r, _ in timed), sum(p for _, p in timed), seconds),
+        Timed(sum(r for r, _ in timed), sum(p for _, p in timed), clock.seconds(warmup, warmup + steps)),
         n_params=base_parameter_count(model_dir),
         device=runtime.device_name() if runtime.has_cuda() else None,
         peak_bytes=runtime.peak_memory(),
         epoch_tokens=epoch_tokens,
     )
+    # What a user sees: the warm-up steps as they ran (new shapes, kernels compiled, memory grown),
+    # then the rest of the epoch at the timed pace.
+    warm = Timed(sum(r for r, _ in counting.counts[: warmup * micro]), 0, clock.seconds(0, warmup))
+    figures |= first_epoch(warm, figures["tokens_per_s"], epoch_tokens)
+    figures["step_seconds"] = [round(clock.seconds(k, k + 1), 4) for k in range(warmup + steps)]
+    figures["step_shapes"] = [list(shape) for shape in counting.shapes[: (warmup + steps) * micro]]
     del trainer, model
     runtime.release_memory()
     return figures
+
+
+def first_epoch(warm: Timed, tokens_per_s: float, epoch_tokens: int) -> dict:
+    """The epoch as a user's run spends it: the warm-up steps' real time, the rest at the timed pace."""
+    rest = max(epoch_tokens - warm.real_tokens, 0) / tokens_per_s
+    minutes = (warm.seconds + rest) / 60
+    return {
+        "warmup_seconds": round(warm.seconds, 3),
+        "warmup_tokens": warm.real_tokens,
+        "epoch_minutes_all": round(minutes, 2),
+    }
 
 
 # --- generation ------------------------------------------------------------------------------------
@@ -429,13 +466,15 @@ def render(r: dict) -> str:
         mfu = f"{100 * f['mfu']:.1f}%" if f["mfu"] is not None else "n/a"
         return (
             f"| {name} | {f['tokens_per_s']:,.0f} | {100 * f['padding_fraction']:.1f}% | {mem} | {mfu} "
-            f"| {f['epoch_minutes']:.1f} min |"
+            f"| {f['epoch_minutes']:.1f} min | {f['epoch_minutes_all']:.1f} min ({f['warmup_seconds']:.1f} s) |"
         )
 
     out = [
-        f"device: {r['device']}; {r['model']}'s shape, weights: {r['weights']}",
-        "| recipe | real tokens/s | padding | peak memory | MFU | epoch |",
-        "|---|---|---|---|---|---|",
+        f"device: {r['device']}; {r['model']}'s shape, weights: {r['weights']}; "
+        f"{r['steps']} steps timed after {r['warmup']} warm-up steps",
+        "| recipe | real tokens/s | padding | peak memory | MFU | epoch at this pace | epoch from the first step "
+        "(the warm-up's own time) |",
+        "|---|---|---|---|---|---|---|",
         line("this config", r),
     ]
     if "tutorial" in r:
