@@ -124,16 +124,17 @@ def test_fast_path_loss_equals_plain_padded_path_on_gpu(shape_dir, tmp_path):
             p.data.normal_(0, 0.02)
     fast = with_adapters(fast_cfg)
     fast.load_state_dict({k: v for k, v in plain.state_dict().items() if "lora_" in k}, strict=False)
-    collate = training.Collator(chat.pad_id(tokenizer))
+    pad = chat.pad_id(tokenizer)
+    plain_collate, fast_collate = training.collator(plain_cfg.train, pad), training.collator(fast_cfg.train, pad)
     total = sum(sum(label != -100 for label in row[1:]) for row in columns["labels"])
     plain_trainer = training.build_trainer(
-        plain_cfg.train, plain, training.training_set(plain_cfg.train, columns), collate, tmp_path / "pc"
+        plain_cfg.train, plain, training.training_set(plain_cfg.train, columns), plain_collate, tmp_path / "pc"
     )
     fast_trainer = training.build_trainer(
-        fast_cfg.train, fast, training.training_set(fast_cfg.train, columns), collate, tmp_path / "fc"
+        fast_cfg.train, fast, training.training_set(fast_cfg.train, columns), fast_collate, tmp_path / "fc"
     )
 
-    def summed(trainer, model, items, size):
+    def summed(trainer, model, collate, items, size):
         loss = 0.0
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # as the Trainer runs it
             for start in range(0, len(items), size):
@@ -143,7 +144,8 @@ def test_fast_path_loss_equals_plain_padded_path_on_gpu(shape_dir, tmp_path):
 
     plain_items = [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"])]
     fast_items = [fast_trainer.train_dataset[i] for i in range(len(fast_trainer.train_dataset))]
-    plain_loss, fast_loss = summed(plain_trainer, plain, plain_items, 8), summed(fast_trainer, fast, fast_items, 1)
+    plain_loss = summed(plain_trainer, plain, plain_collate, plain_items, 8)
+    fast_loss = summed(fast_trainer, fast, fast_collate, fast_items, 1)  # trained positions from the collator
     print(
         f"GPU loss: plain padded 4-bit {plain_loss:.6f}, fast path {fast_loss:.6f}, "
         f"relative difference {abs(fast_loss - plain_loss) / plain_loss:.2e}"

@@ -112,7 +112,7 @@ def test_fast_path_loss_equals_plain_padded_path(tmp_path, tokenizer):
     fast_loss = 0.0
     with torch.no_grad():
         for item in trainer.train_dataset:
-            batch = training.Collator(pad)([item])
+            batch = training.collator(fast_cfg.train, pad)([item])  # as train collates: trained positions found
             fast_loss += trainer.compute_loss(fast, batch, num_items_in_batch=total).item()
     assert len(trainer.train_dataset) > 1  # several token-budget batches, not one
     assert fast_loss == pytest.approx(plain_loss, rel=1e-3)
