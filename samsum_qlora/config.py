@@ -100,6 +100,8 @@ class LoraArgs:
     lora_dropout: float = 0.0  # dropout on the adapter input; 0 also skips a kernel per module
     # Adapted layers, by module name (q_proj ... down_proj in a Llama); ~1.7 M params for the 1B.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    use_rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r), so high ranks keep learning
+    use_dora: bool = False  # DoRA: learn each weight's magnitude apart from its direction (slower steps)
 
     def __post_init__(self):
         _check(self.lora_r >= 1, f"lora.lora_r must be at least 1, got {self.lora_r}")
@@ -165,6 +167,7 @@ class TrainArgs:
     report_to: list[str] = field(default_factory=lambda: ["none"])  # [wandb] logs to W&B
     run_name: str | None = None
     dataloader_num_workers: int = 0
+    neftune_noise_alpha: float | None = None  # NEFTune: noise on the input embeddings while training (e.g. 5)
 
     def __post_init__(self):
         if isinstance(self.report_to, str):
@@ -203,6 +206,10 @@ class TrainArgs:
         _check(
             _finite(self.max_grad_norm) and self.max_grad_norm >= 0,
             f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}",
+        )
+        _check(
+            self.neftune_noise_alpha is None or (_finite(self.neftune_noise_alpha) and self.neftune_noise_alpha > 0),
+            f"train.neftune_noise_alpha must be a positive number (or null for none), got {self.neftune_noise_alpha}",
         )
         _check(
             self.logging_steps >= 1 and self.save_steps >= 1 and self.save_total_limit >= 1,

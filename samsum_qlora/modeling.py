@@ -48,6 +48,8 @@ def lora_config(lora: LoraArgs):
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
         target_modules=list(lora.target_modules),
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
         bias="none",
         task_type=TaskType.CAUSAL_LM,
     )

@@ -161,3 +161,15 @@ def test_a_loss_that_is_not_finite_is_caught_before_logging_or_saving(tmp_path, 
     settle.on_step_end(trainer.args, trainer.state, TrainerControl())  # neither logging nor saving: no wait
     with pytest.raises(UserError, match="training diverged at step 7: the loss is nan"):
         settle.on_step_end(trainer.args, trainer.state, TrainerControl(should_save=True))
+
+
+def test_training_levers_reach_the_libraries(tmp_path):
+    """NEFTune goes to the Trainer by its own name; rsLoRA and DoRA to peft's LoraConfig."""
+    cfg = load_config(
+        SMOKE_CONFIG,
+        smoke_overrides(tmp_path, **{"train.neftune_noise_alpha": 5, "lora.use_rslora": True, "lora.use_dora": True}),
+    )
+    assert training.training_arguments(cfg.train, tmp_path / "ck", cuda=False).neftune_noise_alpha == 5
+    lora = modeling.lora_config(cfg.lora)
+    assert lora.use_rslora and lora.use_dora
+    assert training.training_arguments(load_config(SMOKE_CONFIG).train, tmp_path, cuda=False).neftune_noise_alpha is None
