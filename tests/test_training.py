@@ -172,4 +172,5 @@ def test_training_levers_reach_the_libraries(tmp_path):
     assert training.training_arguments(cfg.train, tmp_path / "ck", cuda=False).neftune_noise_alpha == 5
     lora = modeling.lora_config(cfg.lora)
     assert lora.use_rslora and lora.use_dora
-    assert training.training_arguments(load_config(SMOKE_CONFIG).train, tmp_path, cuda=False).neftune_noise_alpha is None
+    default = training.training_arguments(load_config(SMOKE_CONFIG).train, tmp_path, cuda=False)
+    assert default.neftune_noise_alpha is None
