@@ -105,31 +105,40 @@ def staged_dir(final: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def hold(lock: Path, command: str) -> Iterator[None]:
     """This process's exclusive claim, through the file `lock`, on the folder it names (a run or
-    eval folder's `.lock`): a second run into it refuses, naming this one's pid.
+    eval folder's `.lock`, a merge's beside its --out): a second run into it refuses, naming this
+    one's pid.
 
     The kernel drops the claim when the process ends, however it ends, so a killed run never
-    leaves a stale one. Where the filesystem has no locks (some network mounts), runs are not
-    kept apart, and that is said."""
+    leaves a stale one; a run that ends removes the file too (still holding it: a process that
+    opened the file meanwhile finds it gone once it gets the claim, and tries again). Where the
+    filesystem has no locks (some network mounts), runs are not kept apart, and that is said."""
     import fcntl
 
     ensure_writable_dir(lock.parent)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise UserError(
-            f"{lock.parent} is in use by another samsum-qlora {command} (pid {holder}); "
-            "wait for it to finish or choose another folder"
-        ) from None
-    except OSError:
-        print(f"note: {lock.parent} cannot be locked here; make sure no other run writes into it")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"{lock.parent} is in use by another samsum-qlora {command} (pid {holder}); "
+                "wait for it to finish or choose another folder"
+            ) from None
+        except OSError:
+            print(f"note: {lock.parent} cannot be locked here; make sure no other run writes into it")
+        with contextlib.suppress(OSError):
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break  # the claim is on the file that is there
+        os.close(fd)  # the holder removed it on its way out: claim the new one
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
         os.close(fd)
 
 
