@@ -249,3 +249,24 @@ def test_new_tokens_past_the_models_positions_are_refused(tmp_path, new_tokens, 
     evaluate.evaluate_model(
         fits, evaluate.plan_eval(fits, base_only=True, limit=1), predict=lambda r, s: s([0], answers("a"))
     )
+
+
+def test_eval_of_edited_adapters_is_one_line_and_leaves_no_folder(tmp_path):
+    from conftest import set_args
+    from test_cli import run_cli
+    from test_modeling import with_adapters
+    from test_reliability import last_line_error
+
+    from samsum_qlora.config import load_config as load
+
+    cfg = load(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    adapters = tmp_path / "adapters"
+    with_adapters(cfg).save_pretrained(adapters)
+    meta = json.loads((adapters / "adapter_config.json").read_text())
+    (adapters / "adapter_config.json").write_text(json.dumps({**meta, "target_modules": ["q_proj"]}))
+    out = tmp_path / "e"
+    result = run_cli(
+        ["eval", *set_args(smoke_overrides(tmp_path)), "--adapters", str(adapters), "--output-dir", str(out)]
+    )
+    last_line_error(result, "do not match their adapter_config.json: 12 weights of the file have no module to go to")
+    assert not out.exists()
