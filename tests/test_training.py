@@ -131,3 +131,12 @@ def test_logs_are_numbers_not_strings():
         10, 40, {"loss": 7.26812, "grad_norm": 0.5312, "learning_rate": 2e-05, "epoch": 0.25, "total_flos": 1e12}
     )
     assert line == "step 10/40: loss 7.268, grad_norm 0.5312, learning_rate 2.000e-05, epoch 0.25"
+
+
+def test_run_loss_weighs_each_logged_loss_by_its_steps():
+    from samsum_qlora.training import run_loss
+
+    history = [{"loss": 4.0, "step": 3}, {"learning_rate": 0.1, "step": 3}, {"loss": 1.0, "step": 4}]
+    history += [{"loss": 2.0, "step": 10}, {"train_loss": 9.9, "step": 10}]
+    assert run_loss(history) == pytest.approx((4 * 3 + 1 * 1 + 2 * 6) / 10)
+    assert run_loss([{"learning_rate": 0.1, "step": 1}]) is None
