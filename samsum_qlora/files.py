@@ -71,6 +71,28 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def read_whole_jsonl(path: Path) -> list[Any]:
+    """A finished JSON Lines file (predictions.jsonl), which must be whole: a line that is cut off or
+    not JSON is a UserError naming the file and the lines (`read_jsonl` would drop them unsaid)."""
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    out, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line and number == len(lines):
+            break  # after the last line's newline
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad.append(number)
+    if bad:
+        cut = " (cut off)" if bad == [len(lines)] else ""
+        where = f"line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:10]))}"
+        raise UserError(f"{path} is damaged at {where}: not whole JSON{cut}; rerun its eval with --overwrite")
+    return out
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
