@@ -33,6 +33,18 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+def check_can_create(path: Path) -> None:
+    """That `path` (a folder a command will write at the end) can be made, said before the work: the
+    nearest folder that exists above it must be one, and writable. Nothing is created."""
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"cannot create {path}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create {path}: {above} is not writable")
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -119,6 +131,9 @@ def staged_dir(final: Path) -> Iterator[Path]:
     staging.mkdir(parents=True)
     try:
         yield staging
+        for path in staging.rglob("*"):  # safetensors writes 0600; results are for people to open
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o666 & ~_UMASK)
         publish_dir(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
