@@ -2,6 +2,7 @@
 misbehaves on cue: 429 with Retry-After, 500, an answer slower than the client's timeout, 401."""
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +31,8 @@ def answer_for(dialogue: str) -> str:
 
 class FakeApi:
     """The server's script and log. `script[row id]` lists what attempts 1, 2, ... get: "ok",
-    (status, headers) for an error, ("slow", seconds) for a late answer; after the list, "ok"."""
+    (status, headers) for an error, ("slow", seconds) for a late answer, ("payload", body) for a
+    200 answer of that body; after the list, "ok"."""
 
     def __init__(self, script=None, delay=0.0, error_message="server trouble"):
         self.script, self.delay, self.error_message = script or {}, delay, error_message
@@ -85,6 +87,8 @@ class FakeApi:
                 steps = fake.script.get(row_id, [])
                 step = steps[attempt - 1] if attempt <= len(steps) else "ok"
                 time.sleep(fake.delay)
+                if isinstance(step, tuple) and step[0] == "payload":  # a 200 answer as given
+                    return 200, step[1], {}
                 if isinstance(step, tuple) and step[0] == "slow":
                     # The client has hung up by now; nobody reads this answer (a real API would
                     # still bill it: hence a generous default timeout), so it is not logged as served.
@@ -394,3 +398,31 @@ def test_parse_answer():
     assert api.parse_answer(cut)[0] == Prediction("A and", False)  # ran out of max_tokens
     with pytest.raises(ValueError):
         api.parse_answer({"error": "nope"})
+
+
+def test_parse_answer_joins_text_parts_and_refuses_what_is_not_text():
+    parts = [
+        {"type": "text", "text": "A and B "},
+        {"type": "refusal", "refusal": "no"},
+        {"type": "text", "text": "meet."},
+    ]
+    assert api.parse_answer({"choices": [{"message": {"content": parts}}]})[0] == Prediction("A and B meet.", True)
+    for payload, needle in [
+        ({"choices": [{"message": {"content": 42}}]}, "message content is int 42, not text"),
+        ({"choices": [{"message": {"content": ["A", "B"]}}]}, "message content is list ['A', 'B'], not text"),
+        ({"choices": [{"message": {"content": "A"}}], "usage": [1, 2]}, "usage is list [1, 2], not an object"),
+        ({"choices": [{"message": {"content": "A"}}], "usage": {"total_tokens": "many"}}, "other than token counts"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            api.parse_answer(payload)
+
+
+def test_an_answer_that_is_not_a_chat_completion_names_its_row(tmp_path, serve):
+    odd = {"choices": [{"message": {"content": 7}, "finish_reason": "stop"}]}
+    fake = FakeApi(script={"smp-test-003": [("payload", odd)]})
+    base = serve(fake)
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    with pytest.raises(
+        UserError, match=re.escape("answered row 2 (id smp-test-003) with something that is not a chat")
+    ):
+        evaluate.evaluate_model(cfg, api_plan(cfg, base), predict=fast(base, concurrency=1))
