@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -154,3 +155,18 @@ def test_a_resumed_run_reports_the_whole_runs_loss(tmp_path, capsys):
     assert resumed["resumed_from"].endswith("checkpoint-5") and resumed["global_step"] == whole["global_step"] == 8
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
     assert f"train loss {whole['train_loss']:.4f}" in capsys.readouterr().out
+
+
+def test_resume_given_the_checkpoints_folder_lists_the_checkpoints_in_it(tmp_path):
+    from samsum_qlora.layout import RunDir
+
+    run = RunDir(tmp_path / "run")
+    for step in (10, 20):
+        (run.checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+    run.adapters.mkdir()
+    for given, needle in [
+        (run.checkpoints, "is not a checkpoint folder; pass one it holds: checkpoint-20, checkpoint-10"),
+        (run.adapters, "is not a checkpoint folder; one is <output_dir>/checkpoints/checkpoint-N"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(f"--resume {given} {needle}")):
+            checkpoints.start_point(run, {}, overwrite=True, resume=str(given))
