@@ -297,8 +297,8 @@ def _gather(futures: dict[Future, int], save: Save, stop: threading.Event, desc:
 
     def keep(future: Future) -> None:  # on this thread only, so `save` and the sums need no lock
         answer, used, retries = future.result()
+        saved.add(future)  # first: a Ctrl-C landing inside `save` must not have the cleanup save it twice
         save([futures[future]], [answer])
-        saved.add(future)
         for k in USAGE_KEYS:
             usage[k] += used[k]
         usage["answers"] += 1

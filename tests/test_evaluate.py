@@ -270,3 +270,38 @@ def test_eval_of_edited_adapters_is_one_line_and_leaves_no_folder(tmp_path):
     )
     last_line_error(result, "do not match their adapter_config.json: 12 weights of the file have no module to go to")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_and_sigterm_stop_eval_with_one_line_and_keep_what_was_saved(tmp_path, monkeypatch, sig, code):
+    """As train does: one line and 128 + the signal (click alone said "Aborted!" and exited 1 on
+    Ctrl-C; SIGTERM killed the process unsaid). The next run resumes."""
+    import signal
+
+    from conftest import set_args
+    from test_cli import run_cli
+
+    asked = []
+
+    def interrupted_predictor(cfg, adapters, **kwargs):
+        def predict(rows, save):
+            asked.append(len(rows))
+            save([0, 1], answers("first", "second"))
+            os.kill(os.getpid(), getattr(signal, sig))
+            save([2], answers("never saved"))  # the signal lands before this line runs
+
+        return predict
+
+    monkeypatch.setattr(evaluate, "local_predictor", interrupted_predictor)
+    args = ["eval", *set_args(smoke_overrides(tmp_path)), "--base-only", "--limit", "4"]
+    result = run_cli(args)
+    assert result.exit_code == code and "Aborted" not in result.output + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"stopped: stopped by {sig}; the predictions saved so far are kept: rerun the same command to resume"
+    )
+    partial = EvalDir(tmp_path / "run" / "eval-base").partial()
+    assert [json.loads(line)["prediction"] for line in partial.read_text().splitlines()] == ["first", "second"]
+    monkeypatch.setattr(evaluate, "local_predictor", lambda *a, **k: lambda rows, save: save([0, 1], answers("c", "d")))
+    assert run_cli(args).exit_code == 0 and asked == [4]
+    preds = (tmp_path / "run" / "eval-base" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["prediction"] for line in preds] == ["first", "second", "c", "d"]
