@@ -148,3 +148,11 @@ EVAL_FIGURES = {"examples": 4, "max_new_tokens": 8, "batched_seconds": 1.0, "bat
                 "batched_tokens_per_s": 20.0, "ended_share": 1.0, "loop_tokens_per_s": 2.0,
                 "loop_projected_seconds": 10.0, "ratio": 10.0, "loop_sample": 4, "loop_timed": 4,
                 "same_outputs_as_loop": 0.5, "same_arithmetic_same_outputs": 1.0}  # fmt: skip
+
+
+@pytest.mark.parametrize("tokens", ["0", "-5"])
+def test_an_epoch_of_no_tokens_is_refused_before_timing(tmp_path, tokens):
+    from test_cli import one_line_error, run_cli
+
+    result = run_cli(["bench", *set_args(smoke_overrides(tmp_path)), "--epoch-tokens", tokens])
+    one_line_error(result, f"--epoch-tokens must be at least 1 (the tokens in one epoch), got {tokens}")

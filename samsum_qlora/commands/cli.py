@@ -309,6 +309,8 @@ def bench(
     cfg = _config(config_path, overrides)
     if min(steps, warmup, loop_sample, loop_workers) < 1:
         raise UserError("--steps, --warmup, --loop-sample and --loop-workers must be at least 1")
+    if epoch_tokens is not None and epoch_tokens < 1:
+        raise UserError(f"--epoch-tokens must be at least 1 (the tokens in one epoch), got {epoch_tokens}")
     plan = BenchPlan(
         split=split or cfg.data.train_split,
         steps=steps,
