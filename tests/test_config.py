@@ -162,7 +162,7 @@ def test_required_dotted_keys_exist():
         ("train.run_name=Yes", "train", "Yes"),  # YAML: True
         ("train.output_dir=out/a\nb", "train", "out/a\nb"),  # YAML folds the newline into a space
         ("data.task_instruction=Summary: one sentence", "data", "Summary: one sentence"),  # YAML: a mapping
-        ("model.chat_template={{ messages }}", "model", "{{ messages }}"),  # YAML: a flow mapping
+        ("data.revision=1.10", "data", "1.10"),  # YAML: the number 1.1
     ],
 )
 def test_set_gives_a_string_key_the_text_as_typed(override, key, literal):
