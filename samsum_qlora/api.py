@@ -64,15 +64,32 @@ def request_body(model: str, messages: list[dict[str, str]], max_tokens: int) ->
 
 def parse_answer(payload: dict) -> tuple[Prediction, dict[str, int]]:
     """(summary, token usage) from a Chat Completions response; ValueError if it is not one. A
-    null content counts as an empty summary; finish_reason "length" as one that did not end."""
+    null content counts as an empty summary, a list of parts as their text parts joined;
+    finish_reason "length" as one that did not end."""
     try:
         choice = payload["choices"][0]
         content = choice["message"].get("content")
     except (KeyError, IndexError, TypeError, AttributeError):
         raise ValueError("no choices[0].message in the response") from None
     usage = payload.get("usage") or {}
+    if not isinstance(usage, dict):
+        raise ValueError(f"usage is {type(usage).__name__} {usage!r:.60}, not an object")
+    try:
+        used = {k: int(usage.get(k) or 0) for k in USAGE_KEYS}
+    except (TypeError, ValueError):
+        raise ValueError(f"usage holds something other than token counts: {usage!r:.80}") from None
     ended = choice.get("finish_reason") != "length"
-    return Prediction((content or "").strip(), ended), {k: int(usage.get(k) or 0) for k in USAGE_KEYS}
+    return Prediction(_text(content).strip(), ended), used
+
+
+def _text(content) -> str:
+    """A message's content: text, null, or parts (only the text parts count: a refusal part is not a
+    summary, and it is counted as an empty one)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return "".join(p["text"] for p in content if p.get("type") == "text" and isinstance(p.get("text"), str))
+    raise ValueError(f"message content is {type(content).__name__} {content!r:.60}, not text")
 
 
 def retry_delay(
@@ -180,10 +197,16 @@ class Patience:
 
 
 def complete(
-    url: str, body: dict, *, key: str | None, patience: Patience, stop: threading.Event | None = None
+    url: str,
+    body: dict,
+    *,
+    key: str | None,
+    patience: Patience,
+    stop: threading.Event | None = None,
+    row: str = "a row",
 ) -> tuple[Prediction, dict[str, int], int]:
     """One chat completion -> (summary, usage, retries), retrying transient failures with backoff
-    until `stop` is set."""
+    until `stop` is set. `row` names the row in an error."""
     stop = stop or threading.Event()
     data = json.dumps(body, ensure_ascii=False).encode("utf-8")
     attempts = patience.max_attempts
@@ -217,7 +240,7 @@ def complete(
     try:
         answer, usage = parse_answer(payload)
     except ValueError as e:
-        raise UserError(f"{url} answered something that is not a chat completion: {e}") from None
+        raise UserError(f"{url} answered {row} with something that is not a chat completion: {e}") from None
     return answer, usage, attempt - 1
 
 
@@ -246,7 +269,8 @@ def predictor(cfg: Config, *, model: str, key: str | None, backoff: float = 1.0,
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="api")
         stop = threading.Event()
         futures = {
-            pool.submit(complete, url, body, key=key, patience=patience, stop=stop): i for i, body in enumerate(bodies)
+            pool.submit(complete, url, body, key=key, patience=patience, stop=stop, row=_row_name(rows[i])): i
+            for i, body in enumerate(bodies)
         }
         try:
             usage = _gather(futures, save, stop, f"asking {model}")
@@ -255,6 +279,10 @@ def predictor(cfg: Config, *, model: str, key: str | None, backoff: float = 1.0,
         return {"api_base": base, "api_usage": usage}
 
     return predict
+
+
+def _row_name(row: dict) -> str:
+    return f"row {row['index']} (id {row['id']})"
 
 
 def _gather(futures: dict[Future, int], save: Save, stop: threading.Event, desc: str) -> dict:
@@ -269,8 +297,8 @@ def _gather(futures: dict[Future, int], save: Save, stop: threading.Event, desc:
 
     def keep(future: Future) -> None:  # on this thread only, so `save` and the sums need no lock
         answer, used, retries = future.result()
+        saved.add(future)  # first: a Ctrl-C landing inside `save` must not have the cleanup save it twice
         save([futures[future]], [answer])
-        saved.add(future)
         for k in USAGE_KEYS:
             usage[k] += used[k]
         usage["answers"] += 1

@@ -142,6 +142,12 @@ def start_point(run: RunDir, config: dict[str, Any], *, overwrite: bool, resume:
         chosen = Path(resume)
         if not chosen.is_dir():
             raise UserError(f"--resume {resume} is not a checkpoint directory")
+        if layout.checkpoint_step(chosen) is None and not (chosen / MANIFEST).is_file():
+            inside = [p.name for p in checkpoints(chosen)]
+            hint = (
+                f"pass one it holds: {', '.join(inside)}" if inside else "one is <output_dir>/checkpoints/checkpoint-N"
+            )
+            raise UserError(f"--resume {resume} is not a checkpoint folder; {hint}")
         if run.adapters.exists() and not overwrite:
             raise UserError(finished)
         check_resumable(chosen, config)

@@ -37,6 +37,13 @@ def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _check_path_fits(name: str, key: str) -> None:
+    """A name that can be neither a folder here nor a Hub id (96 characters at most), because a part
+    of it is longer than a file name may be: refused before a file system call fails on it."""
+    longest = max(len(part.encode()) for part in name.split("/"))
+    _check(longest <= 255, f"{key} has a part of {longest} bytes: too long for a folder name (255) or a Hub id (96)")
+
+
 @dataclass
 class ModelArgs:
     name: str = "meta-llama/Llama-3.2-1B-Instruct"  # Hub id or a local directory
@@ -54,11 +61,21 @@ class ModelArgs:
 
     def __post_init__(self):
         _check(bool(self.name.strip()), "model.name is empty: give a Hub id or a model folder")
+        _check_path_fits(self.name, "model.name")
         _check(
             self.attn_implementation in ATTENTION or "/" in self.attn_implementation,
             f"model.attn_implementation must be one of {', '.join(ATTENTION)} (or a Hub kernel "
             f"'org/name'), got {self.attn_implementation!r}",
         )
+        if "/" in self.attn_implementation:
+            from transformers.utils import import_utils
+
+            _check(
+                import_utils.is_kernels_available(),
+                f"model.attn_implementation {self.attn_implementation!r} is a Hub kernel, which needs the kernels "
+                f"package (pip install 'kernels>={import_utils.KERNELS_MIN_VERSION},"
+                f"<{import_utils.KERNELS_MAX_VERSION}'); or use one of {', '.join(ATTENTION)}",
+            )
 
 
 @dataclass
@@ -129,6 +146,7 @@ class DataArgs:
     def __post_init__(self):
         _check(self.max_length >= 16, f"data.max_length must be at least 16 tokens, got {self.max_length}")
         _check(bool(self.task_instruction.strip()), "data.task_instruction is empty")
+        _check_path_fits(self.source, "data.source")
         _check(
             self.max_train_samples is None or self.max_train_samples >= 1,
             f"data.max_train_samples must be at least 1 (or null for every row), got {self.max_train_samples}",
@@ -180,9 +198,18 @@ class TrainArgs:
             self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,
             "train.per_device_train_batch_size and train.gradient_accumulation_steps must be >= 1",
         )
+        # Zero of either would train nothing and still publish (untrained) adapters.
         _check(
-            self.max_steps > 0 or (_finite(self.num_train_epochs) and self.num_train_epochs > 0),
-            "set train.max_steps > 0 or train.num_train_epochs > 0, or there is nothing to train",
+            _finite(self.num_train_epochs) and self.num_train_epochs > 0,
+            f"train.num_train_epochs must be more than 0, got {self.num_train_epochs} (max_steps > 0 overrides it)",
+        )
+        _check(
+            self.max_steps != 0, "train.max_steps=0 trains nothing: set it > 0, or -1 to train train.num_train_epochs"
+        )
+        _check(0 <= self.seed < 2**32, f"train.seed must be in 0 .. 4294967295 (2**32 - 1), got {self.seed}")
+        _check(
+            self.dataloader_num_workers >= 0,
+            f"train.dataloader_num_workers must be >= 0 (0: the main process), got {self.dataloader_num_workers}",
         )
         _check(
             self.pad_to_multiple_of >= 1, f"train.pad_to_multiple_of must be at least 1, got {self.pad_to_multiple_of}"
@@ -377,8 +404,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently convert) a YAML or --set value against the field's annotated type."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
+        members = typing.get_args(tp)
+        args = [a for a in members if a is not type(None)]
+        if (value is None or (isinstance(value, SetValue) and value in NULLS)) and len(args) < len(members):
             return None
         for candidate in args[:-1]:  # the first type the value fits (bool | str: true, false or "auto")
             try:
@@ -386,6 +414,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except UserError:
                 continue
         return _coerce(value, args[-1], key)
+    if isinstance(value, SetValue):
+        value = str(value) if tp is str else _yaml_value(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):  # --set lora.target_modules=q_proj,v_proj
@@ -414,7 +444,13 @@ def _nest(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     index.update(FLAT_ALIASES)
     nested: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in SECTIONS:
+            if value is None:  # a section whose keys are all commented out
+                value = {}
+            if not isinstance(value, dict):
+                raise UserError(
+                    f"config section '{key}' must be a mapping of keys, got {type(value).__name__} {value!r:.60}"
+                )
             nested.setdefault(key, {}).update(value)
             continue
         if key not in index:
@@ -424,19 +460,52 @@ def _nest(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return nested
 
 
+class SetValue(str):
+    """A `--set` value exactly as typed. A string field keeps it so (read as YAML, 0777123 would be
+    an octal number, `#` would start a comment, Yes would be True); any other field reads it as YAML."""
+
+
+NULLS = ("null", "Null", "NULL", "~")  # YAML's null: what `--set` gives an optional field to unset it
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """`--set a.b=value` strings -> {"a.b": parsed value}. Values are read as YAML scalars."""
+    """`--set a.b=value` strings -> {"a.b": SetValue(value)}; each field reads it as its type."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            parsed = value
-        out[key.strip()] = parsed
+        out[key.strip()] = SetValue(value)
     return out
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error: otherwise the
+    last one silently wins."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -444,9 +513,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a text file: a config is UTF-8 YAML") from None
+    except _DuplicateKey as e:
+        raise UserError(
+            f"{path} line {e.line}: '{e.key}' is given twice (the last would silently win); keep one"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ Row = dict[str, Any]
 
 def split_file(directory: Path, split: str) -> Path:
     """The one file holding `split` in a local data directory (train.csv, test.jsonl, ...)."""
-    found = [directory / f"{split}{ext}" for ext in FORMATS if (directory / f"{split}{ext}").is_file()]
+    found = [directory / f"{split}{ext}" for ext in FORMATS if os.path.lexists(directory / f"{split}{ext}")]
     if not found:
         have = sorted(p.name for p in directory.iterdir() if p.suffix in FORMATS)
         raise UserError(
@@ -32,6 +33,8 @@ def split_file(directory: Path, split: str) -> Path:
         )
     if len(found) > 1:
         raise UserError(f"split '{split}' is ambiguous in {directory}: {', '.join(p.name for p in found)}")
+    if not found[0].is_file():  # a folder, a broken link or a loop of links, a device
+        raise UserError(f"{found[0]} is not a regular file: the '{split}' split must be one file")
     return found[0]
 
 
@@ -119,7 +122,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         records = _json(path)
     missing = [c for c in REQUIRED_COLUMNS if records and all(c not in r for r in records)]
     if missing:
-        raise UserError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(records[0])})")
+        columns = ", ".join(str(c) for c in records[0] if c is not None)  # None: a CSV row's extra fields
+        raise UserError(f"{path} has no column {', '.join(missing)} (columns: {columns})")
     return records
 
 
@@ -130,6 +134,8 @@ def _json(path: Path) -> list[dict[str, Any]]:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {e.lineno} is not valid JSON: {e.msg}") from None
+    elif path.suffix == ".json" and not _json_lines(text):
+        raise UserError(f"{path} holds one JSON value, not rows: expected a JSON array of rows or JSON Lines")
     else:
         records = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -144,6 +150,16 @@ def _json(path: Path) -> list[dict[str, Any]]:
                 f"{path} record {number} is {type(record).__name__}, not an object with dialogue and summary"
             )
     return records
+
+
+def _json_lines(text: str) -> bool:
+    """Whether a .json file that is not an array reads as JSON Lines: not one object (or other value)
+    spread over several lines, and not one value that is no object, such as {"data": [...]}'s."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return True  # several values, one per line (or broken lines, named while reading them)
+    return isinstance(value, dict) and len(text.strip().splitlines()) == 1 and any(c in value for c in REQUIRED_COLUMNS)
 
 
 def _csv(path: Path) -> list[dict[str, Any]]:
@@ -166,10 +182,10 @@ def _parquet(path: Path) -> list[dict[str, Any]]:
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path} could not be read as parquet: {str(e).splitlines()[0]}") from None
     for column in REQUIRED_COLUMNS:
-        if column in table.column_names and not (
-            pa.types.is_string(table.schema.field(column).type)
-            or pa.types.is_large_string(table.schema.field(column).type)
-        ):
+        kind = table.schema.field(column).type if column in table.column_names else pa.string()
+        if pa.types.is_dictionary(kind):  # strings stored once each, then referred to by number
+            kind = kind.value_type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise UserError(f"{path}: column {column} holds {table.schema.field(column).type}, not text")
     return table.to_pylist()
 

@@ -33,6 +33,18 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+def check_can_create(path: Path) -> None:
+    """That `path` (a folder a command will write at the end) can be made, said before the work: the
+    nearest folder that exists above it must be one, and writable. Nothing is created."""
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"cannot create {path}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create {path}: {above} is not writable")
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -71,6 +83,28 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def read_whole_jsonl(path: Path) -> list[Any]:
+    """A finished JSON Lines file (predictions.jsonl), which must be whole: a line that is cut off or
+    not JSON is a UserError naming the file and the lines (`read_jsonl` would drop them unsaid)."""
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    out, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line and number == len(lines):
+            break  # after the last line's newline
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad.append(number)
+    if bad:
+        cut = " (cut off)" if bad == [len(lines)] else ""
+        where = f"line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:10]))}"
+        raise UserError(f"{path} is damaged at {where}: not whole JSON{cut}; rerun its eval with --overwrite")
+    return out
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -97,6 +131,9 @@ def staged_dir(final: Path) -> Iterator[Path]:
     staging.mkdir(parents=True)
     try:
         yield staging
+        for path in staging.rglob("*"):  # safetensors writes 0600; results are for people to open
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o666 & ~_UMASK)
         publish_dir(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -105,31 +142,40 @@ def staged_dir(final: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def hold(lock: Path, command: str) -> Iterator[None]:
     """This process's exclusive claim, through the file `lock`, on the folder it names (a run or
-    eval folder's `.lock`): a second run into it refuses, naming this one's pid.
+    eval folder's `.lock`, a merge's beside its --out): a second run into it refuses, naming this
+    one's pid.
 
     The kernel drops the claim when the process ends, however it ends, so a killed run never
-    leaves a stale one. Where the filesystem has no locks (some network mounts), runs are not
-    kept apart, and that is said."""
+    leaves a stale one; a run that ends removes the file too (still holding it: a process that
+    opened the file meanwhile finds it gone once it gets the claim, and tries again). Where the
+    filesystem has no locks (some network mounts), runs are not kept apart, and that is said."""
     import fcntl
 
     ensure_writable_dir(lock.parent)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise UserError(
-            f"{lock.parent} is in use by another samsum-qlora {command} (pid {holder}); "
-            "wait for it to finish or choose another folder"
-        ) from None
-    except OSError:
-        print(f"note: {lock.parent} cannot be locked here; make sure no other run writes into it")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"{lock.parent} is in use by another samsum-qlora {command} (pid {holder}); "
+                "wait for it to finish or choose another folder"
+            ) from None
+        except OSError:
+            print(f"note: {lock.parent} cannot be locked here; make sure no other run writes into it")
+        with contextlib.suppress(OSError):
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break  # the claim is on the file that is there
+        os.close(fd)  # the holder removed it on its way out: claim the new one
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
         os.close(fd)
 
 

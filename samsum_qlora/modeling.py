@@ -361,7 +361,32 @@ def attach_saved_adapters(model, adapters: Path, base_name: str, merge: bool = F
         raise UserError(
             f"adapters in {adapters} do not fit base model {base_name}: {str(e).splitlines()[0][:200]}"
         ) from None
+    check_every_weight_loaded(model, adapters)
     return model.merge_and_unload() if merge else model
+
+
+def check_every_weight_loaded(model, adapters: Path) -> None:
+    """Every weight of the adapters file went into the model, and every adapted module got its own.
+    peft only warns when they differ (an edited target_modules), and the model would be scored as
+    the adapters with some of them dropped, or left at their initial values."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights = adapters / layout.ADAPTER_WEIGHTS
+    if not weights.is_file():  # an older peft's adapter_model.bin: peft's own loading is all there is
+        return
+    with safe_open(weights, "pt") as f:
+        saved = set(f.keys())
+    wanted = set(get_peft_model_state_dict(model))
+    unused, missing = sorted(saved - wanted), sorted(wanted - saved)
+    if unused or missing:
+        first = f"{len(unused)} weights of the file have no module to go to (e.g. {unused[0]})" if unused else ""
+        second = f"{len(missing)} adapted weights are not in the file (e.g. {missing[0]})" if missing else ""
+        raise UserError(
+            f"adapters in {adapters} do not match their {layout.ADAPTER_CONFIG}: "
+            + "; ".join(p for p in (first, second) if p)
+            + " (was target_modules edited?)"
+        )
 
 
 def load_generation_model(m: ModelArgs, q: QuantArgs, adapters: Path | None, *, merge: bool):

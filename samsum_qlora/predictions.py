@@ -3,8 +3,10 @@
 Predictions are keyed by their row's position in the split (ids may repeat or be missing) and
 appended batch by batch to a partial file, so an interrupted evaluation resumes where it stopped.
 The folder's identity (`eval_identity.json`) records everything that decides the predictions: the
-adapters' bytes, the base model, the rows, the prompt and the decoding. A folder scored with other
-inputs is never resumed into or reported as done: it is refused, or cleared with --overwrite.
+adapters' bytes, the base model's files, the chat template's text, the rows, and every config key
+but the few listed in FREE_KEYS, which cannot change a prediction (a key added later counts). A
+folder scored with other inputs is never resumed into or reported as done: it is refused, or
+cleared with --overwrite.
 """
 
 from __future__ import annotations
@@ -51,63 +53,104 @@ class EvalPlan:
     api_base: str | None = None  # for an API model: `model` is then the API's model name
 
 
+# What an eval folder's identity leaves out: settings that cannot change its predictions. Every other
+# config key counts, including any key added later (default-deny). Names end at a dot for a whole section.
+FREE_KEYS = {
+    # how the adapters were trained: their bytes are in the identity, and a base or API model trains nothing
+    "train.",
+    "lora.",
+    "data.train_split",
+    "data.max_train_samples",
+    "model.liger_kernels",  # training kernels only
+    # which rows, and where they go: the plan's split and limit and the rows' own text are in the identity
+    "eval.split",
+    "eval.limit",
+    "eval.output_dir",
+    # how an API is asked, not what: its normalised base is in the identity of an API evaluation
+    "api.",
+}
+# An API model sees the prompt alone: our own model's loading, arithmetic and batching play no part.
+FREE_FOR_API = {
+    "model.",
+    "quantization.",
+    "eval.batch_size",
+    "eval.max_tokens_per_batch",
+    "eval.merge_adapters",
+    "eval.cuda_graphs",
+}
+MAX_HASHED_BYTES = 64 * 1024**2  # model files up to this size are identified by content, larger ones by size and time
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _files_stamp(folder: Path) -> dict:
-    """Size and modification time of a local model's files: a rewritten model is another model."""
-    return {
-        p.name: [p.stat().st_size, p.stat().st_mtime_ns]
-        for p in sorted(folder.iterdir())
-        if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()
-    }
+    """Every file of a local model folder: the content of the small ones (config, tokenizer, chat
+    template), the size and modification time of the weights. A rewritten model is another model."""
+    stamp = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            size = p.stat().st_size
+            stamp[p.name] = _file_sha256(p) if size <= MAX_HASHED_BYTES else [size, p.stat().st_mtime_ns]
+    return stamp
+
+
+def counted_settings(cfg: Config, *, api: bool) -> dict:
+    """The config's keys that decide an evaluation's predictions, flat ("eval.max_new_tokens": 128)."""
+    free = tuple(FREE_KEYS | (FREE_FOR_API if api else set()))
+    flat = {f"{section}.{k}": v for section, values in cfg.to_dict().items() for k, v in values.items()}
+    return {k: v for k, v in flat.items() if not k.startswith(free)}
 
 
 def identity(cfg: Config, plan: EvalPlan, rows: list[dict]) -> dict:
     """Everything that decides the predictions. Equal identities, equal predictions."""
+    from samsum_qlora.modeling import read_template
+
     ident = {
         "model": plan.model,
         "type": plan.kind,
         "split": plan.split,
         "limit": plan.limit,
-        "data": [cfg.data.source, cfg.data.revision],
         "rows_sha256": _sha256(json.dumps([[r["index"], r["id"], r["dialogue"], r["summary"]] for r in rows]).encode()),
-        "prompt": [cfg.data.task_instruction, cfg.data.max_length, cfg.data.date_string],
-        "max_new_tokens": cfg.eval.max_new_tokens,
+        **counted_settings(cfg, api=plan.api_base is not None),
     }
     if plan.api_base is not None:
-        return ident | {"api_base": plan.api_base}
-    local = Path(cfg.model.name).expanduser()
-    adapters = None
-    if plan.adapters is not None:
-        adapters = {
-            name: _sha256((plan.adapters / name).read_bytes())
-            for name in (layout.ADAPTER_CONFIG, layout.ADAPTER_WEIGHTS)
-            if (plan.adapters / name).is_file()
+        ident["api_base"] = plan.api_base
+    else:
+        local = Path(cfg.model.name).expanduser()
+        template = cfg.model.chat_template
+        ident |= {
+            "model_files": _files_stamp(local) if local.is_dir() else None,
+            # the template named by a path is identified by what the file holds now
+            "chat_template_sha256": None if template is None else _sha256(read_template(template).encode()),
+            "adapters": None
+            if plan.adapters is None
+            else {
+                name: _file_sha256(plan.adapters / name)
+                for name in (layout.ADAPTER_CONFIG, layout.ADAPTER_WEIGHTS)
+                if (plan.adapters / name).is_file()
+            },
         }
-    q, e = cfg.quantization, cfg.eval
-    return ident | {
-        "model_revision": cfg.model.revision,
-        "model_files": _files_stamp(local) if local.is_dir() else None,
-        "chat_template": cfg.model.chat_template,
-        "adapters": adapters,
-        "arithmetic": [
-            q.load_in_4bit,
-            q.bnb_4bit_quant_type,
-            q.bnb_4bit_use_double_quant,
-            q.bnb_4bit_compute_dtype,
-            q.dequantize_once,
-            e.merge_adapters,
-            e.cuda_graphs,
-        ],
-    }
+    return json.loads(json.dumps(ident))  # as it reads back from eval_identity.json
 
 
 def _changed(saved: dict, current: dict) -> str:
-    names = {"adapters": "the adapters", "model_files": "the model's files", "rows_sha256": "the rows"}
-    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    return ", ".join(names.get(k, k) for k in keys)
+    names = {"adapters": "the adapters", "rows_sha256": "the rows", "chat_template_sha256": "the chat template"}
+    keys = [names.get(k, k) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if "model_files" in keys:
+        before, now = saved.get("model_files") or {}, current.get("model_files") or {}
+        changed = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
+        keys[keys.index("model_files")] = f"the model's {', '.join(changed[:3]) or 'files'}"
+    return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
 def resume(folder: EvalDir, ident: dict, *, overwrite: bool, say=print) -> dict[int, dict]:
@@ -116,13 +159,14 @@ def resume(folder: EvalDir, ident: dict, *, overwrite: bool, say=print) -> dict[
     `overwrite` cleared, so predictions of two evaluations never mix."""
     saved = files.read_json(folder.identity) if folder.identity.is_file() else None
     leftovers = [p for p in (folder.metrics, folder.predictions, *folder.partials()) if p.is_file()]
-    if (saved is not None and saved != ident) or (saved is None and leftovers):
+    if saved != ident and any(p.stat().st_size for p in leftovers):
         what = f"{_changed(saved, ident)} changed" if saved is not None else "no record of what it scored"
         if not overwrite:
             raise UserError(
                 f"{folder.root} holds another evaluation ({what}); pass --overwrite to replace it, "
                 "or --output-dir for a new folder"
             )
+    if saved != ident:  # another evaluation's results, or empty files of one that failed before any
         for stale in leftovers:
             stale.unlink()
     files.write_json(folder.identity, ident)
@@ -133,6 +177,16 @@ def resume(folder: EvalDir, ident: dict, *, overwrite: bool, say=print) -> dict[
     if done:
         say(f"resuming: {len(done)} predictions already in {folder.root}")
     return done
+
+
+def forget_unscored(folder: EvalDir) -> None:
+    """After a failure before any prediction was saved: the identity and empty partial files go, so
+    the folder holds nothing an evaluation wrote."""
+    partials = [p for p in folder.partials() if p.is_file()]
+    if folder.metrics.is_file() or folder.predictions.is_file() or any(p.stat().st_size for p in partials):
+        return
+    for path in (folder.identity, *partials):
+        path.unlink(missing_ok=True)
 
 
 def saver(sink, todo: list[dict], into: dict[int, dict]) -> Save:

@@ -110,6 +110,34 @@ def peak_memory() -> int | None:
     return torch.cuda.max_memory_allocated() if has_cuda() else None
 
 
+# --- signals -------------------------------------------------------------------------------------
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so both stop a command the same way."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """For the block, SIGTERM raises `Terminated` in the main thread, as Ctrl-C raises KeyboardInterrupt:
+    cleanups run and what was saved stays saved, where by default the process would die on the spot."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # --- the processes ---------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from samsum_qlora import batching, generation, modeling
 from samsum_qlora.config import Config
+from samsum_qlora.errors import UserError
 from samsum_qlora.predictions import Predict, Prediction, Save
 
 
@@ -62,6 +63,20 @@ class Summarizer:
 
     def text(self, decoded: generation.Decoded) -> Prediction:
         return Prediction(self.fmt.decode(decoded.ids), decoded.ended)
+
+
+def check_context(cfg: Config) -> None:
+    """A prompt (up to data.max_length tokens) and eval.max_new_tokens must fit the model's positions:
+    past them a model writes nonsense, or the cache for billions of tokens takes all memory."""
+    positions = getattr(modeling.read_config(cfg.model), "max_position_embeddings", None)
+    d, e = cfg.data, cfg.eval
+    if positions and d.max_length + e.max_new_tokens > positions:
+        room = f"at most {positions - d.max_length}" if positions > d.max_length else "none"
+        raise UserError(
+            f"eval.max_new_tokens={e.max_new_tokens} does not fit {cfg.model.name}: it has {positions:,} "
+            f"positions and a prompt may take data.max_length={d.max_length} of them, leaving {room} for the "
+            "summary; lower eval.max_new_tokens (or data.max_length)"
+        )
 
 
 def local_predictor(cfg: Config, adapters: Path | None, *, rank: int = 0, processes: int = 1) -> Predict:

@@ -323,16 +323,34 @@ class SettleBeforeWriting(TrainerCallback):
 
 
 class ManifestCallback(TrainerCallback):
-    """Marks each checkpoint complete once the Trainer has written all of it."""
+    """Marks each checkpoint complete once the Trainer has written all of it, and has the loss logged
+    at each step that saves one, so the log history a checkpoint keeps covers every step before it
+    (a resumed run's loss is then the whole run's: `run_loss`). Listed after every callback that may
+    ask for a save."""
 
     def __init__(self, config_tree: dict):
         self.config_tree = config_tree
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
 
     def on_save(self, args, state, control, **kwargs):
         runtime.barrier()  # under torchrun every process writes its RNG state into the checkpoint
         ckpt = layout.checkpoint_dir(Path(args.output_dir), state.global_step)
         if args.should_save and ckpt.is_dir():
             checkpoints.write_manifest(ckpt, self.config_tree)
+
+
+def run_loss(log_history: list[dict]) -> float | None:
+    """The mean loss over every step of the run, resumed or not: each logged loss is the mean over
+    the steps since the previous one. None before any step was logged."""
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total / last if last else None
 
 
 class StopOnSignal(TrainerCallback):

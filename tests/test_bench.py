@@ -157,3 +157,11 @@ def test_the_first_epoch_counts_the_warm_up_as_it_ran():
     """A run's epoch = its first steps as they really went (compilation, new shapes) + the rest at pace."""
     f = bench.first_epoch(bench.Timed(real_tokens=6_000, padded_tokens=0, seconds=30.0), 1_000.0, 66_000)
     assert f == {"warmup_seconds": 30.0, "warmup_tokens": 6_000, "epoch_minutes_all": 1.5}  # (30 + 60) / 60
+
+
+@pytest.mark.parametrize("tokens", ["0", "-5"])
+def test_an_epoch_of_no_tokens_is_refused_before_timing(tmp_path, tokens):
+    from test_cli import one_line_error, run_cli
+
+    result = run_cli(["bench", *set_args(smoke_overrides(tmp_path)), "--epoch-tokens", tokens])
+    one_line_error(result, f"--epoch-tokens must be at least 1 (the tokens in one epoch), got {tokens}")

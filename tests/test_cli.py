@@ -100,3 +100,12 @@ def test_train_then_eval_through_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| Model | Type | ROUGE-1 | ROUGE-2 | ROUGE-L |" in result.output
     assert (tmp_path / "run" / "eval" / "metrics.json").is_file()
+
+
+def test_preprocess_checks_out_before_tokenising(tmp_path, monkeypatch):
+    from samsum_qlora import modeling
+
+    (tmp_path / "blocker").write_text("")
+    monkeypatch.setattr(modeling, "chat_format", lambda cfg: pytest.fail("tokenised before checking --out"))
+    result = run_cli(["preprocess", *set_args(smoke_overrides(tmp_path)), "--out", str(tmp_path / "blocker" / "tok")])
+    one_line_error(result, "cannot create " + str(tmp_path / "blocker" / "tok") + ": " + str(tmp_path / "blocker"))

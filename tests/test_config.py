@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,79 @@ def test_required_dotted_keys_exist():
     for dotted in ("model.name", "data.source", "data.max_length", "train.output_dir", "train.max_steps"):
         section, name = dotted.split(".")
         assert name in {f.name for f in dataclasses.fields(getattr(cfg, section))}
+
+
+@pytest.mark.parametrize(
+    "override, key, literal",
+    [
+        ("data.revision=0777123", "data", "0777123"),  # YAML: the octal number 261715
+        ("train.run_name=0x10", "train", "0x10"),  # YAML: 16
+        (
+            "data.task_instruction=Summarize in 1-2 sentences #no bullets",
+            "data",
+            "Summarize in 1-2 sentences #no bullets",
+        ),
+        ("train.run_name=Yes", "train", "Yes"),  # YAML: True
+        ("train.output_dir=out/a\nb", "train", "out/a\nb"),  # YAML folds the newline into a space
+        ("data.task_instruction=Summary: one sentence", "data", "Summary: one sentence"),  # YAML: a mapping
+        ("data.revision=1.10", "data", "1.10"),  # YAML: the number 1.1
+    ],
+)
+def test_set_gives_a_string_key_the_text_as_typed(override, key, literal):
+    name = override.partition("=")[0].split(".")[1]
+    assert getattr(getattr(load_config(None, parse_overrides([override])), key), name) == literal
+
+
+def test_set_still_reads_other_types_as_yaml_and_null_unsets():
+    cfg = load_config(
+        None,
+        parse_overrides(
+            ["lora.target_modules=[q_proj, v_proj]", "train.max_tokens_per_batch=null", "data.revision=null"]
+            + ["train.learning_rate=1e-4", "train.bf16=Yes", "eval.limit=~"]
+        ),
+    )
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.train.max_tokens_per_batch is None
+    assert cfg.data.revision is None and cfg.eval.limit is None
+    assert cfg.train.learning_rate == 1e-4 and cfg.train.bf16 is True
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("eval:\n  # batch_size: 8\nlora:\n  lora_r: 4\n", None),  # every key commented out: the defaults
+        ("eval: [batch_size, 8]\n", "config section 'eval' must be a mapping of keys, got list"),
+        ("train:\n  seed: 1\n  learning_rate: 0.1\n  seed: 2\n", "line 4: 'seed' is given twice"),
+        ("train:\n  seed: 1\nlora: {}\ntrain:\n  seed: 2\n", "line 4: 'train' is given twice"),
+    ],
+)
+def test_sections_empty_listed_or_repeated(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    if expected is None:
+        cfg = load_config(path)
+        assert cfg.eval == Config().eval and cfg.lora.lora_r == 4
+    else:
+        with pytest.raises(UserError, match=re.escape(expected)):
+            load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.num_train_epochs=0", "train.num_train_epochs must be more than 0, got 0.0"),  # smoke's max_steps=40
+        ("train.max_steps=0", "train.max_steps=0 trains nothing"),
+        ("train.seed=-5", "train.seed must be in 0 .. 4294967295"),
+        ("train.seed=99999999999", "train.seed must be in 0 .. 4294967295"),
+        ("train.dataloader_num_workers=-1", "train.dataloader_num_workers must be >= 0"),
+        ("model.name=" + "a" * 300, "model.name has a part of 300 bytes: too long"),
+        ("data.source=/tmp/" + "d" * 256, "data.source has a part of 256 bytes: too long"),
+        ("model.attn_implementation=foo/bar", "'foo/bar' is a Hub kernel, which needs the kernels package"),
+    ],
+)
+def test_values_that_trained_nothing_or_failed_late_are_refused(override, message, monkeypatch):
+    from conftest import SMOKE_CONFIG
+    from transformers.utils import import_utils
+
+    monkeypatch.setattr(import_utils, "is_kernels_available", lambda: False)  # as on this machine
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(SMOKE_CONFIG, parse_overrides([override]))

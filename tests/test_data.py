@@ -111,3 +111,71 @@ def test_csv_with_only_a_header(tmp_path):
     (tmp_path / "train.csv").write_text("id,dialogue,summary\n")
     with pytest.raises(UserError, match=r"train.csv has a header \(id, dialogue, summary\) but no rows"):
         data.load_rows(str(tmp_path), "train")
+
+
+def test_csv_without_a_dialogue_column_and_a_row_with_an_extra_field(tmp_path):
+    (tmp_path / "train.csv").write_text("id,text,summary\n1,A: hi,A greets.,extra\n")
+    with pytest.raises(UserError, match=r"train.csv has no column dialogue \(columns: id, text, summary\)$"):
+        data.load_rows(str(tmp_path), "train")
+
+
+@pytest.mark.parametrize("kind", ["folder", "loop", "broken-link"])
+def test_a_split_that_is_not_a_regular_file(tmp_path, kind):
+    split = tmp_path / "test.jsonl"
+    if kind == "folder":
+        split.mkdir()
+    elif kind == "loop":
+        split.symlink_to(tmp_path / "test.jsonl")
+    else:
+        split.symlink_to(tmp_path / "gone.jsonl")
+    with pytest.raises(UserError, match=r"test.jsonl is not a regular file: the 'test' split must be one file"):
+        data.load_rows(str(tmp_path), "test")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        json.dumps({"data": [{"dialogue": "A: hi", "summary": "A greets."}]}),  # one object holding the rows
+        json.dumps({"dialogue": "A: hi", "summary": "A greets."}, indent=2),  # one row over several lines
+    ],
+)
+def test_json_holding_one_top_level_value(tmp_path, text):
+    (tmp_path / "test.json").write_text(text)
+    with pytest.raises(UserError, match=r"test.json holds one JSON value, not rows: expected a JSON array of rows"):
+        data.load_rows(str(tmp_path), "test")
+
+
+def test_json_lines_in_a_json_file_still_load(tmp_path):
+    row = {"dialogue": "A: hi", "summary": "A greets."}
+    (tmp_path / "test.json").write_text(json.dumps(row) + "\n")
+    assert data.load_rows(str(tmp_path), "test")[0]["summary"] == "A greets."
+    (tmp_path / "test.json").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    assert len(data.load_rows(str(tmp_path), "test")) == 2
+
+
+def test_dictionary_encoded_parquet_strings_are_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"dialogue": ["A: hi", "B: yo", "A: hi"], "summary": ["A greets.", "B greets.", "A greets."]})
+    pq.write_table(table.cast(pa.schema([(c, pa.dictionary(pa.int32(), pa.string())) for c in table.column_names])),
+                   tmp_path / "test.parquet")  # fmt: skip
+    assert pq.read_table(tmp_path / "test.parquet").schema.field("dialogue").type == pa.dictionary(
+        pa.int32(), pa.string()
+    )
+    rows = data.load_rows(str(tmp_path), "test")
+    assert [r["dialogue"] for r in rows] == ["A: hi", "B: yo", "A: hi"] and rows[2]["summary"] == "A greets."
+
+
+def test_scorable_skips_and_counts_empty_rows_and_keeps_their_positions():
+    rows = [
+        {"index": i, "id": str(i), "dialogue": d, "summary": s}
+        for i, (d, s) in enumerate([("A: hi", "a"), (" \n", "b"), ("C: yo", "  "), ("D: hey", "d"), ("E: ho", "e")])
+    ]
+    chosen = data.scorable(rows)
+    assert [r["index"] for r in chosen.rows] == [0, 3, 4]  # positions in the split, not after filtering
+    assert (chosen.empty_dialogue, chosen.empty_reference) == (1, 1)
+    assert chosen.describe() == "skipped 1 with an empty dialogue and 1 with an empty reference summary"
+    first_four = data.scorable(rows, limit=4)  # --limit N: the split's first N rows, then the skips
+    assert [r["index"] for r in first_four.rows] == [0, 3]
+    assert [r["index"] for r in data.scorable(rows, references=False).rows] == [0, 2, 3, 4]

@@ -1,7 +1,9 @@
 import json
+import os
+import shutil
 
 import pytest
-from conftest import SMOKE_CONFIG, smoke_overrides
+from conftest import SAMPLE_DATA, SMOKE_CONFIG, TINY_MODEL, smoke_overrides
 
 from samsum_qlora.commands import evaluate, train
 from samsum_qlora.config import load_config
@@ -93,7 +95,6 @@ def test_missing_adapters(tmp_path):
 
 def test_adapters_for_another_base_are_refused(run_dir, tmp_path):
     # Same tokenizer, different size: the adapters' shapes cannot fit.
-    from conftest import TINY_MODEL
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from samsum_qlora.assets.build_tiny_llama import build_model
@@ -110,3 +111,197 @@ def test_adapters_for_another_base_are_refused(run_dir, tmp_path):
         UserError, match=r"trained on .*tiny-llama.*hidden_size': 64.*not on .*bigger.*hidden_size': 128"
     ):
         evaluate.evaluate_model(cfg, p)
+
+
+# --- what an eval folder's identity holds -------------------------------------------------------------
+
+
+def changed(cfg, key):
+    """`cfg` with `key` set to a value no config holds (unchecked: only the identity reads it)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    section, name = key.split(".")
+    setattr(getattr(out, section), name, "{changed}")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["local", "api"])
+def test_identity_counts_every_config_key_but_a_short_list(smoke_cfg, kind):
+    """Default-deny: a key counts unless listed as unable to change a prediction, so a key added
+    later counts without anyone remembering to add it."""
+    from samsum_qlora.config import all_keys
+    from samsum_qlora.predictions import identity
+
+    plan = evaluate.plan_eval(smoke_cfg, base_only=True) if kind == "local" else evaluate.plan_eval(
+        smoke_cfg, api_model="m"
+    )  # fmt: skip
+    rows = evaluate.eval_rows(smoke_cfg, plan).rows[:3]
+    before = identity(smoke_cfg, plan, rows)
+    free = {k for k in all_keys() if k.startswith(("train.", "lora.", "api."))}
+    free |= {"data.train_split", "data.max_train_samples", "model.liger_kernels"}
+    free |= {"eval.split", "eval.limit", "eval.output_dir"}
+    if kind == "api":  # an API model sees the prompt alone
+        free |= {k for k in all_keys() if k.startswith(("model.", "quantization."))}
+        free |= {"eval.batch_size", "eval.max_tokens_per_batch", "eval.merge_adapters", "eval.cuda_graphs"}
+    counted = {k for k in all_keys() if identity(changed(smoke_cfg, k), plan, rows) != before}
+    assert counted == set(all_keys()) - free
+    assert "model.attn_implementation" in counted or kind == "api"  # the old list forgot it
+
+
+def test_a_changed_chat_template_is_another_evaluation(tmp_path):
+    """The template's text counts, whether the model folder holds it or model.chat_template names it."""
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY_MODEL, model)
+    template = tmp_path / "mine.jinja"
+    template.write_text((TINY_MODEL / "chat_template.jinja").read_text())
+    for edited, extra in ((model / "chat_template.jinja", {}), (template, {"model.chat_template": str(template)})):
+        cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"model.name": str(model), **extra}))
+        plan = evaluate.plan_eval(cfg, base_only=True, limit=2, output_dir=str(tmp_path / edited.stem))
+        evaluate.evaluate_model(cfg, plan, predict=lambda rows, save: save([0, 1], answers("a", "b")))
+        stat = edited.stat()
+        edited.write_text(edited.read_text().replace("\n", "\n\n", 1))  # one more newline: another prompt
+        with pytest.raises(
+            UserError, match=r"holds another evaluation \(the (model's chat_template.jinja|chat template)"
+        ):
+            evaluate.evaluate_model(cfg, plan, predict=lambda *a: pytest.fail("reported or resumed the old one"))
+        os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old time stamp
+        with pytest.raises(UserError, match="holds another evaluation"):
+            evaluate.evaluate_model(cfg, plan, predict=lambda *a: pytest.fail("reported or resumed the old one"))
+
+
+def test_skipped_rows_are_counted_said_and_keep_their_positions(tmp_path, capsys):
+    """An empty reference is skipped, not scored 0; an empty dialogue is skipped without shifting the
+    other rows' index; --limit N takes the split's first N rows."""
+    source = tmp_path / "data"
+    source.mkdir()
+    rows = [json.loads(line) for line in (SAMPLE_DATA / "test.jsonl").read_text().splitlines()]
+    rows[1]["dialogue"], rows[3]["summary"] = " ", "\n"
+    (source / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"data.source": str(source)}))
+    plan = evaluate.plan_eval(cfg, base_only=True, limit=6)
+
+    def echo_reference(todo, save):  # a perfect model: any row with reference scored 0 would show
+        save(list(range(len(todo))), answers(*[r["summary"] for r in todo]))
+
+    metrics = evaluate.evaluate_model(cfg, plan, predict=echo_reference)
+    assert "test: skipped 1 with an empty dialogue and 1 with an empty reference summary; they are not scored" in (
+        capsys.readouterr().out
+    )
+    preds = [json.loads(line) for line in (plan.output_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [p["index"] for p in preds] == [0, 2, 4, 5] and [p["id"] for p in preds][1] == rows[2]["id"]
+    assert metrics["n_examples"] == 4 and metrics["rouge1"] == pytest.approx(1.0)
+    assert (metrics["skipped_empty_dialogue"], metrics["skipped_empty_reference"]) == (1, 1)
+    assert json.loads((plan.output_dir / "metrics.json").read_text())["skipped_empty_reference"] == 1
+
+
+# --- failures before any prediction leave nothing, and block nothing --------------------------------
+
+
+def test_a_split_of_empty_dialogues_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from samsum_qlora import runtime
+
+    source = tmp_path / "data"
+    source.mkdir()
+    (source / "test.jsonl").write_text('{"dialogue": "", "summary": "s"}\n{"dialogue": " ", "summary": "t"}\n')
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"data.source": str(source)}))
+    for world in (1, 2):  # alone and as rank 0 of torchrun's two processes
+        monkeypatch.setattr(runtime, "current", lambda w=world: runtime.Runtime(world_size=w))
+        with pytest.raises(UserError, match=r"no row of .* \(test\) has both a dialogue and a reference summary"):
+            evaluate.evaluate_model(cfg, evaluate.plan_eval(cfg, base_only=True))
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_failure_before_any_prediction_leaves_no_folder_and_blocks_no_rerun(tmp_path):
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    out = tmp_path / "e"
+
+    def fails(rows, save):
+        raise UserError("the model could not be loaded")
+
+    with pytest.raises(UserError, match="could not be loaded"):
+        evaluate.evaluate_model(
+            cfg, evaluate.plan_eval(cfg, base_only=True, limit=2, output_dir=str(out)), predict=fails
+        )
+    assert not out.exists()
+    # a folder that such a failure left behind (an identity, an empty partial file) is reused
+    other = evaluate.plan_eval(cfg, base_only=True, limit=3, output_dir=str(out))
+    out.mkdir()
+    files_of_failed = EvalDir(out)
+    files_of_failed.identity.write_text(json.dumps({"model": "another", "type": "base"}))
+    files_of_failed.partial().write_text("")
+    metrics = evaluate.evaluate_model(cfg, other, predict=lambda rows, save: save([0, 1, 2], answers("a", "b", "c")))
+    assert metrics["n_examples"] == 3 and sorted(p.name for p in out.iterdir()) == [
+        "eval_identity.json",
+        "metrics.json",
+        "predictions.jsonl",
+    ]
+
+
+@pytest.mark.parametrize("new_tokens, room", [(1537, "at most 1536"), (3_000_000_000, "at most 1536")])
+def test_new_tokens_past_the_models_positions_are_refused(tmp_path, new_tokens, room):
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"eval.max_new_tokens": new_tokens}))
+    with pytest.raises(UserError, match=rf"it has 2,048 positions and a prompt may take data.max_length=512 .*{room}"):
+        evaluate.evaluate_model(cfg, evaluate.plan_eval(cfg, base_only=True), predict=lambda *a: pytest.fail("ran"))
+    assert not (tmp_path / "run").exists()
+    fits = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"eval.max_new_tokens": 1536}))
+    evaluate.evaluate_model(
+        fits, evaluate.plan_eval(fits, base_only=True, limit=1), predict=lambda r, s: s([0], answers("a"))
+    )
+
+
+def test_eval_of_edited_adapters_is_one_line_and_leaves_no_folder(tmp_path):
+    from conftest import set_args
+    from test_cli import run_cli
+    from test_modeling import with_adapters
+    from test_reliability import last_line_error
+
+    from samsum_qlora.config import load_config as load
+
+    cfg = load(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    adapters = tmp_path / "adapters"
+    with_adapters(cfg).save_pretrained(adapters)
+    meta = json.loads((adapters / "adapter_config.json").read_text())
+    (adapters / "adapter_config.json").write_text(json.dumps({**meta, "target_modules": ["q_proj"]}))
+    out = tmp_path / "e"
+    result = run_cli(
+        ["eval", *set_args(smoke_overrides(tmp_path)), "--adapters", str(adapters), "--output-dir", str(out)]
+    )
+    last_line_error(result, "do not match their adapter_config.json: 12 weights of the file have no module to go to")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_and_sigterm_stop_eval_with_one_line_and_keep_what_was_saved(tmp_path, monkeypatch, sig, code):
+    """As train does: one line and 128 + the signal (click alone said "Aborted!" and exited 1 on
+    Ctrl-C; SIGTERM killed the process unsaid). The next run resumes."""
+    import signal
+
+    from conftest import set_args
+    from test_cli import run_cli
+
+    asked = []
+
+    def interrupted_predictor(cfg, adapters, **kwargs):
+        def predict(rows, save):
+            asked.append(len(rows))
+            save([0, 1], answers("first", "second"))
+            os.kill(os.getpid(), getattr(signal, sig))
+            save([2], answers("never saved"))  # the signal lands before this line runs
+
+        return predict
+
+    monkeypatch.setattr(evaluate, "local_predictor", interrupted_predictor)
+    args = ["eval", *set_args(smoke_overrides(tmp_path)), "--base-only", "--limit", "4"]
+    result = run_cli(args)
+    assert result.exit_code == code and "Aborted" not in result.output + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"stopped: stopped by {sig}; the predictions saved so far are kept: rerun the same command to resume"
+    )
+    partial = EvalDir(tmp_path / "run" / "eval-base").partial()
+    assert [json.loads(line)["prediction"] for line in partial.read_text().splitlines()] == ["first", "second"]
+    monkeypatch.setattr(evaluate, "local_predictor", lambda *a, **k: lambda rows, save: save([0, 1], answers("c", "d")))
+    assert run_cli(args).exit_code == 0 and asked == [4]
+    preds = (tmp_path / "run" / "eval-base" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["prediction"] for line in preds] == ["first", "second", "c", "d"]

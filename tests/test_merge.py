@@ -53,7 +53,10 @@ def test_merged_model_computes_base_plus_adapters(adapters, tmp_path):
     assert keys and not [k for k in keys if "lora_" in k]
     assert {"config.json", "tokenizer.json", "tokenizer_config.json", "merge.json"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "merge.json").read_text())["adapters"] == str(adapters)
-    assert not list(tmp_path.glob(".*"))  # no staging folder left behind
+    assert not list(tmp_path.glob(".*"))  # no staging folder or lock left behind
+    # safetensors writes its files 0600; the merged model and the adapters are for people, like every result
+    for weights in (out / "model.safetensors", adapters / "adapter_model.safetensors"):
+        assert weights.stat().st_mode & 0o777 == 0o666 & ~files_umask()
 
 
 def test_cli_with_config_states_diff_and_tolerance(adapters, tmp_path):
@@ -113,3 +116,63 @@ def test_stored_dtype_defaults_to_the_checkpoints_own():
     assert merge.stored_dtype(SimpleNamespace(dtype=torch.float16), None) == "float16"
     assert merge.stored_dtype(SimpleNamespace(dtype=None), None) == "bfloat16"  # none recorded
     assert merge.stored_dtype(SimpleNamespace(), "float32") == "float32"
+
+
+def files_umask() -> int:
+    from samsum_qlora import files
+
+    return files._UMASK
+
+
+def must_not_load(*args, **kwargs):
+    raise AssertionError("loaded a model before refusing")
+
+
+def test_a_second_merge_into_the_same_out_is_refused_with_the_holders_pid(adapters, tmp_path, monkeypatch):
+    import os
+
+    from samsum_qlora import files, layout, modeling
+
+    out = tmp_path / "merged"
+    monkeypatch.setattr(modeling, "load_model", must_not_load)
+    with files.hold(layout.merge_lock(out), "merge"):  # as a merge in another process holds it
+        with pytest.raises(UserError, match=rf"in use by another samsum-qlora merge \(pid {os.getpid()}\)"):
+            merge.merge_adapters(adapters, out)
+    assert list(tmp_path.iterdir()) == []  # neither --out, nor a staging folder, nor the lock
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("file", "is a file, not a folder; choose a new folder"),
+        ("under-a-file", "/blocker is a file, not a folder"),
+    ],
+)
+def test_an_out_that_cannot_be_written_is_refused_before_loading(adapters, tmp_path, monkeypatch, case, needle):
+    from samsum_qlora import modeling
+
+    (tmp_path / "blocker").write_text("")
+    out = tmp_path / "blocker" if case == "file" else tmp_path / "blocker" / "merged"
+    monkeypatch.setattr(modeling, "load_model", must_not_load)
+    one_line_error(run_cli(["merge", "--adapters", str(adapters), "--out", str(out)]), needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+def test_a_base_with_a_smaller_vocabulary_is_refused_before_its_logits(tmp_path):
+    """The check eval makes: the tokenizer's ids must fit the model's embedding (an IndexError before)."""
+    import shutil
+
+    from test_modeling import with_adapters
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = tmp_path / "small"
+    shutil.copytree(TINY_MODEL, small)
+    config = AutoConfig.from_pretrained(small)
+    config.vocab_size = 300
+    AutoModelForCausalLM.from_config(config).save_pretrained(small)
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"model.name": str(small)}))
+    adapters = tmp_path / "adapters"  # no run.json beside them: nothing says which base they were made on
+    with_adapters(cfg).save_pretrained(adapters)
+    with pytest.raises(UserError, match="the tokenizer has 1,0.. tokens but the model embeds only 300"):
+        merge.merge_adapters(adapters, tmp_path / "merged", cfg=cfg)
+    assert not (tmp_path / "merged").exists()

@@ -153,3 +153,27 @@ def test_auto_counts_the_4bit_layers_in_the_compute_dtype(tmp_path):
     layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
     expected = sum(4 * m.weight.quant_state.shape.numel() for m in layers)  # float32: 4 bytes a weight
     assert layers and modeling.dequantized_bytes(model, "float32") == expected
+
+
+@pytest.mark.parametrize(
+    "targets, needle",
+    [
+        (["q_proj", "v_proj", "o_proj"], r"4 weights of the file have no module to go to \(e.g. .*k_proj.lora_A"),
+        (
+            ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+            r"4 adapted weights are not in the file \(e.g. .*up_proj",
+        ),
+    ],
+)
+def test_adapters_whose_config_was_edited_are_refused(tmp_path, targets, needle):
+    """peft only warns when the file's weights and the adapted modules differ; scoring such a model as
+    the adapters would report adapters with some of their weights dropped."""
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    adapters = tmp_path / "adapters"
+    with_adapters(cfg).save_pretrained(adapters)
+    modeling.load_generation_model(cfg.model, cfg.quantization, adapters, merge=False)  # whole before the edit
+    meta = json.loads((adapters / "adapter_config.json").read_text())
+    (adapters / "adapter_config.json").write_text(json.dumps({**meta, "target_modules": targets}))
+    for merge in (False, True):
+        with pytest.raises(UserError, match=r"do not match their adapter_config.json: " + needle):
+            modeling.load_generation_model(cfg.model, cfg.quantization, adapters, merge=merge)

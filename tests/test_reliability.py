@@ -102,7 +102,15 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     """Real processes: a long train and a long eval hold their folders; a second train and a
     second eval into them each say so, in one line, and write nothing; the holders carry on."""
     train_args = set_args(smoke_overrides(tmp_path, **{"train.max_steps": 100_000, "train.save_steps": 100_000}))
-    eval_args = set_args(smoke_overrides(tmp_path, **{"eval.max_new_tokens": 4000, "data.max_length": 4096}))
+    long_model = tmp_path / "long-model"  # the tiny model with room for long summaries (RoPE has no end)
+    shutil.copytree(TINY_MODEL, long_model)
+    config = json.loads((long_model / "config.json").read_text())
+    (long_model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16384}))
+    eval_args = set_args(
+        smoke_overrides(
+            tmp_path, **{"eval.max_new_tokens": 4000, "data.max_length": 4096, "model.name": str(long_model)}
+        )
+    )
     eval_args += ["--base-only"]
     run, evals = tmp_path / "run", tmp_path / "run" / "eval-base"
     holders = {"train": (spawn(["train", *train_args]), run, train_args),

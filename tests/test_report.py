@@ -1,6 +1,7 @@
 """`report` on three hand-made eval folders whose ROUGE is known by hand."""
 
 import json
+import re
 
 import pytest
 from test_cli import one_line_error, run_cli
@@ -145,6 +146,13 @@ def test_different_examples_are_flagged(run_dir, tmp_path):
         ("no-type", "has no 'model' and 'type'"),
         ("bad-row", "has a row without id, prediction and reference"),
         ("no-rows", "holds no predictions"),
+        ("cut-off", "predictions.jsonl is damaged at line 4: not whole JSON (cut off); rerun its eval"),
+        ("broken-lines", "predictions.jsonl is damaged at lines 1, 3: not whole JSON; rerun"),
+        (
+            "repeated",
+            "predictions.jsonl is damaged: 2 rows of the split appear more than once (lines 1, 5; lines 2, 6)",
+        ),
+        ("word-for-number", "metrics.json: rouge1 is 'high', not a number"),
     ],
 )
 def test_bad_folders_are_one_line_errors_and_write_nothing(run_dir, tmp_path, breakage, needle):
@@ -167,7 +175,21 @@ def test_bad_folders_are_one_line_errors_and_write_nothing(run_dir, tmp_path, br
         (target / "predictions.jsonl").write_text('{"id": "t0", "prediction": "x"}\n')
     elif breakage == "no-rows":
         (target / "predictions.jsonl").write_text("")
-    with pytest.raises(UserError, match=needle):
+    elif breakage in ("cut-off", "broken-lines", "repeated"):
+        lines = [
+            json.dumps({"index": i, **r}) for i, r in enumerate(files.read_jsonl(target / "predictions.jsonl")) if r
+        ]
+        if breakage == "cut-off":  # what a crash or a full disk leaves: n=3 where metrics.json says 4
+            text = "\n".join(lines)[:-7]
+        elif breakage == "broken-lines":
+            text = "\n".join(["{oops", lines[1], lines[2][:10], lines[3]]) + "\n"
+        else:  # n=6 where metrics.json says 4
+            text = "\n".join(lines + lines[:2]) + "\n"
+        (target / "predictions.jsonl").write_text(text)
+    elif breakage == "word-for-number":
+        meta = json.loads((target / "metrics.json").read_text())
+        (target / "metrics.json").write_text(json.dumps({**meta, "rouge1": "high"}))
+    with pytest.raises(UserError, match=re.escape(needle)):
         report.write_report([run_dir / "eval-base", target], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # every folder is read before anything is written
     one_line_error(run_cli(["report", str(target), "--out", str(tmp_path / "out")]), needle)
@@ -181,3 +203,11 @@ def test_two_recipes_of_one_model_are_told_apart_by_their_run_folder(tmp_path):
     assert "| SmolLM2 | base | 0.00 |" in markdown
     assert "| SmolLM2 (default) | QLoRA adapters | 50.00 |" in markdown
     assert "| SmolLM2 (best) | QLoRA adapters | 100.00 |" in markdown
+
+
+def test_two_evaluations_in_one_run_are_told_apart_by_their_folder(tmp_path):
+    write_eval(tmp_path / "run" / "eval", "SmolLM2", "QLoRA adapters", (exact, swapped, wrong, wrong))
+    write_eval(tmp_path / "run" / "eval-100", "SmolLM2", "QLoRA adapters", (exact, exact, exact, swapped))
+    markdown = report.write_report([tmp_path / "run"], tmp_path / "out")
+    assert "| SmolLM2 (eval) | QLoRA adapters | 50.00 |" in markdown
+    assert "| SmolLM2 (eval-100) | QLoRA adapters | 100.00 |" in markdown

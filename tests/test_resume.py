@@ -1,6 +1,9 @@
 """Preemption and crashes: a killed or SIGTERMed run resumes to the same adapters."""
 
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,3 +139,34 @@ def test_resume_into_a_finished_run_needs_overwrite(tmp_path):
     with pytest.raises(UserError, match="already holds a finished run; pass --overwrite"):
         train.train_adapters(cfg, resume=str(ckpts / "checkpoint-10"))
     assert (tmp_path / "run" / "lora_adapters" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_a_resumed_run_reports_the_whole_runs_loss(tmp_path, capsys):
+    """The Trainer's own train_loss after a resume averages only the steps since; the log history,
+    which checkpoints keep and which logs each saving step, covers them all."""
+    steps = {"train.max_steps": 8, "train.save_steps": 5, "train.logging_steps": 3}  # logs at 3, 5, 6, 8
+    short_run(tmp_path, **steps)
+    whole = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    (tmp_path / "run" / "lora_adapters").rename(tmp_path / "run" / "old")  # as if cut off after checkpoint-5
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint-8")
+    capsys.readouterr()
+    short_run(tmp_path, **steps)
+    resumed = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    assert resumed["resumed_from"].endswith("checkpoint-5") and resumed["global_step"] == whole["global_step"] == 8
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
+    assert f"train loss {whole['train_loss']:.4f}" in capsys.readouterr().out
+
+
+def test_resume_given_the_checkpoints_folder_lists_the_checkpoints_in_it(tmp_path):
+    from samsum_qlora.layout import RunDir
+
+    run = RunDir(tmp_path / "run")
+    for step in (10, 20):
+        (run.checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+    run.adapters.mkdir()
+    for given, needle in [
+        (run.checkpoints, "is not a checkpoint folder; pass one it holds: checkpoint-20, checkpoint-10"),
+        (run.adapters, "is not a checkpoint folder; one is <output_dir>/checkpoints/checkpoint-N"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(f"--resume {given} {needle}")):
+            checkpoints.start_point(run, {}, overwrite=True, resume=str(given))

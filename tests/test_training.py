@@ -174,3 +174,12 @@ def test_training_levers_reach_the_libraries(tmp_path):
     assert lora.use_rslora and lora.use_dora
     default = training.training_arguments(load_config(SMOKE_CONFIG).train, tmp_path, cuda=False)
     assert default.neftune_noise_alpha is None
+
+
+def test_run_loss_weighs_each_logged_loss_by_its_steps():
+    from samsum_qlora.training import run_loss
+
+    history = [{"loss": 4.0, "step": 3}, {"learning_rate": 0.1, "step": 3}, {"loss": 1.0, "step": 4}]
+    history += [{"loss": 2.0, "step": 10}, {"train_loss": 9.9, "step": 10}]
+    assert run_loss(history) == pytest.approx((4 * 3 + 1 * 1 + 2 * 6) / 10)
+    assert run_loss([{"learning_rate": 0.1, "step": 1}]) is None

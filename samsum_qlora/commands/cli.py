@@ -3,6 +3,7 @@ happen inside the commands so `--help` answers at once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,23 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
+@contextlib.contextmanager
+def _stops_on_signals(kept: str):
+    """A command that Ctrl-C or SIGTERM ends with one line saying what is `kept` and the exit code
+    128 + the signal (click alone prints "Aborted!" and exits 1; SIGTERM kills unsaid). Train's
+    first signal during training saves a checkpoint and stops on its own (`Stopped`)."""
+    from samsum_qlora import runtime
+
+    try:
+        with runtime.sigterm_interrupts():
+            yield
+    except KeyboardInterrupt as e:
+        _close_progress_bars()
+        name, code = ("SIGTERM", 143) if isinstance(e, runtime.Terminated) else ("SIGINT", 130)
+        click.echo(f"stopped: stopped by {name}; {kept}: rerun the same command to resume", err=True)
+        sys.exit(code)
+
+
 def _config(config_path, overrides, extra: dict | None = None):
     """The config: defaults < YAML < --set < `extra` (options that stand for config keys)."""
     from samsum_qlora.config import load_config, parse_overrides
@@ -64,6 +82,7 @@ def main():
 @set_option
 @click.option("--overwrite", is_flag=True, help="Replace the finished adapters in train.output_dir.")
 @click.option("--resume", type=click.Path(), help="Resume from this checkpoint (default: the newest complete one).")
+@_stops_on_signals("the complete checkpoints are kept")
 def train(config_path, overrides, overwrite, resume):
     """Train LoRA adapters on a 4-bit base; saves <train.output_dir>/lora_adapters/.
 
@@ -98,6 +117,7 @@ def train(config_path, overrides, overwrite, resume):
 @click.option("--api-base", default=None, metavar="URL", help="API root for --api-model (sets api.base).")
 @click.option("--api-concurrency", type=int, default=None, help="Requests in flight at once (sets api.concurrency).")
 @click.option("--api-timeout", type=float, default=None, help="Seconds to wait for one answer (sets api.timeout).")
+@_stops_on_signals("the predictions saved so far are kept")
 def evaluate_cmd(
     config_path,
     overrides,
@@ -289,6 +309,8 @@ def bench(
     cfg = _config(config_path, overrides)
     if min(steps, warmup, loop_sample, loop_workers) < 1:
         raise UserError("--steps, --warmup, --loop-sample and --loop-workers must be at least 1")
+    if epoch_tokens is not None and epoch_tokens < 1:
+        raise UserError(f"--epoch-tokens must be at least 1 (the tokens in one epoch), got {epoch_tokens}")
     plan = BenchPlan(
         split=split or cfg.data.train_split,
         steps=steps,

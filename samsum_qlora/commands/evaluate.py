@@ -7,6 +7,7 @@ process generates its share of the batches and rank 0 writes the results (`_eval
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir, RunDir
 from samsum_qlora.predictions import EvalPlan, Predict
-from samsum_qlora.summarizer import local_predictor
+from samsum_qlora.summarizer import check_context, local_predictor
 
 
 def plan_eval(
@@ -66,26 +67,44 @@ def eval_rows(cfg: Config, plan: EvalPlan) -> data.Scorable:
 
 
 def evaluate_model(cfg: Config, plan: EvalPlan, *, overwrite: bool = False, predict: Predict | None = None) -> dict:
-    """Score `plan`: reuse saved predictions, generate the rest, write the results."""
+    """Score `plan`: reuse saved predictions, generate the rest, write the results. A run that fails
+    before saving any prediction leaves no folder or file behind."""
     rt = runtime.current()
     chosen = eval_rows(cfg, plan)
+    if plan.api_base is None:
+        check_context(cfg)
     if rt.distributed:
         if predict is not None:
             raise UserError("an API model is scored by one process: run `samsum-qlora eval` without torchrun")
         return _evaluate_sharded(cfg, plan, chosen, overwrite=overwrite)
+    created = not plan.output_dir.exists()
     folder = EvalDir(files.ensure_writable_dir(plan.output_dir))
-    with files.hold(folder.lock, "eval"):
-        done = predictions.resume(folder, predictions.identity(cfg, plan, chosen.rows), overwrite=overwrite)
-        todo = [r for r in chosen.rows if r["index"] not in done]
-        if not todo and folder.is_finished():
-            return predictions.finished_metrics(folder)
-        started, extra = time.perf_counter(), {}
-        if todo:
+    try:
+        with files.hold(folder.lock, "eval"):
+            return _score(cfg, plan, folder, chosen, overwrite=overwrite, predict=predict)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.root.rmdir()  # only when this run left nothing in it
+        raise
+
+
+def _score(cfg: Config, plan: EvalPlan, folder: EvalDir, chosen: data.Scorable, *, overwrite, predict) -> dict:
+    done = predictions.resume(folder, predictions.identity(cfg, plan, chosen.rows), overwrite=overwrite)
+    todo = [r for r in chosen.rows if r["index"] not in done]
+    if not todo and folder.is_finished():
+        return predictions.finished_metrics(folder)
+    started, extra = time.perf_counter(), {}
+    if todo:
+        try:
             with folder.partial().open("a", encoding="utf-8") as sink:
                 save = predictions.saver(sink, todo, done)
                 extra = (predict or local_predictor(cfg, plan.adapters))(todo, save) or {}
-        extra["generation_seconds"] = round(time.perf_counter() - started, 2)
-        return predictions.publish(cfg, plan, folder, chosen, done, extra)
+        except BaseException:
+            predictions.forget_unscored(folder)  # what was saved stays, for the rerun to resume
+            raise
+    extra["generation_seconds"] = round(time.perf_counter() - started, 2)
+    return predictions.publish(cfg, plan, folder, chosen, done, extra)
 
 
 def _evaluate_sharded(cfg: Config, plan: EvalPlan, chosen: data.Scorable, *, overwrite: bool) -> dict:

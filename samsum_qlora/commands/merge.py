@@ -80,18 +80,27 @@ def exact_float32():
 
 def merge_adapters(adapters: Path, out: Path, *, cfg: Config | None = None, dtype: str | None = None) -> dict:
     """Merge `adapters` into their base and save the result to `out` (a new or empty folder)."""
+    # --- check the inputs before loading anything, and claim --out ---
+    if not adapters.is_dir():
+        raise UserError(f"--adapters {adapters} is not a folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose a new folder")
+    files.check_can_create(out)
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    cfg, source = base_config(adapters, cfg)
+    modeling.check_adapters_fit(adapters, cfg.model.name, modeling.read_config(cfg.model))
+    with files.hold(layout.merge_lock(out), "merge"):  # a second merge into --out is refused, naming this one
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"--out {out} exists and is not empty; choose a new folder")
+        return _merge(adapters, out, cfg, source, dtype)
+
+
+def _merge(adapters: Path, out: Path, cfg: Config, source: str, dtype: str | None) -> dict:
     from transformers import AutoConfig
 
     from samsum_qlora import __version__
 
-    # --- check the inputs before loading anything ---
-    if not adapters.is_dir():
-        raise UserError(f"--adapters {adapters} is not a folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} exists and is not empty; choose a new folder")
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    cfg, source = base_config(adapters, cfg)
     print(f"base: {cfg.model.name} (from {source}), merged in float32 on {runtime.device_name()}; adapters: {adapters}")
     f32 = with_overrides(cfg, {"quantization": {"load_in_4bit": False, "bnb_4bit_compute_dtype": "float32"}})
 
@@ -101,6 +110,7 @@ def merge_adapters(adapters: Path, out: Path, *, cfg: Config | None = None, dtyp
         # the checkpoint's own dtype, read before loading (the loaded config says float32)
         target = stored_dtype(AutoConfig.from_pretrained(cfg.model.name, revision=cfg.model.revision), dtype)
         model = modeling.load_model(f32.model, f32.quantization, training=False).eval()
+        modeling.check_vocabulary(model, fmt.tokenizer)  # as eval checks: the probe's ids must be embedded
         input_ids, mask = probe_batch(fmt)
         base_logits = logits(model, input_ids, mask)
         model = modeling.attach_saved_adapters(model, adapters, cfg.model.name)
@@ -124,7 +134,6 @@ def merge_adapters(adapters: Path, out: Path, *, cfg: Config | None = None, dtyp
         "stored_dtype": target,
         "samsum_qlora": __version__,
     }
-    files.ensure_writable_dir(out.parent)
     with contextlib.suppress(OSError):
         out.rmdir()  # an empty folder: make room for the rename
     with files.disk_full_is_user_error(out.parent, "saving the merged model"), files.staged_dir(out) as staging:

@@ -31,6 +31,7 @@ def tokenize_split(cfg: Config, *, split: str, out_dir: Path, show: int) -> None
 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out {out_dir} exists and is not empty; choose a new folder")
+    files.check_can_create(out_dir)
     fmt = modeling.chat_format(cfg)
     tokenizer = fmt.tokenizer
     columns, stats = fmt.encode_rows(data.load_rows(cfg.data.source, split, cfg.data.revision))

@@ -94,11 +94,16 @@ def load_scored(folder: Path) -> Scored:
     predictions_file = layout.predictions
     if not predictions_file.is_file():
         raise UserError(f"{folder} has metrics.json but no predictions.jsonl: rerun its eval to finish it")
-    records = files.read_jsonl(predictions_file)
+    records = files.read_whole_jsonl(predictions_file)
     if not records:
         raise UserError(f"{predictions_file} holds no predictions")
     if any(not isinstance(r, dict) or not {"id", "prediction", "reference"} <= set(r) for r in records):
         raise UserError(f"{predictions_file} has a row without id, prediction and reference")
+    check_each_row_once(predictions_file, records)
+    for metric, _ in SHOWN:
+        value = meta.get(metric, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{layout.metrics}: {metric} is {value!r}, not a number")
     per_example = rouge_per_example([str(r["prediction"]) for r in records], [str(r["reference"]) for r in records])
     scored = Scored(
         folder=folder,
@@ -116,6 +121,21 @@ def load_scored(folder: Path) -> Scored:
                 file=sys.stderr,
             )
     return scored
+
+
+def check_each_row_once(path: Path, records: list[dict]) -> None:
+    """A row of the split scored twice (a line repeated by hand or by a bad merge) would count twice."""
+    seen: dict = {}
+    for number, record in enumerate(records, 1):
+        if isinstance(record.get("index"), int):
+            seen.setdefault(record["index"], []).append(number)
+    repeated = [lines for lines in seen.values() if len(lines) > 1]
+    if repeated:
+        where = "; ".join(f"lines {', '.join(map(str, lines))}" for lines in repeated[:5])
+        raise UserError(
+            f"{path} is damaged: {len(repeated)} rows of the split appear more than once ({where}); "
+            "rerun its eval with --overwrite"
+        )
 
 
 # --- statistics (pure) ---------------------------------------------------------------------------
@@ -199,11 +219,19 @@ def render_chart(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]) 
 
 
 def name_apart(rows: list[Scored]) -> list[Scored]:
-    """Rows of the same model and type (two recipes of one base) get their run folder's name."""
-    seen = [(r.model, r.kind) for r in rows]
+    """Rows of the same model and type get what tells them apart: their run folder's name (two recipes
+    of one base), else their own folder's (two evaluations in one run), else both, else the path."""
+    groups: dict[tuple[str, str], list[Scored]] = {}
     for r in rows:
-        if seen.count((r.model, r.kind)) > 1:
-            r.model = f"{r.model} ({r.folder.resolve().parent.name})"
+        groups.setdefault((r.model, r.kind), []).append(r)
+    for group in (g for g in groups.values() if len(g) > 1):
+        folders = [r.folder.resolve() for r in group]
+        for naming in (lambda p: p.parent.name, lambda p: p.name, lambda p: f"{p.parent.name}/{p.name}", str):
+            names = [naming(p) for p in folders]
+            if len(set(names)) == len(names):
+                break
+        for r, name in zip(group, names):
+            r.model = f"{r.model} ({name})"
     return rows
 
 

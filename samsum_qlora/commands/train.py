@@ -66,7 +66,7 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
     if rt.is_main:
         with files.disk_full_is_user_error(run.root, "saving the adapters"):
             publish(cfg, run, model, fmt.tokenizer, metrics)
-        print(f"saved adapters to {run.adapters}; train loss {result.training_loss:.4f}")
+        print(f"saved adapters to {run.adapters}; train loss {metrics['train_loss']:.4f}")
     runtime.barrier()  # every process returns once the adapters are in place
     return metrics
 
@@ -124,7 +124,7 @@ def per_process_args(cfg: Config, run: RunDir, rt: runtime.Runtime):
 
 
 def make_trainer(train_args, model, columns: dict, *, pad_id: int, run: RunDir, config_tree: dict, stop):
-    callbacks = [training.ManifestCallback(config_tree), stop]
+    callbacks = [stop, training.ManifestCallback(config_tree)]  # the manifest's after every callback asking to save
     if "wandb" in train_args.report_to:
         callbacks.append(training.ConfigToWandb(config_tree))
     return training.build_trainer(
@@ -151,10 +151,12 @@ def check_finite(model, learning_rate: float) -> None:
 
 def train_metrics(trainer, result, seconds: float, stats, *, resume_from, trainable: int, args) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    whole_run = training.run_loss(trainer.state.log_history)
     seen = trainer.state.num_input_tokens_seen
     counts = {"rows": stats.kept} | {k: v for k, v in dataclasses.asdict(stats).items() if k != "kept"}
     return {
-        "train_loss": result.training_loss,
+        # the whole run's mean loss; the Trainer's own counts only the steps since a resume
+        "train_loss": result.training_loss if whole_run is None else whole_run,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "global_step": result.global_step,
