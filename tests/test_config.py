@@ -146,3 +146,32 @@ def test_required_dotted_keys_exist():
     for dotted in ("model.name", "data.source", "data.max_length", "train.output_dir", "train.max_steps"):
         section, name = dotted.split(".")
         assert name in {f.name for f in dataclasses.fields(getattr(cfg, section))}
+
+
+def test_decoding_defaults_are_greedy_as_in_transformers():
+    from transformers import GenerationConfig
+
+    from samsum_qlora.config import DECODING_KEYS
+
+    e, hf = Config().eval, GenerationConfig()._get_default_generation_params()
+    assert {k: v for k, v in e.decoding().items() if k != "seed"} == {k: hf[k] for k in DECODING_KEYS if k != "seed"}
+    assert load_config(None, {"eval.num_beams": 4, "eval.length_penalty": 0.8}).eval.decoding()["num_beams"] == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"eval.num_beams": 0}, "eval.num_beams must be at least 1"),
+        ({"eval.length_penalty": 2.0}, r"acts only in beam search: set eval.num_beams > 1"),
+        ({"eval.no_repeat_ngram_size": -1}, "eval.no_repeat_ngram_size must be >= 0"),
+        ({"eval.repetition_penalty": 0}, "eval.repetition_penalty must be more than 0"),
+        ({"eval.do_sample": True, "eval.temperature": 0}, "for greedy decoding set eval.do_sample=false"),
+        ({"eval.do_sample": True, "eval.top_p": 1.5}, r"eval.top_p must be in \(0, 1\]"),
+        ({"eval.temperature": 0.7}, "acts only when sampling: set eval.do_sample=true"),
+        ({"eval.top_p": 0.9}, "eval.top_p=0.9 acts only when sampling"),
+        ({"eval.seed": -1}, "eval.seed must be >= 0"),
+    ],
+)
+def test_bad_decoding_settings_fail_with_the_fix(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
