@@ -75,6 +75,7 @@ def identity(cfg: Config, plan: EvalPlan, rows: list[dict]) -> dict:
         "rows_sha256": _sha256(json.dumps([[r["index"], r["id"], r["dialogue"], r["summary"]] for r in rows]).encode()),
         "prompt": [cfg.data.task_instruction, cfg.data.max_length, cfg.data.date_string],
         "max_new_tokens": cfg.eval.max_new_tokens,
+        "decoding": cfg.eval.decoding(),
     }
     if plan.api_base is not None:
         return ident | {"api_base": plan.api_base}

@@ -110,3 +110,16 @@ def test_adapters_for_another_base_are_refused(run_dir, tmp_path):
         UserError, match=r"trained on .*tiny-llama.*hidden_size': 64.*not on .*bigger.*hidden_size': 128"
     ):
         evaluate.evaluate_model(cfg, p)
+
+
+def test_decoding_settings_are_recorded_and_part_of_the_folder_identity(tmp_path):
+    """Beam search through eval's own predictor; metrics.json records the settings, and the same
+    folder refuses an evaluation with another setting instead of mixing the two."""
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"eval.num_beams": 2, "eval.max_new_tokens": 8}))
+    metrics = evaluate.evaluate_model(cfg, evaluate.plan_eval(cfg, base_only=True, limit=3))
+    assert metrics["n_examples"] == 3 and metrics["config"]["eval"]["num_beams"] == 2
+    saved = json.loads((tmp_path / "run" / "eval-base" / "metrics.json").read_text())
+    assert {k: saved["config"]["eval"][k] for k in cfg.eval.decoding()} == cfg.eval.decoding()
+    greedy = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"eval.max_new_tokens": 8}))
+    with pytest.raises(UserError, match=r"holds another evaluation \(decoding changed\); pass --overwrite"):
+        evaluate.evaluate_model(greedy, evaluate.plan_eval(greedy, base_only=True, limit=3))
