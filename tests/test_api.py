@@ -417,5 +417,8 @@ def test_settings_an_api_cannot_take_are_refused_in_one_line(tmp_path, setting):
     )
     one_line_error(result, f"{key}={value} cannot be sent to an OpenAI-compatible API")
     assert not (tmp_path / "run").exists()
+
+
+def test_length_penalty_is_refused_too():  # the config allows it only with num_beams > 1, refused first
     with pytest.raises(UserError, match=r"eval.length_penalty=0.5 cannot be sent .* set eval.length_penalty=1.0"):
         api.check_decoding({"num_beams": 1, "length_penalty": 0.5, "no_repeat_ngram_size": 0, "repetition_penalty": 1})
