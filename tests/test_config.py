@@ -26,6 +26,16 @@ def test_shipped_recipe_is_written_from_the_dataclasses_comments():
     assert len(field_comments(TrainArgs)["max_tokens_per_batch"]) == 3  # a paragraph above the key
 
 
+@pytest.mark.parametrize("name", ["llama32-1b-samsum.yaml", "smollm2-cpu-demo.yaml"])
+def test_generated_configs_are_their_header_and_annotated_yaml(name):
+    """These shipped configs are a header (the command, what it is for, what was measured) and
+    `annotated_yaml` of the config they load to: every comment below the header is config.py's."""
+    from samsum_qlora.config import annotated_yaml
+
+    path = ROOT / "configs" / name
+    assert path.read_text().endswith("\n\n" + annotated_yaml(load_config(path)))
+
+
 def test_config_command_prints_the_resolved_config(tmp_path):
     from click.testing import CliRunner
 
