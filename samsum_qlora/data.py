@@ -145,8 +145,10 @@ def _json(path: Path) -> list[dict[str, Any]]:
 
 
 def _json_lines(text: str, where: Path | str) -> list[Any]:
+    """One JSON value per non-blank line. Lines end at "\\n" alone: JSON writers leave U+2028, U+0085
+    and the like unescaped inside strings, where splitlines() would cut a record in two."""
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))

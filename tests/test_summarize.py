@@ -54,6 +54,8 @@ def test_text_blocks_from_a_file_and_from_stdin(tmp_path):
 def test_stdin_is_json_lines_only_when_every_line_is_an_object():
     lines = [json.dumps({"n": i, "dialogue": d}) for i, d in enumerate(DIALOGUES)]
     assert data.dialogues_from_stdin(("\n".join(lines) + "\n\n").encode())[1] == {"n": 1, "dialogue": DIALOGUES[1]}
+    separators = json.dumps({"dialogue": "A: one\u2028two\u0085three"}, ensure_ascii=False) + "\r\n"
+    assert data.dialogues_from_stdin(separators.encode()) == [{"dialogue": "A: one\u2028two\u0085three"}]
     mixed = lines[0] + "\nAna: {not json}\n"
     assert data.dialogues_from_stdin(mixed.encode()) == [{"dialogue": mixed.strip()}]
 
