@@ -2,9 +2,11 @@
 
 `predictor(...)` returns a `predictions.Predict`, so loading the split, resuming, scoring and the
 output files are the local evaluation's own. The requests carry the same system instruction and
-dialogue our models see (`chat.build_messages`), greedy (temperature 0), capped at
-`eval.max_new_tokens`; where it is, how many at once and how patiently come from the config's
-`api` section. Standard library only: a few threads and urllib are all this needs.
+dialogue our models see (`chat.build_messages`), greedy (temperature 0) or, with
+`eval.do_sample`, sampled with eval's temperature, top_p and seed, capped at `eval.max_new_tokens`;
+eval's other decoding settings have no Chat Completions equivalent and are refused. Where it is,
+how many at once and how patiently come from the config's `api` section. Standard library only: a
+few threads and urllib are all this needs.
 
 Money rules: each answer is saved the moment it arrives, so a rerun after a crash or Ctrl-C asks
 only for what is missing; on a failure or Ctrl-C, queued requests are dropped, the few already in
@@ -36,6 +38,8 @@ DEFAULT_BASE = ApiArgs.base
 KEY_ENV = "OPENAI_API_KEY"
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}  # what the OpenAI clients retry; other 4xx are our fault
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+# eval's decoding settings a Chat Completions request cannot carry, with the value that means "off"
+NOT_SENDABLE = {"num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
 
 
 # --- pure helpers --------------------------------------------------------------------------------
@@ -57,9 +61,23 @@ def needs_key(base: str) -> bool:
     return urllib.parse.urlsplit(base).hostname == "api.openai.com"
 
 
-def request_body(model: str, messages: list[dict[str, str]], max_tokens: int) -> dict:
-    """Greedy and capped like our own generation, so the comparison is like for like."""
-    return {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+def request_body(model: str, messages: list[dict[str, str]], max_tokens: int, decoding: dict | None = None) -> dict:
+    """Greedy and capped like our own generation, so the comparison is like for like; with
+    `decoding["do_sample"]`, sampled with its temperature, top_p and seed instead."""
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+    if decoding and decoding["do_sample"]:
+        body |= {key: decoding[key] for key in ("temperature", "top_p", "seed")}
+    return body
+
+
+def check_decoding(decoding: dict) -> None:
+    """Refuse a decoding setting an OpenAI-compatible API has no field for, naming the key."""
+    for key, off in NOT_SENDABLE.items():
+        if decoding[key] != off:
+            raise UserError(
+                f"eval.{key}={decoding[key]} cannot be sent to an OpenAI-compatible API (it takes temperature, "
+                f"top_p and seed): set eval.{key}={off} for --api-model"
+            )
 
 
 def parse_answer(payload: dict) -> tuple[Prediction, dict[str, int]]:
@@ -258,13 +276,15 @@ def predictor(cfg: Config, *, model: str, key: str | None, backoff: float = 1.0,
     if needs_key(base) and not key:
         raise UserError(f"{base} needs an API key: export {KEY_ENV}=... (or point --api-base at your own server)")
     instruction, max_tokens, concurrency = cfg.data.task_instruction, cfg.eval.max_new_tokens, cfg.api.concurrency
+    decoding = cfg.eval.decoding()
+    check_decoding(decoding)
     patience = Patience(cfg.api.timeout, cfg.api.max_attempts, backoff=backoff, max_wait=max_wait)
     url = f"{base}/chat/completions"
 
     def predict(rows: list[dict], save: Save) -> dict:
         from concurrent.futures import ThreadPoolExecutor
 
-        bodies = [request_body(model, build_messages(r["dialogue"], instruction), max_tokens) for r in rows]
+        bodies = [request_body(model, build_messages(r["dialogue"], instruction), max_tokens, decoding) for r in rows]
         # The pool's size is the bound on requests in flight; the rest wait in its queue.
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="api")
         stop = threading.Event()

@@ -26,6 +26,17 @@ from samsum_qlora.errors import UserError
 DEFAULT_INSTRUCTION = "Summarize the following dialogue in one or two sentences."
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 DTYPES = ("bfloat16", "float16", "float32")
+# eval's decoding settings, named as in transformers' GenerationConfig (seed aside)
+DECODING_KEYS = (
+    "num_beams",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "repetition_penalty",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "seed",
+)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -277,6 +288,17 @@ class EvalArgs:
     max_new_tokens: int = 128  # SAMSum summaries average ~25 tokens
     limit: int | None = None  # score only the first N examples
     output_dir: str | None = None  # default: <train.output_dir>/eval (eval-base with --base-only)
+    # Decoding, each key as transformers' GenerationConfig means it. The default, greedy, runs on
+    # our fast decoder; any other setting runs on transformers' batched `generate` (slower; beams
+    # also take num_beams x the KV cache, so batches hold 1/num_beams of max_tokens_per_batch).
+    num_beams: int = 1  # beam search with this many beams per dialogue; 1 = none
+    length_penalty: float = 1.0  # beam search: > 1 favours longer summaries, < 1 shorter ones
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this many tokens repeats (the dialogue's count too)
+    repetition_penalty: float = 1.0  # > 1 makes tokens already in the dialogue or summary less likely
+    do_sample: bool = False  # draw each token at random instead of taking the likeliest
+    temperature: float = 1.0  # sampling: < 1 sharper, > 1 flatter (no top-k: temperature and top_p only)
+    top_p: float = 1.0  # sampling: draw from the fewest likeliest tokens holding this probability
+    seed: int = 42  # sampling: each batch is seeded from it and its rows, so reruns and resumes repeat
 
     def __post_init__(self):
         _check(self.batch_size >= 1, f"eval.batch_size must be at least 1, got {self.batch_size}")
@@ -290,6 +312,42 @@ class EvalArgs:
             self.output_dir is None or bool(self.output_dir.strip()),
             "eval.output_dir is empty: name a folder, or null for the default",
         )
+        self._check_decoding()
+
+    def _check_decoding(self) -> None:
+        _check(self.num_beams >= 1, f"eval.num_beams must be at least 1 (1 = no beam search), got {self.num_beams}")
+        _check(
+            _finite(self.length_penalty) and (self.length_penalty == 1 or self.num_beams > 1),
+            f"eval.length_penalty={self.length_penalty} acts only in beam search: set eval.num_beams > 1, "
+            "or eval.length_penalty=1.0",
+        )
+        _check(
+            self.no_repeat_ngram_size >= 0,
+            f"eval.no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}",
+        )
+        _check(
+            _finite(self.repetition_penalty) and self.repetition_penalty > 0,
+            f"eval.repetition_penalty must be more than 0 (1.0 = off), got {self.repetition_penalty}",
+        )
+        _check(
+            _finite(self.temperature) and self.temperature > 0,
+            f"eval.temperature must be more than 0, got {self.temperature}; for greedy decoding set "
+            "eval.do_sample=false (and leave eval.temperature at 1.0)",
+        )
+        _check(
+            _finite(self.top_p) and 0 < self.top_p <= 1,
+            f"eval.top_p must be in (0, 1] (1.0 = off), got {self.top_p}",
+        )
+        for key in ("temperature", "top_p"):
+            _check(
+                self.do_sample or getattr(self, key) == 1,
+                f"eval.{key}={getattr(self, key)} acts only when sampling: set eval.do_sample=true, or eval.{key}=1.0",
+            )
+        _check(self.seed >= 0, f"eval.seed must be >= 0, got {self.seed}")
+
+    def decoding(self) -> dict[str, Any]:
+        """The decoding settings, by key: what generation, the API and an eval folder's identity take."""
+        return {key: getattr(self, key) for key in DECODING_KEYS}
 
 
 @dataclass

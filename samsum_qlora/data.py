@@ -1,4 +1,5 @@
-"""Load a split as plain rows {"index", "id", "dialogue", "summary"}: from a local folder or the Hub.
+"""Load a split as plain rows {"index", "id", "dialogue", "summary"}: from a local folder or the Hub;
+and the dialogues `summarize` reads: a file or standard input, without references.
 
 Local files are read here, line by line, so a bad file is named with its line (a non-UTF-8 byte,
 a broken JSON line, a dialogue that is not text) instead of failing deep inside a parser.
@@ -100,27 +101,30 @@ def scorable(rows: list[Row], *, limit: int | None = None, references: bool = Tr
 
 
 def _text(path: Path) -> str:
-    raw = path.read_bytes()
+    return _decode(path.read_bytes(), path)
+
+
+def _decode(raw: bytes, where: Path | str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise UserError(
-            f"{path} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save the file as UTF-8"
+            f"{where} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save the file as UTF-8"
         ) from None
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The file's rows as dicts, columns checked; errors name the file and line."""
+def read_records(path: Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict[str, Any]]:
+    """The file's rows as dicts, `required` columns checked; errors name the file and line."""
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty")
     if path.suffix == ".parquet":
-        records = _parquet(path)
+        records = _parquet(path, required)
     elif path.suffix == ".csv":
         records = _csv(path)
     else:
         records = _json(path)
-    missing = [c for c in REQUIRED_COLUMNS if records and all(c not in r for r in records)]
+    missing = [c for c in required if records and all(c not in r for r in records)]
     if missing:
         columns = ", ".join(str(c) for c in records[0] if c is not None)  # None: a CSV row's extra fields
         raise UserError(f"{path} has no column {', '.join(missing)} (columns: {columns})")
@@ -134,16 +138,10 @@ def _json(path: Path) -> list[dict[str, Any]]:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {e.lineno} is not valid JSON: {e.msg}") from None
-    elif path.suffix == ".json" and not _json_lines(text):
+    elif path.suffix == ".json" and not _reads_as_json_lines(text):
         raise UserError(f"{path} holds one JSON value, not rows: expected a JSON array of rows or JSON Lines")
     else:
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {number} is not valid JSON: {e.msg}") from None
+        records = _json_lines(text, path)
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
             raise UserError(
@@ -152,7 +150,7 @@ def _json(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _json_lines(text: str) -> bool:
+def _reads_as_json_lines(text: str) -> bool:
     """Whether a .json file that is not an array reads as JSON Lines: not one object (or other value)
     spread over several lines, and not one value that is no object, such as {"data": [...]}'s."""
     try:
@@ -160,6 +158,19 @@ def _json_lines(text: str) -> bool:
     except json.JSONDecodeError:
         return True  # several values, one per line (or broken lines, named while reading them)
     return isinstance(value, dict) and len(text.strip().splitlines()) == 1 and any(c in value for c in REQUIRED_COLUMNS)
+
+
+def _json_lines(text: str, where: Path | str) -> list[Any]:
+    """One JSON value per non-blank line. Lines end at "\\n" alone: JSON writers leave U+2028, U+0085
+    and the like unescaped inside strings, where splitlines() would cut a record in two."""
+    records = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where} line {number} is not valid JSON: {e.msg}") from None
+    return records
 
 
 def _csv(path: Path) -> list[dict[str, Any]]:
@@ -173,7 +184,7 @@ def _csv(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _parquet(path: Path) -> list[dict[str, Any]]:
+def _parquet(path: Path, text_columns: tuple[str, ...]) -> list[dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -181,7 +192,7 @@ def _parquet(path: Path) -> list[dict[str, Any]]:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path} could not be read as parquet: {str(e).splitlines()[0]}") from None
-    for column in REQUIRED_COLUMNS:
+    for column in text_columns:
         kind = table.schema.field(column).type if column in table.column_names else pa.string()
         if pa.types.is_dictionary(kind):  # strings stored once each, then referred to by number
             kind = kind.value_type
@@ -209,3 +220,61 @@ def _hub_records(source: str, split: str, revision: str | None) -> list[dict[str
             f"{source} ({split}) has no column {', '.join(missing)} (columns: {', '.join(ds.column_names)})"
         )
     return ds.to_list()
+
+
+# --- dialogues to summarise (no references) --------------------------------------------------------
+
+DIALOGUE_FORMATS = (*FORMATS, ".txt")
+STDIN = "standard input"
+
+
+def dialogues_from_file(path: Path) -> list[dict[str, Any]]:
+    """Records to summarise, in file order: the rows of a .csv, .jsonl, .json or .parquet file with
+    a `dialogue` column (every column kept), or one {"dialogue": block} per block of a .txt file
+    (blocks are separated by blank lines). A missing or null dialogue counts as empty."""
+    if not path.is_file():
+        raise UserError(f"{path} {'is not a file' if path.exists() else 'does not exist'}")
+    if path.suffix == ".txt":
+        records = text_blocks(_text(path))
+    elif path.suffix in FORMATS:
+        records = read_records(path, required=("dialogue",))
+    else:
+        raise UserError(f"{path}: give a {', '.join(DIALOGUE_FORMATS)} file, or - for standard input")
+    return _dialogues(records, str(path))
+
+
+def dialogues_from_stdin(raw: bytes) -> list[dict[str, Any]]:
+    """Records to summarise from standard input: JSON Lines when every non-empty line is a JSON
+    object, else text blocks as in a .txt file."""
+    text = _decode(raw, STDIN)
+    try:
+        records = _json_lines(text, STDIN)
+    except UserError:  # a line that is not JSON: the input is text
+        records = []
+    if not records or not all(isinstance(r, dict) for r in records):
+        records = text_blocks(text)
+    return _dialogues(records, STDIN)
+
+
+def text_blocks(text: str) -> list[dict[str, str]]:
+    """{"dialogue": block} for each run of non-blank lines; blank lines only separate blocks."""
+    blocks, lines = [], []
+    for line in [*text.split("\n"), ""]:
+        if line.strip():
+            lines.append(line.rstrip())
+        elif lines:
+            blocks.append({"dialogue": "\n".join(lines)})
+            lines = []
+    return blocks
+
+
+def _dialogues(records: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    if not records:
+        raise UserError(f"{where} holds no dialogue")
+    if all("dialogue" not in r for r in records):
+        raise UserError(f"{where} has no column dialogue (columns: {', '.join(map(str, records[0]))})")
+    for number, record in enumerate(records, 1):
+        value = record.get("dialogue")
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{where} row {number}: dialogue is {type(value).__name__} {value!r:.40}, not text")
+    return records

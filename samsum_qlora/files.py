@@ -45,6 +45,21 @@ def check_can_create(path: Path) -> None:
         raise UserError(f"cannot create {path}: {above} is not writable")
 
 
+def ensure_writable_file(path: Path) -> Path:
+    """Refuse, before any work, a file that could not be written later: its folder is made and a
+    scratch file written and removed there (permission bits alone say nothing to root)."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give a file name")
+    ensure_writable_dir(path.parent)
+    try:
+        fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(scratch)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    return path
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

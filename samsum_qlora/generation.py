@@ -1,4 +1,8 @@
-"""Batched greedy decoding: prompt ids in, summary ids out, each row stopping at its end of turn.
+"""Batched decoding: prompt ids in, summary ids out, each row stopping at its end of turn.
+
+Greedy decoding (the default) runs on our own loop below; beam search, sampling and repetition
+controls (`Decoding`'s other settings) run on transformers' `generate` over the same left-padded
+batches, with the same stop ids, pad id and token budget (`generate_batch`). `generate` picks.
 
 Our own loop rather than `model.generate`, because at SAMSum's sizes decoding is bound by kernel
 launches and Python, not by the GPU: one forward per step into a preallocated KV cache
@@ -11,7 +15,9 @@ so). Any decoder-only Hugging Face model that accepts a 4-D attention mask decod
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -27,11 +33,51 @@ PREFILL_TOKENS = 32768  # padded prompt tokens per prefill forward: enough to ke
 @dataclass(frozen=True)
 class Decoding:
     """What every decoder here is told: at most `max_new_tokens`, a row ends at any of `stop_ids`,
-    and `pad_id` fills left padding and the rows that have ended."""
+    and `pad_id` fills left padding and the rows that have ended; then how to choose each token,
+    named and meant as in transformers' GenerationConfig (`config.EvalArgs` describes each)."""
 
     max_new_tokens: int
     stop_ids: tuple[int, ...]
     pad_id: int
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 42
+
+    @property
+    def greedy(self) -> bool:
+        """The likeliest token at every step, as our own decoder computes it."""
+        plain = self.no_repeat_ngram_size == 0 and self.repetition_penalty == 1
+        return self.num_beams == 1 and not self.do_sample and plain
+
+    def generation_config(self):
+        """These settings as a complete transformers GenerationConfig. Sampling is temperature and
+        top_p alone (top_k 0, where transformers would default to 50), so nothing a model's own
+        generation_config.json sets for sampling leaks in."""
+        from transformers import GenerationConfig
+
+        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": 0} if self.do_sample else {}
+        beams = {"num_beams": self.num_beams, "length_penalty": self.length_penalty} if self.num_beams > 1 else {}
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            repetition_penalty=self.repetition_penalty,
+            eos_token_id=list(self.stop_ids),
+            pad_token_id=self.pad_id,
+            **sampling,
+            **beams,
+        )
+
+    def batch_seed(self, keys: list[int]) -> int:
+        """The seed of a sampled batch: from `seed` and its rows' stable keys (their row indices),
+        so the same batch draws the same tokens in a rerun, a resumed run or another process."""
+        digest = hashlib.sha256(f"{self.seed}:{min(keys)}:{len(keys)}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass
@@ -308,6 +354,21 @@ def generate_one(model, prompt: list[int], decoding: Decoding) -> Decoded:
     return cut(out[0, len(prompt) :].tolist(), set(decoding.stop_ids))
 
 
+@torch.inference_mode()
+def generate_batch(model, prompts: list[list[int]], decoding: Decoding, *, seed: int | None = None) -> list[Decoded]:
+    """transformers' `generate` on `prompts` left-padded into one batch, with all of `decoding`'s
+    settings (beam search, sampling, repetition controls), its stop ids, pad id and token budget.
+    Sampling draws from torch's generator seeded with `seed` (default `decoding.seed`); the
+    caller's random state is restored afterwards."""
+    device = next(model.parameters()).device
+    ids, real = (t.to(device) for t in pad(prompts, decoding.pad_id, left=True))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(decoding.seed if seed is None else seed)
+        out = model.generate(input_ids=ids, attention_mask=real, generation_config=decoding.generation_config())
+    stops = set(decoding.stop_ids)
+    return [cut(seq, stops) for seq in out[:, ids.shape[1] :].tolist()]
+
+
 def generate(
     model,
     prompts: list[list[int]],
@@ -317,21 +378,34 @@ def generate(
     graphs: bool,
     on_batch: Callable[[list[int], list[Decoded]], None],
     progress: bool = True,
+    keys: list[int] | None = None,
 ) -> None:
-    """Decode `batches` (lists of indices into `prompts`); `on_batch(indices, decoded)` after each."""
+    """Decode `batches` (lists of indices into `prompts`); `on_batch(indices, decoded)` after each.
+
+    Greedy decoding runs on our decoder (with CUDA graphs where asked for and possible); any other
+    on `generate_batch`, each batch seeded from `decoding.seed` and its prompts' `keys`: numbers
+    that stay with a prompt across runs, such as its row's index (default: positions in `prompts`)."""
     from tqdm.auto import tqdm
 
     graphs = graphs and next(model.parameters()).is_cuda
+    keys = list(range(len(prompts))) if keys is None else keys
     with tqdm(total=sum(map(len, batches)), desc="generating", unit="summary", disable=not progress) as bar:
         for idx in batches:
             batch = [prompts[i] for i in idx]
-            try:
-                decoded = decode_batch(model, batch, decoding, graphs=graphs)
-            except RuntimeError as e:
-                if not graphs or "graph" not in str(e).lower():
-                    raise
-                print(f"note: CUDA graph capture failed ({str(e).splitlines()[0][:120]}); decoding without")
-                graphs = False
-                decoded = decode_batch(model, batch, decoding, graphs=False)
+            if decoding.greedy:
+                decoded, graphs = _greedy(model, batch, decoding, graphs)
+            else:
+                decoded = generate_batch(model, batch, decoding, seed=decoding.batch_seed([keys[i] for i in idx]))
             on_batch(idx, decoded)
             bar.update(len(idx))
+
+
+def _greedy(model, batch: list[list[int]], decoding: Decoding, graphs: bool) -> tuple[list[Decoded], bool]:
+    """Our decoder on one batch, with CUDA graphs until a capture fails: (decoded, graphs still on)."""
+    try:
+        return decode_batch(model, batch, decoding, graphs=graphs), graphs
+    except RuntimeError as e:
+        if not graphs or "graph" not in str(e).lower():
+            raise
+        print(f"note: CUDA graph capture failed ({str(e).splitlines()[0][:120]}); decoding without", file=sys.stderr)
+        return decode_batch(model, batch, decoding, graphs=False), False

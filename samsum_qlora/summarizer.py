@@ -21,7 +21,9 @@ class Summarizer:
     def __init__(self, cfg: Config, adapters: Path | None):
         self.cfg, self.adapters = cfg, adapters
         self.fmt = modeling.chat_format(cfg)
-        self.decoding = generation.Decoding(cfg.eval.max_new_tokens, self.fmt.stop_ids, self.fmt.pad_id)
+        self.decoding = generation.Decoding(
+            cfg.eval.max_new_tokens, self.fmt.stop_ids, self.fmt.pad_id, **cfg.eval.decoding()
+        )
         self.model = None
 
     def prompts(self, dialogues: list[str]) -> list[list[int]]:
@@ -30,11 +32,13 @@ class Summarizer:
 
     def batches(self, prompts: list[list[int]], *, rank: int = 0, processes: int = 1) -> list[list[int]]:
         """The batches one process would generate, longest first; with `processes` > 1, only
-        batches rank, rank + N, ...: each padded exactly as one process would pad it."""
+        batches rank, rank + N, ...: each padded exactly as one process would pad it. Beam search
+        keeps num_beams rows of cache per prompt, so its batches hold num_beams times fewer prompts."""
         e = self.cfg.eval
         lengths = [len(p) for p in prompts]
+        budget = e.max_tokens_per_batch // e.num_beams
         every = batching.generation_batches(
-            lengths, max_rows=e.batch_size, max_tokens=e.max_tokens_per_batch, new_tokens=e.max_new_tokens
+            lengths, max_rows=e.batch_size, max_tokens=budget, new_tokens=e.max_new_tokens
         )
         return every[rank::processes]
 
@@ -54,11 +58,19 @@ class Summarizer:
         batches: list[list[int]],
         on_batch: Callable[[list[int], list[generation.Decoded]], None],
         *,
+        keys: list[int] | None = None,
         progress: bool = True,
     ) -> None:
-        graphs = self.cfg.eval.cuda_graphs
+        """Decode `batches` of `prompts`; `keys` (the rows' indices) seed sampled batches."""
         generation.generate(
-            self.load(), prompts, batches, self.decoding, graphs=graphs, on_batch=on_batch, progress=progress
+            self.load(),
+            prompts,
+            batches,
+            self.decoding,
+            graphs=self.cfg.eval.cuda_graphs,
+            on_batch=on_batch,
+            progress=progress,
+            keys=keys,
         )
 
     def text(self, decoded: generation.Decoded) -> Prediction:
@@ -92,6 +104,6 @@ def local_predictor(cfg: Config, adapters: Path | None, *, rank: int = 0, proces
         def on_batch(indices, decoded):
             save(indices, [summarizer.text(d) for d in decoded])
 
-        summarizer.generate(prompts, batches, on_batch, progress=rank == 0)
+        summarizer.generate(prompts, batches, on_batch, keys=[r["index"] for r in rows], progress=rank == 0)
 
     return predict

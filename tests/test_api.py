@@ -429,3 +429,31 @@ def test_an_answer_that_is_not_a_chat_completion_names_its_row(tmp_path, serve):
         UserError, match=re.escape("answered row 2 (id smp-test-003) with something that is not a chat")
     ):
         evaluate.evaluate_model(cfg, api_plan(cfg, base), predict=fast(base, concurrency=1))
+
+
+def test_sampling_settings_go_in_the_request_body(tmp_path, serve):
+    fake = FakeApi()
+    base = serve(fake)
+    sampled = {"eval.do_sample": True, "eval.temperature": 0.7, "eval.top_p": 0.9, "eval.seed": 3}
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **sampled))
+    evaluate.evaluate_model(cfg, api_plan(cfg, base, limit=2), predict=fast(base, cfg))
+    assert [(b["temperature"], b["top_p"], b["seed"]) for *_, b in fake.requests] == [(0.7, 0.9, 3)] * 2
+    greedy = api.request_body("m", [], 5, load_config(SMOKE_CONFIG).eval.decoding())
+    assert greedy == {"model": "m", "messages": [], "temperature": 0, "max_tokens": 5}  # as before: no seed
+
+
+@pytest.mark.parametrize(
+    "setting", [{"eval.num_beams": 4}, {"eval.no_repeat_ngram_size": 3}, {"eval.repetition_penalty": 1.2}]
+)
+def test_settings_an_api_cannot_take_are_refused_in_one_line(tmp_path, setting):
+    ((key, value),) = setting.items()
+    result = run_cli(
+        ["eval", *set_args(smoke_overrides(tmp_path, **setting)), "--api-model", "m", "--api-base", "http://h/v1"]
+    )
+    one_line_error(result, f"{key}={value} cannot be sent to an OpenAI-compatible API")
+    assert not (tmp_path / "run").exists()
+
+
+def test_length_penalty_is_refused_too():  # the config allows it only with num_beams > 1, refused first
+    with pytest.raises(UserError, match=r"eval.length_penalty=0.5 cannot be sent .* set eval.length_penalty=1.0"):
+        api.check_decoding({"num_beams": 1, "length_penalty": 0.5, "no_repeat_ngram_size": 0, "repetition_penalty": 1})

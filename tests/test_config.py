@@ -27,6 +27,16 @@ def test_shipped_recipe_is_written_from_the_dataclasses_comments():
     assert len(field_comments(TrainArgs)["max_tokens_per_batch"]) == 3  # a paragraph above the key
 
 
+@pytest.mark.parametrize("name", ["llama32-1b-samsum.yaml", "smollm2-cpu-demo.yaml"])
+def test_generated_configs_are_their_header_and_annotated_yaml(name):
+    """These shipped configs are a header (the command, what it is for, what was measured) and
+    `annotated_yaml` of the config they load to: every comment below the header is config.py's."""
+    from samsum_qlora.config import annotated_yaml
+
+    path = ROOT / "configs" / name
+    assert path.read_text().endswith("\n\n" + annotated_yaml(load_config(path)))
+
+
 def test_config_command_prints_the_resolved_config(tmp_path):
     from click.testing import CliRunner
 
@@ -223,3 +233,32 @@ def test_values_that_trained_nothing_or_failed_late_are_refused(override, messag
     monkeypatch.setattr(import_utils, "is_kernels_available", lambda: False)  # as on this machine
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(SMOKE_CONFIG, parse_overrides([override]))
+
+
+def test_decoding_defaults_are_greedy_as_in_transformers():
+    from transformers import GenerationConfig
+
+    from samsum_qlora.config import DECODING_KEYS
+
+    e, hf = Config().eval, GenerationConfig()._get_default_generation_params()
+    assert {k: v for k, v in e.decoding().items() if k != "seed"} == {k: hf[k] for k in DECODING_KEYS if k != "seed"}
+    assert load_config(None, {"eval.num_beams": 4, "eval.length_penalty": 0.8}).eval.decoding()["num_beams"] == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"eval.num_beams": 0}, "eval.num_beams must be at least 1"),
+        ({"eval.length_penalty": 2.0}, r"acts only in beam search: set eval.num_beams > 1"),
+        ({"eval.no_repeat_ngram_size": -1}, "eval.no_repeat_ngram_size must be >= 0"),
+        ({"eval.repetition_penalty": 0}, "eval.repetition_penalty must be more than 0"),
+        ({"eval.do_sample": True, "eval.temperature": 0}, "for greedy decoding set eval.do_sample=false"),
+        ({"eval.do_sample": True, "eval.top_p": 1.5}, r"eval.top_p must be in \(0, 1\]"),
+        ({"eval.temperature": 0.7}, "acts only when sampling: set eval.do_sample=true"),
+        ({"eval.top_p": 0.9}, "eval.top_p=0.9 acts only when sampling"),
+        ({"eval.seed": -1}, "eval.seed must be >= 0"),
+    ],
+)
+def test_bad_decoding_settings_fail_with_the_fix(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)

@@ -305,3 +305,16 @@ def test_ctrl_c_and_sigterm_stop_eval_with_one_line_and_keep_what_was_saved(tmp_
     assert run_cli(args).exit_code == 0 and asked == [4]
     preds = (tmp_path / "run" / "eval-base" / "predictions.jsonl").read_text().splitlines()
     assert [json.loads(line)["prediction"] for line in preds] == ["first", "second", "c", "d"]
+
+
+def test_decoding_settings_are_recorded_and_part_of_the_folder_identity(tmp_path):
+    """Beam search through eval's own predictor; metrics.json records the settings, and the same
+    folder refuses an evaluation with another setting instead of mixing the two."""
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"eval.num_beams": 2, "eval.max_new_tokens": 8}))
+    metrics = evaluate.evaluate_model(cfg, evaluate.plan_eval(cfg, base_only=True, limit=3))
+    assert metrics["n_examples"] == 3 and metrics["config"]["eval"]["num_beams"] == 2
+    saved = json.loads((tmp_path / "run" / "eval-base" / "metrics.json").read_text())
+    assert {k: saved["config"]["eval"][k] for k in cfg.eval.decoding()} == cfg.eval.decoding()
+    greedy = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"eval.max_new_tokens": 8}))
+    with pytest.raises(UserError, match=r"holds another evaluation \(eval.num_beams changed\); pass --overwrite"):
+        evaluate.evaluate_model(greedy, evaluate.plan_eval(greedy, base_only=True, limit=3))

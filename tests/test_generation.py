@@ -129,3 +129,89 @@ def test_full_view_decodes_with_grouped_attention_and_restores_sdpa(trained, mon
     ours(model, prompts[:3], fmt, 4, full_view=True)
     assert any(shape[2] == 1 for shape in calls)  # the decoding steps went through it
     assert model.config._attn_implementation == "sdpa"
+
+
+# --- decoding settings: greedy on our decoder, the rest on transformers' generate ------------------
+
+
+def settings(fmt, budget, **kw):
+    return generation.Decoding(budget, fmt.stop_ids, fmt.pad_id, **kw)
+
+
+def test_greedy_through_the_generate_path_equals_our_decoder(trained):
+    """num_beams=1 without sampling or repetition controls is greedy on either path."""
+    model, fmt, prompts = trained
+    assert settings(fmt, 24, num_beams=1).greedy and not settings(fmt, 24, num_beams=2).greedy
+    assert generation.generate_batch(model, prompts, settings(fmt, 24)) == ours(model, prompts, fmt, 24)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"num_beams": 4, "length_penalty": 0.5},
+        {"num_beams": 3, "no_repeat_ngram_size": 3, "repetition_penalty": 1.3},
+    ],
+)
+def test_beam_search_equals_generate_token_for_token(trained, kw):
+    """Our left-padded batch against transformers' `generate`, one prompt at a time, same settings."""
+    model, fmt, prompts = trained
+    decoding = settings(fmt, 24, **kw)
+    theirs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=list(fmt.stop_ids),
+            pad_token_id=fmt.pad_id,
+            **kw,
+        )
+        theirs.append(generation.cut(out[0, len(prompt) :].tolist(), set(fmt.stop_ids)))
+    assert generation.generate_batch(model, prompts, decoding) == theirs
+    assert theirs != ours(model, prompts, fmt, 24)  # the settings changed something
+
+
+def test_seeded_sampling_repeats_whatever_else_is_batched(trained):
+    """A sampled batch is seeded from eval.seed and its rows' keys: the same seed draws the same
+    summaries, also when the batch is generated alone (as a resumed eval would), another differs;
+    the caller's random state is left alone."""
+    model, fmt, prompts = trained
+    decoding = settings(fmt, 16, do_sample=True, temperature=1.5, top_p=0.95, seed=7)
+    batches = [[0, 1, 2, 3], [4, 5, 6], [7, 8]]
+    keys = [100 + i for i in range(len(prompts))]
+
+    def run(decoding, chosen):
+        seen = {}
+        generation.generate(
+            model, prompts, chosen, decoding, graphs=False, keys=keys, progress=False,
+            on_batch=lambda idx, dec: seen.update(zip(idx, dec)),
+        )  # fmt: skip
+        return seen
+
+    state = torch.random.get_rng_state()
+    first = run(decoding, batches)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = run(decoding, batches[1:])  # the first batch done before an interruption
+    assert again == {i: first[i] for i in again}
+    other = run(settings(fmt, 16, do_sample=True, temperature=1.5, top_p=0.95, seed=8), batches)
+    assert other != first
+    greedy = dict(enumerate(ours(model, prompts, fmt, 16)))
+    assert {i: greedy[i] for i in first} != first  # it really sampled
+    # a nucleus of one token, or a temperature near 0, is greedy again
+    for sharp in ({"top_p": 1e-6}, {"temperature": 1e-4}):
+        assert run(settings(fmt, 16, do_sample=True, seed=7, **sharp), batches) == {i: greedy[i] for i in first}
+
+
+def repeated_ngrams(ids, n):
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+def test_no_repeat_ngram_size_leaves_no_repeated_ngram(trained):
+    model, fmt, prompts = trained
+    greedy = ours(model, prompts, fmt, 48)
+    assert sum(repeated_ngrams(d.ids, 2) for d in greedy) > 0  # greedy repeats itself
+    capped = generation.generate_batch(model, prompts, settings(fmt, 48, no_repeat_ngram_size=2))
+    assert all(repeated_ngrams(d.ids, 2) == 0 for d in capped) and any(len(d.ids) > 4 for d in capped)

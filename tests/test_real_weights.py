@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REFERENCE
+from conftest import REFERENCE, ROOT
 
 from samsum_qlora import chat, data
 from samsum_qlora.config import DataArgs, load_config
@@ -102,3 +102,31 @@ def test_base_model_summarises_real_dialogues(smollm2, tmp_path):
     metrics = evaluate_model(cfg, plan_eval(cfg, base_only=True, limit=8))
     assert metrics["n_examples"] == 8 and metrics["rouge1"] > 0.10
     assert metrics["empty_predictions"] == 0
+
+
+@pytest.mark.slow
+def test_cpu_demo_learns_on_real_weights(smollm2, tmp_path):
+    """configs/smollm2-cpu-demo.yaml on fewer rows (8 for one epoch, 512-token batches: 6 steps):
+    the loss on 8 test summaries it never saw falls clearly below the base model's (2.40 -> 2.07
+    measured), which it could not if training did nothing."""
+    import torch
+
+    from samsum_qlora import modeling
+    from samsum_qlora.commands.train import train_adapters
+
+    fewer = {"data.max_train_samples": 8, "train.num_train_epochs": 1, "train.max_tokens_per_batch": 512}
+    cfg = load_config(ROOT / "configs" / "smollm2-cpu-demo.yaml", args_for(smollm2, tmp_path, **fewer))
+    assert train_adapters(cfg)["global_step"] >= 4
+    model = modeling.load_generation_model(cfg.model, cfg.quantization, tmp_path / "run" / "lora_adapters", merge=False)
+    fmt = modeling.chat_format(cfg)
+    encoded = [fmt.encode(r["dialogue"], r["summary"]) for r in data.load_rows(str(REFERENCE / "samsum"), "test")[:8]]
+
+    @torch.inference_mode()
+    def held_out_loss():
+        losses = [model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss for e in encoded]
+        return float(sum(losses) / len(losses))
+
+    trained = held_out_loss()
+    with model.disable_adapter():
+        base = held_out_loss()
+    assert trained < base - 0.1, (base, trained)

@@ -161,6 +161,35 @@ def evaluate_cmd(
     evaluate_model(cfg, plan, overwrite=overwrite, predict=predict)
 
 
+@main.command()
+@click.argument("source", required=False, metavar="[INPUT]")
+@config_option
+@set_option
+@click.option("--out", type=click.Path(path_type=Path), help="Write the JSON Lines to this file instead of stdout.")
+@click.option("--adapters", type=click.Path(), help="LoRA adapters dir (default: <train.output_dir>/lora_adapters).")
+@click.option("--base-only", is_flag=True, help="model.name alone, without adapters: a base or a merged model.")
+def summarize(source, config_path, overrides, out, adapters, base_only):
+    """Summarise dialogues that have no reference summary, as eval generates.
+
+    INPUT is a .csv, .jsonl, .json or .parquet file with a dialogue column, a .txt file of dialogues
+    separated by blank lines, or - (the default) for standard input: JSON Lines if every line is a
+    JSON object, else text blocks. Writes one JSON line per input dialogue, in input order: its
+    columns (an input summary column becomes "reference") plus "summary" and "ended"; an empty
+    dialogue is skipped, its line with "summary": null. Progress goes to stderr, so
+    `cat dialogues.txt | samsum-qlora summarize - > summaries.jsonl` is clean."""
+    from samsum_qlora.commands.summarize import summarize_dialogues
+
+    summarize_dialogues(
+        _config(config_path, overrides),
+        source=source,
+        out=out,
+        adapters=adapters,
+        base_only=base_only,
+        stdin=click.get_binary_stream("stdin"),
+        stdout=click.get_binary_stream("stdout"),
+    )
+
+
 @main.command(name="config")
 @config_option
 @set_option
