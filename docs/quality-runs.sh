@@ -39,7 +39,6 @@ declare -A candidates=(
   [r16-8ep]="$r16 --set train.num_train_epochs=8"
   [r16-5ep-neftune5]="$r16 --set train.num_train_epochs=5 --set train.neftune_noise_alpha=5"
   [r64-rslora-5ep]="--set lora.lora_r=64 --set lora.lora_alpha=16 --set lora.use_rslora=true --set $all_linear --set train.max_tokens_per_batch=2048 --set train.num_train_epochs=5"
-  [r16-5ep-1024tok]="--set lora.lora_r=16 --set lora.lora_alpha=32 --set $all_linear --set train.max_tokens_per_batch=1024 --set train.num_train_epochs=5"
 )
 # the decodings, each scored on every candidate's adapters
 declare -A decodings=(

@@ -8,11 +8,12 @@ from disk, merged for generation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from samsum_qlora import chat, layout, runtime
-from samsum_qlora.config import Config, LoraArgs, ModelArgs, QuantArgs
+from samsum_qlora.config import Config, LoraArgs, ModelArgs, QuantArgs, TrainArgs
 from samsum_qlora.errors import UserError
 
 if TYPE_CHECKING:
@@ -261,18 +262,48 @@ def dequantize_base(model, dtype_name: str):
     return model
 
 
-def training_model(cfg: Config, tokenizer):
-    """The model `train` trains (and `bench` times): the base as configured, checked against the
-    tokenizer, with fresh LoRA adapters."""
+# Activation memory per token, layer and hidden unit of a training step, measured on an H200 with the
+# Llama-3.2-1B shape at 4,096-token batches (docs/performance.md): what `should_checkpoint` expects.
+ACTIVATION_BYTES = {"dequantized": 45, "4-bit": 67}
+
+
+def should_checkpoint(t: TrainArgs, model_config, *, in_4bit: bool, tokens: int, free: int | None) -> tuple[bool, str]:
+    """(recompute activations in backward?, why). `train.gradient_checkpointing` auto: on when a
+    batch of `tokens` would keep more activations than 90% of the memory still free; never on a CPU."""
+    if t.gradient_checkpointing != "auto":
+        return bool(t.gradient_checkpointing), ""
+    if free is None:
+        return False, ""
+    per_unit = ACTIVATION_BYTES["4-bit" if in_4bit else "dequantized"]
+    need = tokens * model_config.num_hidden_layers * model_config.hidden_size * per_unit
+    if need <= 0.9 * free:
+        return False, ""
+    return True, (
+        f"train.gradient_checkpointing=auto: on, since a batch of {tokens:,} tokens would keep about "
+        f"{need / 2**30:.1f} GiB of activations and {free / 2**30:.1f} GiB is free on the GPU"
+    )
+
+
+def training_model(cfg: Config, tokenizer, t: TrainArgs | None = None):
+    """(the model `train` trains and `bench` times, its TrainArgs with every auto decided): the base as
+    configured, checked against the tokenizer, with fresh LoRA adapters. `t`: this process's TrainArgs
+    (default cfg.train)."""
+    t = t or cfg.train
     model = load_model(cfg.model, cfg.quantization, training=True)
     check_vocabulary(model, tokenizer)
-    return attach_new_adapters(
+    model = attach_new_adapters(
         model,
         cfg.lora,
         cfg.quantization,
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
-        half_precision=cfg.train.bf16 or cfg.train.fp16,
+        gradient_checkpointing=t.gradient_checkpointing is True,
+        half_precision=t.bf16 or t.fp16,
     )
+    in_4bit = bool(getattr(model.get_base_model(), "is_loaded_in_4bit", False))
+    tokens = t.max_tokens_per_batch or t.per_device_train_batch_size * cfg.data.max_length
+    chosen, why = should_checkpoint(t, model.config, in_4bit=in_4bit, tokens=tokens, free=runtime.free_memory())
+    if why:
+        runtime.current().say(why)
+    return model, dataclasses.replace(t, gradient_checkpointing=chosen)
 
 
 def dequantized_bytes(model, dtype_name: str) -> int:

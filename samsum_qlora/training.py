@@ -120,7 +120,7 @@ def training_arguments(t: TrainArgs, checkpoint_dir: Path, *, cuda: bool, count_
         per_device_train_batch_size=1 if t.max_tokens_per_batch else t.per_device_train_batch_size,
         **(
             {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-            if t.gradient_checkpointing
+            if t.gradient_checkpointing is True  # "auto" is decided with the model loaded (modeling)
             else {}
         ),
         save_strategy="steps",

@@ -177,3 +177,30 @@ def test_adapters_whose_config_was_edited_are_refused(tmp_path, targets, needle)
     for merge in (False, True):
         with pytest.raises(UserError, match=r"do not match their adapter_config.json: " + needle):
             modeling.load_generation_model(cfg.model, cfg.quantization, adapters, merge=merge)
+
+
+def test_auto_checkpointing_turns_on_only_when_activations_would_not_fit():
+    """train.gradient_checkpointing=auto, with the activation bytes measured on the 1B: an 8B kept in
+    4 bits on a 24 GB card (18.6 GiB free after loading) needs it; the 1B there does not; a CPU never."""
+    from types import SimpleNamespace
+
+    from samsum_qlora.config import TrainArgs
+
+    gib, auto = 2**30, TrainArgs()
+    assert auto.gradient_checkpointing == "auto"
+    llama_8b = SimpleNamespace(num_hidden_layers=32, hidden_size=4096)
+    llama_1b = SimpleNamespace(num_hidden_layers=16, hidden_size=2048)
+    on, why = modeling.should_checkpoint(auto, llama_8b, in_4bit=True, tokens=4096, free=int(18.6 * gib))
+    assert on and "a batch of 4,096 tokens would keep about 33.5 GiB of activations and 18.6 GiB is free" in why
+    assert modeling.should_checkpoint(auto, llama_1b, in_4bit=False, tokens=4096, free=21 * gib) == (False, "")
+    assert modeling.should_checkpoint(auto, llama_1b, in_4bit=False, tokens=4096, free=5 * gib)[0]  # an 8 GB card
+    assert modeling.should_checkpoint(auto, llama_8b, in_4bit=True, tokens=4096, free=None) == (False, "")
+    forced = TrainArgs(gradient_checkpointing="false")
+    assert modeling.should_checkpoint(forced, llama_8b, in_4bit=True, tokens=4096, free=gib) == (False, "")
+
+
+def test_the_training_model_comes_with_its_checkpointing_decided(tmp_path, tokenizer):
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.gradient_checkpointing": "auto"}))
+    model, args = modeling.training_model(cfg, tokenizer)
+    assert cfg.train.gradient_checkpointing == "auto" and args.gradient_checkpointing is False  # a CPU
+    assert not model.get_base_model().is_gradient_checkpointing

@@ -170,13 +170,13 @@ def time_training(
     )
     runtime.release_memory(reset_peak=True)
     tokenizer = modeling.load_tokenizer(cfg.model)
-    model = modeling.training_model(cfg, tokenizer)
-    clock, counting = Clock(), Counting(training.collator(cfg.train, chat.pad_id(tokenizer)))
+    model, train_args = modeling.training_model(cfg, tokenizer)
+    clock, counting = Clock(), Counting(training.collator(train_args, chat.pad_id(tokenizer)))
     trainer = training.build_trainer(
-        cfg.train, model, training.training_set(cfg.train, columns), counting, workdir / "ckpt", [clock]
+        train_args, model, training.training_set(train_args, columns), counting, workdir / "ckpt", [clock]
     )
     trainer.train()
-    micro = cfg.train.gradient_accumulation_steps
+    micro = train_args.gradient_accumulation_steps
     timed = counting.counts[warmup * micro : (warmup + steps) * micro]
     figures = summarise(
         Timed(sum(r for r, _ in timed), sum(p for _, p in timed), clock.seconds(warmup, warmup + steps)),

@@ -45,7 +45,7 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
     train_args = per_process_args(cfg, run, rt)
 
     # --- model: the 4-bit base, then fresh LoRA adapters ---
-    model = modeling.training_model(cfg, fmt.tokenizer)
+    model, train_args = modeling.training_model(cfg, fmt.tokenizer, train_args)
     trainable, total = model.get_nb_trainable_parameters()
     rt.say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
