@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MODEL=<SmolLM2-135M-Instruct folder or Hub id> SAMSUM=<folder with validation.csv and test.csv> \
-#   RUNS=<output folder> bash docs/quality-runs.sh [base default select best timing]
+#   RUNS=<output folder> bash docs/quality-runs.sh [base default select best timing bench]
 #
 # The runs behind docs/quality.md, on one GPU. Every row trains on the same 818 SAMSum validation
 # dialogues and scores the same 819 test dialogues, once. The recipe and the decoding are chosen on
@@ -112,6 +112,11 @@ EOF
         time "${q[@]}" summarize "$RUNS/test-dialogues.jsonl" --out "$RUNS/summaries-$decoding.jsonl" \
           "${full[@]}" --set "train.output_dir=$RUNS/best" ${decodings[$decoding]}
       done ;;
+    bench)  # eval's generation against the tutorial's per-example loop on the first 200 test dialogues,
+      # with the adapters of BENCH_RUN (default: best); the loop's outputs come from 14 processes at once
+      "${q[@]}" bench "${full[@]}" --split test --model-dir "$MODEL" --adapters "$RUNS/${BENCH_RUN:-best}/lora_adapters" \
+        --eval --loop-sample 200 --loop-workers "${LOOP_WORKERS:-14}" --steps 5 --warmup 3 \
+        --json "$RUNS/bench-smollm2.json" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
