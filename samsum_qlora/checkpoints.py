@@ -7,12 +7,11 @@ cut off mid-write, or with a file cut in half, is skipped in favour of the one b
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from samsum_qlora import layout
+from samsum_qlora import files, layout
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import MANIFEST, RunDir
 
@@ -32,17 +31,9 @@ FREE_KEYS = {
 }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(checkpoint: Path, config: dict[str, Any]) -> None:
     entries = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"bytes": p.stat().st_size, "sha256": files.sha256(p)}
         for p in sorted(checkpoint.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
@@ -57,14 +48,14 @@ def problem(checkpoint: Path) -> str | None:
     if not manifest.is_file():
         return "no manifest (cut off while saving)"
     try:
-        files = json.loads(manifest.read_text())["files"]
+        listed = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError):
         return "unreadable manifest"
-    for name, want in files.items():
+    for name, want in listed.items():
         path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != want["bytes"] or _sha256(path) != want["sha256"]:
+        if path.stat().st_size != want["bytes"] or files.sha256(path) != want["sha256"]:
             return f"{name} does not match its manifest (truncated or changed)"
     return None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -58,6 +59,15 @@ def ensure_writable_file(path: Path) -> Path:
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
     return path
+
+
+def sha256(path: Path) -> str:
+    """The file's SHA-256, read in blocks (a checkpoint's or a model's files can be large)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -262,6 +262,11 @@ def dequantize_base(model, dtype_name: str):
     return model
 
 
+def size(n: int) -> str:
+    """Bytes as a person reads them: GiB, or MiB below a tenth of one."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
+
+
 # Activation memory per token, layer and hidden unit of a training step, measured on an H200 with the
 # Llama-3.2-1B shape at 4,096-token batches (docs/performance.md): what `should_checkpoint` expects.
 ACTIVATION_BYTES = {"dequantized": 45, "4-bit": 67}
@@ -280,7 +285,7 @@ def should_checkpoint(t: TrainArgs, model_config, *, in_4bit: bool, tokens: int,
         return False, ""
     return True, (
         f"train.gradient_checkpointing=auto: on, since a batch of {tokens:,} tokens would keep about "
-        f"{need / 2**30:.1f} GiB of activations and {free / 2**30:.1f} GiB is free on the GPU"
+        f"{size(need)} of activations and {size(free)} is free on the GPU"
     )
 
 
@@ -322,10 +327,10 @@ def should_dequantize(q: QuantArgs, needed: int, free: int | None) -> tuple[bool
         return False, ""
     if q.dequantize_once != "auto":
         return bool(q.dequantize_once), ""
-    copy = f"{needed / 2**30:.1f} GiB in {q.bnb_4bit_compute_dtype}"
+    copy = f"{size(needed)} in {q.bnb_4bit_compute_dtype}"
     if free is None:
         return True, f"quantization.dequantize_once=auto: the 4-bit base is dequantised once ({copy}; a CPU)"
-    left = f"{free / 2**30:.1f} GiB free on the GPU"
+    left = f"{size(free)} free on the GPU"
     if needed <= free / 2:
         return True, f"quantization.dequantize_once=auto: the 4-bit base is dequantised once ({copy}, {left})"
     return False, (

@@ -85,14 +85,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files_stamp(folder: Path) -> dict:
     """Every file of a local model folder: the content of the small ones (config, tokenizer, chat
     template), the size and modification time of the weights. A rewritten model is another model."""
@@ -100,7 +92,7 @@ def _files_stamp(folder: Path) -> dict:
     for p in sorted(folder.iterdir()):
         if p.is_file():
             size = p.stat().st_size
-            stamp[p.name] = _file_sha256(p) if size <= MAX_HASHED_BYTES else [size, p.stat().st_mtime_ns]
+            stamp[p.name] = files.sha256(p) if size <= MAX_HASHED_BYTES else [size, p.stat().st_mtime_ns]
     return stamp
 
 
@@ -135,7 +127,7 @@ def identity(cfg: Config, plan: EvalPlan, rows: list[dict]) -> dict:
             "adapters": None
             if plan.adapters is None
             else {
-                name: _file_sha256(plan.adapters / name)
+                name: files.sha256(plan.adapters / name)
                 for name in (layout.ADAPTER_CONFIG, layout.ADAPTER_WEIGHTS)
                 if (plan.adapters / name).is_file()
             },
