@@ -165,3 +165,9 @@ def test_an_epoch_of_no_tokens_is_refused_before_timing(tmp_path, tokens):
 
     result = run_cli(["bench", *set_args(smoke_overrides(tmp_path)), "--epoch-tokens", tokens])
     one_line_error(result, f"--epoch-tokens must be at least 1 (the tokens in one epoch), got {tokens}")
+
+
+def test_new_shapes_counts_the_timed_batches_of_a_shape_not_met_before():
+    shapes = [(4, 32), (2, 64), (4, 32), (8, 16), (2, 64), (1, 128)]
+    assert bench.new_shapes(shapes, 2, 6) == 2  # (8, 16) and (1, 128); (4, 32) and (2, 64) were met in warm-up
+    assert bench.new_shapes(shapes, 0, 2) == 2 and bench.new_shapes(shapes, 4, 5) == 0

@@ -23,15 +23,21 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "samsum
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The model folder, built once per machine (about a minute) and kept in the cache."""
+    import fcntl
+
     if not MAKE.is_file():
         pytest.skip("../shared/reference/smollm2/make.sh is not here")
-    if not (CACHE / "model.safetensors").is_file():
-        staging = CACHE.with_name(CACHE.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-        done = subprocess.run(["bash", str(MAKE), str(staging)], env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        staging.replace(CACHE)
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with open(CACHE.with_name(CACHE.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test processes side by side (pytest -n) build it once
+        if not (CACHE / "model.safetensors").is_file():
+            staging = CACHE.with_name(CACHE.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+            run = ["bash", str(MAKE), str(staging)]
+            done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+            staging.replace(CACHE)
     return CACHE
 
 

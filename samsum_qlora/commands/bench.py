@@ -191,9 +191,16 @@ def time_training(
     figures |= first_epoch(warm, figures["tokens_per_s"], epoch_tokens)
     figures["step_seconds"] = [round(clock.seconds(k, k + 1), 4) for k in range(warmup + steps)]
     figures["step_shapes"] = [list(shape) for shape in counting.shapes[: (warmup + steps) * micro]]
+    figures["timed_new_shapes"] = new_shapes(counting.shapes, warmup * micro, (warmup + steps) * micro)
     del trainer, model
     runtime.release_memory()
     return figures
+
+
+def new_shapes(shapes: list[tuple], start: int, end: int) -> int:
+    """How many of the batches start..end have a shape no batch before them had: on a machine's first
+    run each one compiles kernels, so a pace timed over many of them is not the steady one."""
+    return sum(shape not in set(shapes[:i]) for i, shape in enumerate(shapes[start:end], start))
 
 
 def first_epoch(warm: Timed, tokens_per_s: float, epoch_tokens: int) -> dict:
@@ -479,6 +486,12 @@ def render(r: dict) -> str:
     ]
     if "tutorial" in r:
         out += [line("tutorial recipe", r["tutorial"]), f"speed-up over the tutorial's recipe: {r['ratio']:.1f}x"]
+    if r.get("timed_new_shapes"):
+        out.append(
+            f"{r['timed_new_shapes']} of this config's {r['steps']} timed steps met a batch shape for the first time; "
+            "on a machine's first run each compiles kernels, so the pace above is below the steady one "
+            "(more --warmup steps time it)"
+        )
     if "eval" in r:
         out += eval_lines(r["eval"])
     return "\n".join(out)
