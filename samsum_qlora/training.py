@@ -150,13 +150,16 @@ class Collator:
     """Right-pads a batch to its longest row (rounded up to `multiple`); labels are -100 wherever
     there is padding. Accepts plain rows, or items that are themselves pre-formed batches.
 
-    With `trained_positions`, it also says where the loss is computed (`TRAINED_AT`: flat positions
-    row * width + t whose next token is trained; `TRAINED_IDS`: those next tokens), found here on the
-    CPU so the training step never waits for the GPU to find them."""
+    For `LossTrainer` (`step_extras`) it also says, found here on the CPU, where the batch is still
+    (the Trainer moves it to the GPU before a step sees it), so that a step never waits for the GPU
+    to find them: `REAL_TOKENS`, the batch's non-padding tokens, and with `trained_positions` where
+    the loss is computed (`TRAINED_AT`: flat positions row * width + t whose next token is trained;
+    `TRAINED_IDS`: those next tokens)."""
 
     pad_id: int
     multiple: int = 1
     trained_positions: bool = False
+    step_extras: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if features and features[0]["input_ids"] and isinstance(features[0]["input_ids"][0], list):
@@ -170,12 +173,14 @@ class Collator:
         if not (labels != IGNORE_INDEX).any():
             raise ValueError("a batch has no trained token: its loss would be a silent zero")
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        if self.trained_positions:
-            batch[TRAINED_AT], batch[TRAINED_IDS] = trained_positions(labels)
+        if self.step_extras:
+            batch[REAL_TOKENS] = int(attention_mask.sum())
+            if self.trained_positions:
+                batch[TRAINED_AT], batch[TRAINED_IDS] = trained_positions(labels)
         return batch
 
 
-TRAINED_AT, TRAINED_IDS = "trained_at", "trained_ids"
+TRAINED_AT, TRAINED_IDS, REAL_TOKENS = "trained_at", "trained_ids", "real_tokens"
 
 
 def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +194,7 @@ def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def collator(t: TrainArgs, pad_id: int) -> Collator:
     """The collator `train` uses (and `bench` times)."""
-    return Collator(pad_id, t.pad_to_multiple_of, trained_positions=t.trained_logits_only)
+    return Collator(pad_id, t.pad_to_multiple_of, trained_positions=t.trained_logits_only, step_extras=True)
 
 
 def training_set(t: TrainArgs, columns: dict):
@@ -241,6 +246,7 @@ class LossTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         at, ids = inputs.pop(TRAINED_AT, None), inputs.pop(TRAINED_IDS, None)
+        inputs.pop(REAL_TOKENS, None)
         if not self.trained_logits_only:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
@@ -282,12 +288,12 @@ class LossTrainer(Trainer):
                 )
 
     def _track_num_input_tokens(self, inputs):
-        """The Trainer's count of real tokens, taken from the batch on the CPU instead of summed on
-        the GPU and read back every step; under torchrun the processes' counts are summed only
-        when the count is logged or saved (`sum_tokens`)."""
+        """The Trainer's count of real tokens, as the collator counted them on the CPU, instead of
+        summed on the GPU and read back every step; under torchrun the processes' counts are summed
+        only when the count is logged or saved (`settle`)."""
         if self.args.include_num_input_tokens_seen == "no":
             return
-        local = int(inputs["attention_mask"].sum())
+        local = inputs[REAL_TOKENS] if REAL_TOKENS in inputs else int(inputs["attention_mask"].sum())
         if self.args.world_size > 1:
             self._uncounted_tokens += local
         else:
@@ -314,9 +320,12 @@ class SettleBeforeWriting(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        # logging and saving fall on the same steps in every process; a signal may not
         if control.should_log or control.should_save or control.should_training_stop:
-            self.trainer.settle(count=control.should_log or control.should_save)
+            # the processes sum their counts only at steps they all settle at: logging and saving
+            # steps, the last one; not at a stop a signal asked for, which may come at another step
+            step = state.global_step
+            shared = step % args.logging_steps == 0 or step % args.save_steps == 0 or step >= state.max_steps
+            self.trainer.settle(count=shared)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.settle(count=True)

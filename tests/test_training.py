@@ -183,3 +183,20 @@ def test_run_loss_weighs_each_logged_loss_by_its_steps():
     history += [{"loss": 2.0, "step": 10}, {"train_loss": 9.9, "step": 10}]
     assert run_loss(history) == pytest.approx((4 * 3 + 1 * 1 + 2 * 6) / 10)
     assert run_loss([{"learning_rate": 0.1, "step": 1}]) is None
+
+
+def test_the_collator_counts_real_tokens_on_the_cpu_for_the_trainer(tmp_path, tokenizer):
+    """The Trainer moves a batch to the GPU before a step sees it: counting its real tokens there
+    would make every step wait; the collator counts them while the batch is still on the CPU."""
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    columns = encoded(tokenizer, cfg, n=3)
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"])]
+    batch = training.collator(cfg.train, chat.pad_id(tokenizer))(rows)
+    real = sum(len(i) for i in columns["input_ids"])
+    assert batch[training.REAL_TOKENS] == real == int(batch["attention_mask"].sum())
+    trainer = training.build_trainer(
+        cfg.train, with_adapters(cfg), training.training_set(cfg.train, columns), training.Collator(0), tmp_path / "ck"
+    )
+    trainer.args.include_num_input_tokens_seen = "non_padding"
+    trainer._track_num_input_tokens({training.REAL_TOKENS: 7, "attention_mask": None})  # the mask is not read
+    assert trainer.state.num_input_tokens_seen == 7
