@@ -352,7 +352,7 @@ class EvalArgs:
         _check(self.seed >= 0, f"eval.seed must be >= 0, got {self.seed}")
 
     def decoding(self) -> dict[str, Any]:
-        """The decoding settings, by key: what generation, the API and an eval folder's identity take."""
+        """The decoding settings, by key: what generation and the API take."""
         return {key: getattr(self, key) for key in DECODING_KEYS}
 
 

@@ -281,11 +281,10 @@ def should_checkpoint(t: TrainArgs, model_config, *, in_4bit: bool, tokens: int,
         return False, ""
     per_unit = ACTIVATION_BYTES["4-bit" if in_4bit else "dequantized"]
     need = tokens * model_config.num_hidden_layers * model_config.hidden_size * per_unit
-    if need <= 0.9 * free:
-        return False, ""
-    return True, (
-        f"train.gradient_checkpointing=auto: on, since a batch of {tokens:,} tokens would keep about "
-        f"{size(need)} of activations and {size(free)} is free on the GPU"
+    chosen = need > 0.9 * free
+    return chosen, (
+        f"train.gradient_checkpointing=auto: {'on' if chosen else 'off'}, since a batch of {tokens:,} tokens "
+        f"would keep about {size(need)} of activations and {size(free)} is free on the GPU"
     )
 
 
@@ -315,8 +314,8 @@ def dequantized_bytes(model, dtype_name: str) -> int:
     """What the 4-bit layers' weights take once dequantised to `dtype_name`."""
     import bitsandbytes as bnb
 
-    size = torch_dtype(dtype_name).itemsize
-    return sum(m.in_features * m.out_features * size for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    itemsize = torch_dtype(dtype_name).itemsize
+    return sum(m.in_features * m.out_features * itemsize for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
 
 
 def should_dequantize(q: QuantArgs, needed: int, free: int | None) -> tuple[bool, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from samsum_qlora import batching, generation, modeling
+from samsum_qlora import batching, generation, layout, modeling
 from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
 from samsum_qlora.predictions import Predict, Prediction, Save
@@ -19,6 +19,7 @@ from samsum_qlora.predictions import Predict, Prediction, Save
 
 class Summarizer:
     def __init__(self, cfg: Config, adapters: Path | None):
+        check_context(cfg)
         self.cfg, self.adapters = cfg, adapters
         self.fmt = modeling.chat_format(cfg)
         self.decoding = generation.Decoding(
@@ -75,6 +76,23 @@ class Summarizer:
 
     def text(self, decoded: generation.Decoded) -> Prediction:
         return Prediction(self.fmt.decode(decoded.ids), decoded.ended)
+
+
+def adapters_to_use(cfg: Config, adapters: str | None, base_only: bool) -> Path | None:
+    """The adapters `eval` and `summarize` generate with: --adapters, else <train.output_dir>/lora_adapters;
+    None with --base-only (a base or merged model alone). Checked before any model loads."""
+    if base_only and adapters:
+        raise UserError("--base-only and --adapters contradict each other: give one")
+    if base_only:
+        return None
+    folder = Path(adapters) if adapters else layout.RunDir(Path(cfg.train.output_dir)).adapters
+    if not folder.is_dir():
+        raise UserError(
+            f"adapters not found: {folder} (train first, pass --adapters DIR, or --base-only for the base or a "
+            "merged model alone)"
+        )
+    layout.adapter_config(folder)  # holds adapters at all: said now, not after loading the model
+    return folder
 
 
 def check_context(cfg: Config) -> None:

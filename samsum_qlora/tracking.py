@@ -36,11 +36,11 @@ def has_credentials(env: MutableMapping[str, str]) -> bool:
         return False
 
 
-def _mode(env: MutableMapping[str, str]) -> str | None:
-    """WANDB_MODE as chosen, else "offline" when there are no credentials (with a notice)."""
+def _mode(env: MutableMapping[str, str], where: str) -> str | None:
+    """WANDB_MODE as chosen, else "offline" when there are no credentials (with a notice naming
+    `where` W&B writes)."""
     if env.get("WANDB_MODE") or has_credentials(env):
         return env.get("WANDB_MODE") or None
-    where = env.get("WANDB_DIR") or "."
     print(
         f"WANDB_API_KEY is not set: W&B logs offline to {where}/wandb (no `wandb login` found either; "
         f"upload later with `wandb sync {where}/wandb/offline-run-*`)",
@@ -71,7 +71,7 @@ def prepare_wandb(
     output_dir = Path(output_dir)
     env.setdefault("WANDB_PROJECT", DEFAULT_PROJECT)
     env.setdefault("WANDB_DIR", str(output_dir))
-    mode = _mode(env)
+    mode = _mode(env, env["WANDB_DIR"])
     if mode:
         env["WANDB_MODE"] = mode
 
@@ -105,12 +105,13 @@ def log_eval_to_wandb(
         id_file = RunDir(Path(train_dir)).wandb_run_id
         if not id_file.is_file():
             return False
+        where = env.get("WANDB_DIR") or str(train_dir)
         run = wandb.init(
             project=env.get("WANDB_PROJECT") or DEFAULT_PROJECT,
             id=id_file.read_text(encoding="utf-8").strip(),
             resume="allow",
-            dir=env.get("WANDB_DIR") or str(train_dir),
-            mode=_mode(env),
+            dir=where,
+            mode=_mode(env, where),
         )
         opened = True
     scores = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -171,3 +171,12 @@ def test_new_shapes_counts_the_timed_batches_of_a_shape_not_met_before():
     shapes = [(4, 32), (2, 64), (4, 32), (8, 16), (2, 64), (1, 128)]
     assert bench.new_shapes(shapes, 2, 6) == 2  # (8, 16) and (1, 128); (4, 32) and (2, 64) were met in warm-up
     assert bench.new_shapes(shapes, 0, 2) == 2 and bench.new_shapes(shapes, 4, 5) == 0
+
+
+def test_eval_timing_sets_other_decodings_back_to_greedy(capsys):
+    beams = load_config(None, {"eval.num_beams": 4, "eval.length_penalty": 0.8})
+    greedy = bench.greedy_decoding(beams)
+    assert greedy["num_beams"] == 1 and greedy["length_penalty"] == 1.0 and not greedy["do_sample"]
+    assert "times greedy decoding" in capsys.readouterr().out
+    bench.greedy_decoding(load_config(None, {}))
+    assert capsys.readouterr().out == ""  # already greedy: nothing to say

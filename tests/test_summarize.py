@@ -203,3 +203,19 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, make_args, stdin, me
 def test_adapters_default_to_the_runs_as_in_eval_and_are_checked_before_loading(tmp_path):
     one_line_error(summarize(tmp_path, stdin=b"A: hi"), f"adapters not found: {tmp_path / 'run' / 'lora_adapters'}")
     one_line_error(summarize(tmp_path, "--adapters", str(tmp_path), stdin=b"A: hi"), "holds no LoRA adapters")
+
+
+def test_ctrl_c_in_summarize_is_one_line_and_130(tmp_path, monkeypatch):
+    """Like eval and train: a line saying nothing was written, and 128 + SIGINT, not click's "Aborted!"."""
+    from samsum_qlora import summarizer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(summarizer.Summarizer, "generate", interrupted)
+    result = summarize(tmp_path, "--base-only", stdin=b"Ana: hi\nBo: hello")
+    assert result.exit_code == 130
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "stopped: stopped by SIGINT; nothing was written: rerun the same command"
+    )

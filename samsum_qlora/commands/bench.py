@@ -18,7 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from samsum_qlora import chat, data, files, generation, modeling, runtime, training
-from samsum_qlora.config import TUTORIAL_RECIPE, Config, with_overrides
+from samsum_qlora.config import TUTORIAL_RECIPE, Config, EvalArgs, with_overrides
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import RANDOM_MARK
 from samsum_qlora.metrics import LEVEL, SHOWN, means, paired_difference, rouge_per_example
@@ -200,7 +200,11 @@ def time_training(
 def new_shapes(shapes: list[tuple], start: int, end: int) -> int:
     """How many of the batches start..end have a shape no batch before them had: on a machine's first
     run each one compiles kernels, so a pace timed over many of them is not the steady one."""
-    return sum(shape not in set(shapes[:i]) for i, shape in enumerate(shapes[start:end], start))
+    seen, new = set(shapes[:start]), 0
+    for shape in shapes[start:end]:
+        new += shape not in seen
+        seen.add(shape)
+    return new
 
 
 def first_epoch(warm: Timed, tokens_per_s: float, epoch_tokens: int) -> dict:
@@ -344,7 +348,7 @@ def time_generation(
     """`eval`'s batched generation of every prompt at eval.max_new_tokens with real stopping,
     against the tutorial's per-example loop on the split's first `loop_sample` prompts, shared by
     `loop_workers` processes."""
-    cfg = with_overrides(cfg, {"model": {"name": str(model_dir)}})
+    cfg = with_overrides(cfg, {"model": {"name": str(model_dir)}, "eval": greedy_decoding(cfg)})
     adapters = adapters or random_adapters(cfg, workdir / "adapters")
     summarizer = Summarizer(cfg, adapters)
     fmt, prompts = summarizer.fmt, summarizer.prompts([r["dialogue"] for r in rows])
@@ -376,6 +380,15 @@ def time_generation(
         figures["rouge_sample"] = compare_rouge(texts, [chat.clean(rows[i]["summary"]) for i in sample])
         figures["sample_outputs"] = [{"row": i, "batched": b, "loop": lp} for i, b, lp in zip(sample, *texts.values())]
     return figures
+
+
+def greedy_decoding(cfg: Config) -> dict:
+    """eval's decoding settings set back to greedy: the tutorial's loop is greedy, and so is the path
+    it is compared with (said when the config asked for another decoding)."""
+    greedy = {key: value for key, value in EvalArgs().decoding().items() if key != "seed"}
+    if any(cfg.eval.decoding()[key] != value for key, value in greedy.items()):
+        print("note: bench --eval times greedy decoding, as the tutorial's loop it is compared with decodes")
+    return greedy
 
 
 def compare_rouge(texts: dict[str, list[str]], refs: list[str]) -> dict:

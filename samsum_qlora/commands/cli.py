@@ -37,7 +37,7 @@ def _close_progress_bars() -> None:
 
 
 @contextlib.contextmanager
-def _stops_on_signals(kept: str):
+def _stops_on_signals(kept: str, then: str = "rerun the same command to resume"):
     """A command that Ctrl-C or SIGTERM ends with one line saying what is `kept` and the exit code
     128 + the signal (click alone prints "Aborted!" and exits 1; SIGTERM kills unsaid). Train's
     first signal during training saves a checkpoint and stops on its own (`Stopped`)."""
@@ -49,7 +49,7 @@ def _stops_on_signals(kept: str):
     except KeyboardInterrupt as e:
         _close_progress_bars()
         name, code = ("SIGTERM", 143) if isinstance(e, runtime.Terminated) else ("SIGINT", 130)
-        click.echo(f"stopped: stopped by {name}; {kept}: rerun the same command to resume", err=True)
+        click.echo(f"stopped: stopped by {name}; {kept}: {then}", err=True)
         sys.exit(code)
 
 
@@ -168,6 +168,7 @@ def evaluate_cmd(
 @click.option("--out", type=click.Path(path_type=Path), help="Write the JSON Lines to this file instead of stdout.")
 @click.option("--adapters", type=click.Path(), help="LoRA adapters dir (default: <train.output_dir>/lora_adapters).")
 @click.option("--base-only", is_flag=True, help="model.name alone, without adapters: a base or a merged model.")
+@_stops_on_signals("nothing was written", "rerun the same command")
 def summarize(source, config_path, overrides, out, adapters, base_only):
     """Summarise dialogues that have no reference summary, as eval generates.
 

@@ -16,7 +16,7 @@ from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir, RunDir
 from samsum_qlora.predictions import EvalPlan, Predict
-from samsum_qlora.summarizer import check_context, local_predictor
+from samsum_qlora.summarizer import adapters_to_use, check_context, local_predictor
 
 
 def plan_eval(
@@ -45,11 +45,7 @@ def plan_eval(
         out = output_dir or cfg.eval.output_dir or run.eval_dir(api_model=api_model)
         kind, base = predictions.KIND_API, api.normalise_base(cfg.api.base)
         return EvalPlan(api_model.strip(), kind, None, split, limit, Path(out), api_base=base)
-    if base_only and adapters:
-        raise UserError("--base-only and --adapters contradict each other: give one")
-    adapter_dir = None if base_only else Path(adapters) if adapters else run.adapters
-    if adapter_dir is not None and not adapter_dir.is_dir():
-        raise UserError(f"adapters not found: {adapter_dir} (train first, pass --adapters DIR, or use --base-only)")
+    adapter_dir = adapters_to_use(cfg, adapters, base_only)
     out = output_dir or cfg.eval.output_dir or run.eval_dir(base_only=base_only)
     kind = predictions.KIND_BASE if base_only else predictions.KIND_QLORA
     return EvalPlan(cfg.model.name, kind, adapter_dir, split, limit, Path(out))
@@ -113,8 +109,6 @@ def _evaluate_sharded(cfg: Config, plan: EvalPlan, chosen: data.Scorable, *, ove
 
     Whole batches are dealt, not examples, so each batch is the very one a single process would
     generate, padded the same way: the predictions, and so the metrics, are identical."""
-    import contextlib
-
     rt = runtime.current()
     folder = EvalDir(plan.output_dir)
     with runtime.process_group(), files.hold(folder.lock, "eval") if rt.is_main else contextlib.nullcontext():

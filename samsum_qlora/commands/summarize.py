@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from samsum_qlora import data, files, layout, runtime
+from samsum_qlora import data, files, runtime, summarizer
 from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
 from samsum_qlora.predictions import Prediction
-from samsum_qlora.summarizer import Summarizer
 
 
 def say(message: str) -> None:
@@ -28,22 +27,6 @@ def say(message: str) -> None:
 
 def plural(n: int) -> str:
     return f"{n} dialogue{'' if n == 1 else 's'}"
-
-
-def adapters_to_use(cfg: Config, adapters: str | None, base_only: bool) -> Path | None:
-    """--adapters, or <train.output_dir>/lora_adapters as in eval; None with --base-only."""
-    if base_only and adapters:
-        raise UserError("--base-only and --adapters contradict each other: give one")
-    if base_only:
-        return None
-    folder = Path(adapters) if adapters else layout.RunDir(Path(cfg.train.output_dir)).adapters
-    if not folder.is_dir():
-        raise UserError(
-            f"adapters not found: {folder} (train first, pass --adapters DIR, or --base-only for a plain or "
-            "merged model)"
-        )
-    layout.adapter_config(folder)  # holds adapters at all: said before the model loads, not after
-    return folder
 
 
 def read_input(source: str | None, stdin: BinaryIO) -> tuple[list[dict[str, Any]], str]:
@@ -90,7 +73,7 @@ def summarize_dialogues(
     or `stdout`. Everything that can be refused is refused before the model loads."""
     if runtime.current().distributed:
         raise UserError("summarize runs in one process: run it without torchrun")
-    folder = adapters_to_use(cfg, adapters, base_only)
+    folder = summarizer.adapters_to_use(cfg, adapters, base_only)
     records, where = read_input(source, stdin)
     check_columns(records, where)
     if out is not None:
@@ -103,13 +86,13 @@ def summarize_dialogues(
     say(f"summarising {plural(len(todo))} with {cfg.model.name}" + (f" + {folder}" if folder else ""))
     started, results = time.perf_counter(), {}
     with contextlib.redirect_stdout(sys.stderr):  # a library's print() must not reach the JSON Lines
-        summarizer = Summarizer(cfg, folder)
-        prompts = summarizer.prompts([records[i]["dialogue"] for i in todo])
+        model = summarizer.Summarizer(cfg, folder)
+        prompts = model.prompts([records[i]["dialogue"] for i in todo])
 
         def on_batch(positions, decoded):
-            results.update({todo[p]: summarizer.text(d) for p, d in zip(positions, decoded)})
+            results.update({todo[p]: model.text(d) for p, d in zip(positions, decoded)})
 
-        summarizer.generate(prompts, summarizer.batches(prompts), on_batch, keys=todo)
+        model.generate(prompts, model.batches(prompts), on_batch, keys=todo)
     lines = [output_record(r, results.get(i)) for i, r in enumerate(records)]
     text = "".join(json.dumps(line, ensure_ascii=False, default=str) + "\n" for line in lines)
     if out is not None:
