@@ -173,6 +173,11 @@ def train_metrics(trainer, result, seconds: float, stats, *, resume_from, traina
             "max_tokens_per_batch": args.max_tokens_per_batch,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
         },
+        # what the config's "auto" settings chose on this machine
+        "chosen": {
+            "dequantize_once": not getattr(trainer.model.get_base_model(), "is_loaded_in_4bit", False),
+            "gradient_checkpointing": args.gradient_checkpointing,
+        },
     }
 
 
