@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from samsum_qlora.chat import build_messages
-from samsum_qlora.config import ApiArgs, Config
+from samsum_qlora.config import ApiArgs, Config, EvalArgs
 from samsum_qlora.errors import UserError
 from samsum_qlora.predictions import Predict, Prediction, Save
 
@@ -38,8 +38,10 @@ DEFAULT_BASE = ApiArgs.base
 KEY_ENV = "OPENAI_API_KEY"
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}  # what the OpenAI clients retry; other 4xx are our fault
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
-# eval's decoding settings a Chat Completions request cannot carry, with the value that means "off"
-NOT_SENDABLE = {"num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+# eval's decoding settings a Chat Completions request cannot carry, with their defaults: "off"
+NOT_SENDABLE = {
+    key: getattr(EvalArgs, key) for key in ("num_beams", "length_penalty", "no_repeat_ngram_size", "repetition_penalty")
+}
 
 
 # --- pure helpers --------------------------------------------------------------------------------

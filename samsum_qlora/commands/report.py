@@ -26,7 +26,7 @@ from samsum_qlora.metrics import (
     rouge_per_example,
 )
 from samsum_qlora.predictions import KIND_API, KIND_BASE, KIND_QLORA
-from samsum_qlora.report_page import render_page
+from samsum_qlora.report_page import render_page, row_keys
 
 KIND_ORDER = (KIND_BASE, KIND_API, KIND_QLORA)  # the tutorial's row order within one run folder
 
@@ -38,7 +38,6 @@ class Scored:
     folder: Path
     model: str
     kind: str
-    ids: list[str]
     per_example: dict[str, list[float]]  # metric -> F-measure per example, fractions 0-1
     records: list[dict] = field(default_factory=list)  # predictions.jsonl's rows, for report.html
 
@@ -109,7 +108,6 @@ def load_scored(folder: Path) -> Scored:
         folder=folder,
         model=str(meta["model"]),
         kind=str(meta["type"]),
-        ids=[str(r["id"]) for r in records],
         per_example=per_example,
         records=records,
     )
@@ -156,7 +154,7 @@ def interval_table(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]
     ]
     for row, ci in zip(rows, cis):
         cells = [f"{100 * ci[m][0]:.2f} – {100 * ci[m][1]:.2f}" for m, _ in SHOWN]
-        lines.append(f"| {row.model} | {row.kind} | {len(row.ids)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row.model} | {row.kind} | {len(row.records)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -172,7 +170,7 @@ def render_markdown(rows: list[Scored], cis: list[dict[str, tuple[float, float]]
         interval_table(rows, cis),
         "",
     ]
-    if len({tuple(r.ids) for r in rows}) > 1:
+    if len({tuple(keys) for keys in row_keys(rows)}) > 1:  # as the page matches rows
         parts += [
             "Note: these evaluations did not score the same examples, so their rows are not directly comparable.",
             "",
