@@ -15,16 +15,24 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def pad(
-    sequences: list[list[int]], value: int, *, left: bool = False, multiple: int = 1
+    sequences: list[list[int]],
+    value: int,
+    *,
+    left: bool = False,
+    multiple: int = 1,
+    width: int | None = None,
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask): `sequences` padded with `value` to the longest, rounded up to `multiple`, on
-    the right (training) or on the left (generation: every prompt ends where generation starts).
-    The mask is 1 at real positions: padding is told by position, never by id."""
+    """(ids, mask): `sequences` padded with `value` to the longest, rounded up to `multiple` (or to
+    `width`), on the right (training) or on the left (generation: every prompt ends where
+    generation starts), then to `rows` rows with rows of `value` alone. The mask is 1 at real
+    positions: padding is told by position, never by id."""
     import torch
 
-    width = round_up(max(len(s) for s in sequences), multiple)
-    ids = torch.full((len(sequences), width), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    width = width or round_up(max(len(s) for s in sequences), multiple)
+    shape = (max(rows or 0, len(sequences)), width)
+    ids = torch.full(shape, value, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
     for row, seq in enumerate(sequences):
         span = slice(width - len(seq), width) if left else slice(0, len(seq))
         ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
@@ -32,16 +40,53 @@ def pad(
     return ids, mask
 
 
+# Widths per doubling of length when batch shapes are bucketed: 4 keeps padding near 10% on SAMSum's
+# lengths with about 13 widths (2: 19% padding, 8 shapes; 8: 7%, 22 shapes).
+WIDTHS_PER_DOUBLING = 4
+
+
+def bucket_widths(multiple: int, longest: int) -> list[int]:
+    """The batch widths bucketed batches take, up to one >= `longest`: WIDTHS_PER_DOUBLING steps
+    per doubling (multiples of `multiple`), so a length is padded by at most ~19%."""
+    widths, base = set(), max(multiple, 1)
+    while not widths or max(widths) < longest:
+        widths.update(round_up(int(base * 2 ** (k / WIDTHS_PER_DOUBLING)), multiple) for k in range(WIDTHS_PER_DOUBLING))
+        base *= 2
+    widths.add(round_up(base, multiple))
+    return sorted(widths)
+
+
+def bucket(n: int, widths: list[int]) -> int:
+    """The smallest width that holds `n` (the last one, if none does)."""
+    return next((w for w in widths if w >= n), widths[-1])
+
+
+def bucketed_width(n: int, multiple: int) -> int:
+    """The bucket width of a batch whose longest row is `n` (each list of widths begins the next)."""
+    return bucket(n, bucket_widths(multiple, n))
+
+
+def bucket_rows(width: int, max_tokens: int) -> int:
+    """Rows of a bucketed batch of `width`: as many as the token budget holds, at least one."""
+    return max(1, max_tokens // width)
+
+
+def trained_capacity(count: int) -> int:
+    """Trained positions a bucketed batch is padded to: the next power of two (at least 64), so a
+    batch shape meets few capacities."""
+    return max(64, 1 << max(count - 1, 0).bit_length())
+
+
 def token_budget_batches(
-    lengths: list[int], max_tokens: int, seed: int, pool: int = 1024, multiple: int = 1
+    lengths: list[int], max_tokens: int, seed: int, pool: int = 1024, multiple: int = 1, widths: list[int] | None = None
 ) -> list[list[int]]:
     """Row indices grouped into training batches whose padded size (rows x longest, rounded up to
-    `multiple`) stays within `max_tokens`.
+    `multiple`, or to a bucket of `widths`) stays within `max_tokens`.
 
     Rows are shuffled, then sorted by length inside pools of `pool` rows, so each batch holds rows
     of similar length (little padding) while batches still mix the data; the Trainer shuffles the
     batch order. A row longer than the budget gets a batch of its own."""
-    lengths = [round_up(n, multiple) for n in lengths]
+    lengths = [bucket(n, widths) if widths else round_up(n, multiple) for n in lengths]
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     batches: list[list[int]] = []

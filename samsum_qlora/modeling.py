@@ -307,7 +307,15 @@ def training_model(cfg: Config, tokenizer, t: TrainArgs | None = None):
     chosen, why = should_checkpoint(t, model.config, in_4bit=in_4bit, tokens=tokens, free=runtime.free_memory())
     if why:
         runtime.current().say(why)
-    return model, dataclasses.replace(t, gradient_checkpointing=chosen)
+    t = dataclasses.replace(t, gradient_checkpointing=chosen)
+    from samsum_qlora import step_graphs  # torch, imported when a model trains
+
+    graphs, why = step_graphs.should_capture(
+        t, cfg.lora.lora_dropout, cuda=runtime.has_cuda(), processes=runtime.current().world_size
+    )
+    if why:
+        runtime.current().say(why)
+    return model, dataclasses.replace(t, cuda_graphs=graphs)
 
 
 def dequantized_bytes(model, dtype_name: str) -> int:

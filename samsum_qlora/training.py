@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from samsum_qlora import batching, checkpoints, layout, runtime
+from samsum_qlora import batching, checkpoints, layout, runtime, step_graphs
 from samsum_qlora.batching import pad
 from samsum_qlora.chat import IGNORE_INDEX
 from samsum_qlora.config import TrainArgs
@@ -31,6 +31,8 @@ OUR_FIELDS = {
     "output_dir",
     "per_device_train_batch_size",
     "gradient_checkpointing",
+    "bucket_shapes",
+    "cuda_graphs",
 }
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal, what job schedulers expect
 
@@ -150,16 +152,26 @@ class Collator:
     """Right-pads a batch to its longest row (rounded up to `multiple`); labels are -100 wherever
     there is padding. Accepts plain rows, or items that are themselves pre-formed batches.
 
+    With `buckets`, a batch takes one of a few shapes instead: its width the bucket of its longest
+    row (`batching.bucket_widths`), its rows filled up to `rows` (or to what `max_tokens` holds at
+    that width) with rows of padding that train nothing, and no attention mask: right padding in a
+    causal model changes nothing before it, so attention runs its plain causal kernel and a step
+    reads no mask (one a CUDA graph could not capture).
+
     For `LossTrainer` (`step_extras`) it also says, found here on the CPU, where the batch is still
     (the Trainer moves it to the GPU before a step sees it), so that a step never waits for the GPU
     to find them: `REAL_TOKENS`, the batch's non-padding tokens, and with `trained_positions` where
     the loss is computed (`TRAINED_AT`: flat positions row * width + t whose next token is trained;
-    `TRAINED_IDS`: those next tokens)."""
+    `TRAINED_IDS`: those next tokens; with `buckets`, padded to `batching.trained_capacity` with
+    position 0 and the ignored id -100)."""
 
     pad_id: int
     multiple: int = 1
     trained_positions: bool = False
     step_extras: bool = False
+    buckets: bool = False
+    max_tokens: int | None = None
+    rows: int | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if features and features[0]["input_ids"] and isinstance(features[0]["input_ids"][0], list):
@@ -168,16 +180,39 @@ class Collator:
                 for f in features
                 for ids, labels in zip(f["input_ids"], f["labels"])
             ]
-        input_ids, attention_mask = pad([f["input_ids"] for f in features], self.pad_id, multiple=self.multiple)
-        labels, _ = pad([f["labels"] for f in features], IGNORE_INDEX, multiple=self.multiple)
+        shape = self.shape([len(f["input_ids"]) for f in features])
+        input_ids, attention_mask = pad([f["input_ids"] for f in features], self.pad_id, **shape)
+        labels, _ = pad([f["labels"] for f in features], IGNORE_INDEX, **shape)
         if not (labels != IGNORE_INDEX).any():
             raise ValueError("a batch has no trained token: its loss would be a silent zero")
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "labels": labels}
+        if not self.buckets:
+            batch["attention_mask"] = attention_mask
         if self.step_extras:
             batch[REAL_TOKENS] = int(attention_mask.sum())
             if self.trained_positions:
-                batch[TRAINED_AT], batch[TRAINED_IDS] = trained_positions(labels)
+                at, ids = trained_positions(labels)
+                if self.buckets:
+                    at, ids = pad_positions(at, ids, batching.trained_capacity(len(ids)))
+                batch[TRAINED_AT], batch[TRAINED_IDS] = at, ids
         return batch
+
+    def shape(self, lengths: list[int]) -> dict[str, int | None]:
+        """`pad`'s width and rows for rows of these lengths."""
+        if not self.buckets:
+            return {"multiple": self.multiple}
+        width = batching.bucketed_width(max(lengths), self.multiple)
+        rows = batching.bucket_rows(width, self.max_tokens) if self.max_tokens else self.rows
+        return {"width": width, "rows": rows}
+
+
+def pad_positions(at: torch.Tensor, ids: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trained positions and ids padded to `capacity`: position 0, id -100 (which the loss ignores)."""
+    extra = capacity - len(ids)
+    return (
+        torch.cat([at, at.new_zeros(extra)]),
+        torch.cat([ids, ids.new_full((extra,), IGNORE_INDEX)]),
+    )
 
 
 TRAINED_AT, TRAINED_IDS, REAL_TOKENS = "trained_at", "trained_ids", "real_tokens"
@@ -194,7 +229,15 @@ def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def collator(t: TrainArgs, pad_id: int) -> Collator:
     """The collator `train` uses (and `bench` times)."""
-    return Collator(pad_id, t.pad_to_multiple_of, trained_positions=t.trained_logits_only, step_extras=True)
+    return Collator(
+        pad_id,
+        t.pad_to_multiple_of,
+        trained_positions=t.trained_logits_only,
+        step_extras=True,
+        buckets=t.bucket_shapes,
+        max_tokens=t.max_tokens_per_batch,
+        rows=t.per_device_train_batch_size,
+    )
 
 
 def training_set(t: TrainArgs, columns: dict):
@@ -204,9 +247,11 @@ def training_set(t: TrainArgs, columns: dict):
     rows = {"input_ids": columns["input_ids"], "labels": columns["labels"]}
     if t.max_tokens_per_batch:
         lengths = [len(ids) for ids in rows["input_ids"]]
-        rows = batching.group_rows(
-            rows, batching.token_budget_batches(lengths, t.max_tokens_per_batch, t.seed, multiple=t.pad_to_multiple_of)
+        widths = batching.bucket_widths(t.pad_to_multiple_of, max(lengths)) if t.bucket_shapes else None
+        batches = batching.token_budget_batches(
+            lengths, t.max_tokens_per_batch, t.seed, multiple=t.pad_to_multiple_of, widths=widths
         )
+        rows = batching.group_rows(rows, batches)
     return Dataset.from_dict(rows)
 
 
@@ -222,8 +267,8 @@ def trained_token_loss(hidden, at: torch.Tensor, ids: torch.Tensor, head, num_it
     import torch.nn.functional as F
 
     logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)).float()
-    loss = F.cross_entropy(logits, ids, reduction="sum")
-    return loss / (num_items_in_batch if num_items_in_batch is not None else ids.numel())
+    loss = F.cross_entropy(logits, ids, reduction="sum", ignore_index=IGNORE_INDEX)  # padded positions: -100
+    return loss / (num_items_in_batch if num_items_in_batch is not None else (ids != IGNORE_INDEX).sum())
 
 
 class LossTrainer(Trainer):
@@ -238,9 +283,10 @@ class LossTrainer(Trainer):
       Python prepares the next one.
     """
 
-    def __init__(self, *args, trained_logits_only: bool = True, **kwargs):
+    def __init__(self, *args, trained_logits_only: bool = True, cuda_graphs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.trained_logits_only = trained_logits_only
+        self.graphs = step_graphs.GraphedSteps(self._graphed_loss) if cuda_graphs else None
         self._unchecked: list[tuple[int, torch.Tensor, Any]] = []  # (step, loss copied to the CPU, its event)
         self._uncounted_tokens = 0  # this process's real tokens not yet summed over the processes
 
@@ -252,6 +298,12 @@ class LossTrainer(Trainer):
         labels = inputs.pop("labels")
         if at is None:  # a batch from elsewhere: find the positions here (this waits for the GPU)
             at, ids = trained_positions(labels)
+        loss, outputs = self._trained_loss(model, inputs, at, ids, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
+        return (loss, outputs) if return_outputs else loss
+
+    def _trained_loss(self, model, inputs: dict, at, ids, num_items_in_batch):
         base = self.accelerator.unwrap_model(model).get_base_model()
         captured = {}
         hook = base.get_decoder().register_forward_hook(lambda mod, args, out: captured.update(hidden=out[0]))
@@ -259,13 +311,38 @@ class LossTrainer(Trainer):
             outputs = model(**inputs, use_cache=False, logits_to_keep=1)
         finally:
             hook.remove()
-        loss = trained_token_loss(captured["hidden"], at, ids, base.get_output_embeddings(), num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
-        return (loss, outputs) if return_outputs else loss
+        return trained_token_loss(captured["hidden"], at, ids, base.get_output_embeddings(), num_items_in_batch), outputs
+
+    def _graphed_loss(self, model, input_ids, at, ids, denominator):
+        return self._trained_loss(model, {"input_ids": input_ids}, at, ids, denominator)[0]
+
+    def _graphed_step(self, model, inputs, num_items_in_batch):
+        """The step through `step_graphs`, or None where the Trainer's own must run: graphs off, or
+        a batch or loss scaling other than the ones the graphs compute (one process, the loss
+        divided by the optimizer step's trained tokens, no mask)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if (
+            self.graphs is None
+            or not self.graphs.on
+            or num_items_in_batch is None
+            or not self.model_accepts_loss_kwargs
+            or scaled is False
+            or self.args.world_size > 1
+            or TRAINED_AT not in inputs
+            or "attention_mask" in inputs
+        ):
+            return None
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            return self.graphs.step(
+                model, inputs["input_ids"], inputs[TRAINED_AT], inputs[TRAINED_IDS], num_items_in_batch
+            )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = self._graphed_step(model, inputs, num_items_in_batch)
+        if loss is None:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self.check_losses(keep_last=1)  # the previous step's, computed while this one was queued
         copy, event = loss.detach(), None
         if loss.is_cuda:  # into pinned memory, so the copy does not wait for the queue either
@@ -435,6 +512,7 @@ def build_trainer(
         callbacks=list(callbacks),
         args=training_arguments(t, checkpoint_dir, cuda=runtime.has_cuda(), count_tokens=count_tokens),
         trained_logits_only=t.trained_logits_only,
+        cuda_graphs=t.cuda_graphs is True,
     )
     trainer.add_callback(SettleBeforeWriting(trainer))
     if trainer.pop_callback(ProgressCallback) is not None:

@@ -36,7 +36,13 @@ def test_outputs_a_person_and_eval_can_use(trained_run):
     saved = json.loads((run_dir / "train_metrics.json").read_text())
     assert saved["trainable_parameters"] == 7168 and saved["rows"] == 60
     # the smoke config asks auto to dequantise (a CPU: yes) and turns checkpointing off itself
-    assert saved["chosen"] == {"dequantize_once": True, "gradient_checkpointing": False}
+    # and no CUDA graphs (a CPU)
+    assert saved["chosen"] == {
+        "dequantize_once": True,
+        "gradient_checkpointing": False,
+        "cuda_graphs": False,
+        "cuda_graphs_captured": 0,
+    }
     info = json.loads((run_dir / "run.json").read_text())
     assert info["model_shape"]["hidden_size"] == 64 and "transformers" in info["versions"]
     assert not list(run_dir.glob(".*staging*"))

@@ -1,6 +1,8 @@
 """The Trainer as train and bench use it: token-budget batches, the collator, the trained-logits
 loss equal to the model's own on the plain padded 4-bit path, and readable logs."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import SAMPLE_DATA, SMOKE_CONFIG, smoke_overrides
@@ -191,9 +193,12 @@ def test_the_collator_counts_real_tokens_on_the_cpu_for_the_trainer(tmp_path, to
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     columns = encoded(tokenizer, cfg, n=3)
     rows = [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"])]
-    batch = training.collator(cfg.train, chat.pad_id(tokenizer))(rows)
     real = sum(len(i) for i in columns["input_ids"])
-    assert batch[training.REAL_TOKENS] == real == int(batch["attention_mask"].sum())
+    for buckets in (True, False):
+        t = dataclasses.replace(cfg.train, bucket_shapes=buckets)
+        batch = training.collator(t, chat.pad_id(tokenizer))(rows)
+        assert batch[training.REAL_TOKENS] == real < batch["input_ids"].numel()
+    assert real == int(batch["attention_mask"].sum())
     trainer = training.build_trainer(
         cfg.train, with_adapters(cfg), training.training_set(cfg.train, columns), training.Collator(0), tmp_path / "ck"
     )

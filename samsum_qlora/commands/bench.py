@@ -122,9 +122,9 @@ class Counting:
 
     def __call__(self, features):
         batch = self.collator(features)
-        mask = batch["attention_mask"]
-        self.counts.append((int(mask.sum()), mask.numel()))
-        self.shapes.append(tuple(mask.shape))
+        ids = batch["input_ids"]
+        self.counts.append((batch[training.REAL_TOKENS], ids.numel()))
+        self.shapes.append(tuple(ids.shape))
         return batch
 
 
@@ -192,6 +192,7 @@ def time_training(
     figures["step_seconds"] = [round(clock.seconds(k, k + 1), 4) for k in range(warmup + steps)]
     figures["step_shapes"] = [list(shape) for shape in counting.shapes[: (warmup + steps) * micro]]
     figures["timed_new_shapes"] = new_shapes(counting.shapes, warmup * micro, (warmup + steps) * micro)
+    figures["cuda_graphs"] = len(trainer.graphs.graphs) if trainer.graphs is not None and trainer.graphs.on else None
     del trainer, model
     runtime.release_memory()
     return figures
@@ -505,6 +506,8 @@ def render(r: dict) -> str:
             "on a machine's first run each compiles kernels, so the pace above is below the steady one "
             "(more --warmup steps time it)"
         )
+    if r.get("cuda_graphs") is not None:
+        out.append(f"this config's steps ran as CUDA graphs: {r['cuda_graphs']} batch shapes captured")
     if "eval" in r:
         out += eval_lines(r["eval"])
     return "\n".join(out)

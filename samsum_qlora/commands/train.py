@@ -177,6 +177,8 @@ def train_metrics(trainer, result, seconds: float, stats, *, resume_from, traina
         "chosen": {
             "dequantize_once": not getattr(trainer.model.get_base_model(), "is_loaded_in_4bit", False),
             "gradient_checkpointing": args.gradient_checkpointing,
+            "cuda_graphs": args.cuda_graphs,
+            "cuda_graphs_captured": len(trainer.graphs.graphs) if trainer.graphs is not None else 0,
         },
     }
 
