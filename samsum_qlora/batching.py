@@ -50,7 +50,9 @@ def bucket_widths(multiple: int, longest: int) -> list[int]:
     per doubling (multiples of `multiple`), so a length is padded by at most ~19%."""
     widths, base = set(), max(multiple, 1)
     while not widths or max(widths) < longest:
-        widths.update(round_up(int(base * 2 ** (k / WIDTHS_PER_DOUBLING)), multiple) for k in range(WIDTHS_PER_DOUBLING))
+        widths.update(
+            round_up(int(base * 2 ** (k / WIDTHS_PER_DOUBLING)), multiple) for k in range(WIDTHS_PER_DOUBLING)
+        )
         base *= 2
     widths.add(round_up(base, multiple))
     return sorted(widths)

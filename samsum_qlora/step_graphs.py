@@ -12,8 +12,8 @@ logging, checkpoints) stays the Trainer's: the graph leaves its gradients where 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -103,6 +103,7 @@ class GraphedSteps:
         self.sums: list[torch.Tensor] = []  # handed to the optimizer as .grad: the micro-batches' sum
         self.pool = None  # one memory pool for all graphs: they never run at the same time
         self.stream: torch.cuda.Stream | None = None
+        self.replays = 0
 
     def step(self, model, input_ids, at, ids, denominator) -> torch.Tensor | None:
         if not self.on:
@@ -118,6 +119,7 @@ class GraphedSteps:
             if key in self.graphs:
                 graph, loss = self.graphs[key]
                 graph.replay()
+                self.replays += 1
             elif static.ran:
                 loss = self._capture(model, key, static)
             else:
@@ -127,7 +129,9 @@ class GraphedSteps:
             if "graph" not in str(e).lower() and "captur" not in str(e).lower():
                 raise
             self.on = False
-            print(f"note: CUDA graph capture failed ({str(e).splitlines()[0][:160]}); training without", file=sys.stderr)
+            print(
+                f"note: CUDA graph capture failed ({str(e).splitlines()[0][:160]}); training without", file=sys.stderr
+            )
             return None
         self._hand_over()
         return loss.clone()

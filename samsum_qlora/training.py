@@ -311,7 +311,9 @@ class LossTrainer(Trainer):
             outputs = model(**inputs, use_cache=False, logits_to_keep=1)
         finally:
             hook.remove()
-        return trained_token_loss(captured["hidden"], at, ids, base.get_output_embeddings(), num_items_in_batch), outputs
+        return trained_token_loss(
+            captured["hidden"], at, ids, base.get_output_embeddings(), num_items_in_batch
+        ), outputs
 
     def _graphed_loss(self, model, input_ids, at, ids, denominator):
         return self._trained_loss(model, {"input_ids": input_ids}, at, ids, denominator)[0]

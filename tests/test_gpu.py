@@ -4,6 +4,7 @@ Run on a CUDA machine with the reference folder at .ref/ (see ../shared/gpu/READ
     python3 -m pytest -m gpu tests/test_gpu.py
 """
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,9 @@ def test_fast_path_loss_equals_plain_padded_path_on_gpu(shape_dir, tmp_path):
         loss = 0.0
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # as the Trainer runs it
             for start in range(0, len(items), size):
-                batch = {k: v.cuda() for k, v in collate(items[start : start + size]).items()}
+                batch = {
+                    k: v.cuda() if torch.is_tensor(v) else v for k, v in collate(items[start : start + size]).items()
+                }
                 loss += trainer.compute_loss(model, batch, num_items_in_batch=total).item()
         return loss
 
@@ -151,6 +154,51 @@ def test_fast_path_loss_equals_plain_padded_path_on_gpu(shape_dir, tmp_path):
         f"relative difference {abs(fast_loss - plain_loss) / plain_loss:.2e}"
     )
     assert fast_loss == pytest.approx(plain_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("dequantize", [True, False])
+def test_graphed_training_steps_equal_the_trainers_steps_on_gpu(shape_dir, tmp_path, dequantize):
+    """The step captured as CUDA graphs (first batch of a shape eager, second captured, the rest
+    replayed) trains what the Trainer's own step trains: the same losses and adapter weights."""
+    import torch
+
+    from samsum_qlora import chat, data, modeling, training
+
+    cfg = gpu_cfg(
+        shape_dir,
+        tmp_path / "g",
+        **{"quantization.dequantize_once": dequantize, "train.max_tokens_per_batch": 2048, "train.max_steps": 24},
+    )
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    rows = data.load_rows(str(REF / "samsum"), "validation")[:40]
+    columns, _ = chat.ChatFormat.build(tokenizer, cfg.data).encode_rows(rows, progress=False)
+    runs = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = with_adapters(cfg)
+        start = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        t = dataclasses.replace(cfg.train, cuda_graphs=graphs, logging_steps=1)
+        trainer = training.build_trainer(
+            t, model, training.training_set(t, columns), training.collator(t, chat.pad_id(tokenizer)), tmp_path / "c"
+        )
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        weights = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs[graphs] = (losses, weights, trainer.graphs)
+        del trainer, model
+        torch.cuda.empty_cache()
+    (plain_losses, plain_weights, _), (losses, weights, graphs) = runs[False], runs[True]
+    print(
+        f"GPU graphed steps (dequantize_once={dequantize}): {len(graphs.graphs)} shapes captured, "
+        f"{graphs.replays} replays; losses {losses[:3]} ... vs {plain_losses[:3]} ..."
+    )
+    assert graphs.on and len(graphs.graphs) >= 2 and graphs.replays >= 6
+    assert losses == pytest.approx(plain_losses, rel=2e-3)
+    # what training moved the weights by, the same up to the GPU's summation order (atomics)
+    moved = sum(((w - start[n]) ** 2).sum() for n, w in plain_weights.items()) ** 0.5
+    apart = sum(((weights[n] - w) ** 2).sum() for n, w in plain_weights.items()) ** 0.5
+    print(f"GPU graphed steps: the weights moved {moved:.4g}, graphed and plain {apart:.4g} apart")
+    assert moved > 0 and apart < 0.05 * moved
 
 
 def test_cuda_graph_steps_equal_plain_steps(shape_dir, tmp_path):

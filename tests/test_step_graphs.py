@@ -125,14 +125,18 @@ def test_auto_captures_only_where_a_graph_computes_the_same_step():
         ({"bucket_shapes": False}, 0.0, 1, "bucket_shapes"),
         ({"trained_logits_only": False}, 0.0, 1, "trained_logits_only"),
     ]:
-        chosen, why = step_graphs.should_capture(dataclasses.replace(t, **changed), dropout, cuda=True, processes=processes)
+        chosen, why = step_graphs.should_capture(
+            dataclasses.replace(t, **changed), dropout, cuda=True, processes=processes
+        )
         assert chosen is False and why.startswith("train.cuda_graphs=auto: off") and reason in why
     assert step_graphs.should_capture(dataclasses.replace(t, cuda_graphs=False), 0.0, cuda=True, processes=1) == (
         False,
         "",
     )
     forced = dataclasses.replace(t, cuda_graphs=True)
-    assert step_graphs.should_capture(dataclasses.replace(forced, neftune_noise_alpha=5.0), 0.0, cuda=True, processes=1)[0]
+    assert step_graphs.should_capture(
+        dataclasses.replace(forced, neftune_noise_alpha=5.0), 0.0, cuda=True, processes=1
+    )[0]
     for cuda, processes, message in [(False, 1, "needs a CUDA GPU"), (True, 2, "torchrun")]:
         with pytest.raises(UserError, match=f"train.cuda_graphs=true .*{message}"):
             step_graphs.should_capture(forced, 0.0, cuda=cuda, processes=processes)
@@ -148,7 +152,11 @@ def train_weights(tmp_path, tokenizer, *, graphs: bool, capture=None, accumulati
         SMOKE_CONFIG,
         smoke_overrides(
             tmp_path,
-            **{"train.max_steps": 6, "train.gradient_accumulation_steps": accumulation, "train.max_tokens_per_batch": 512},
+            **{
+                "train.max_steps": 6,
+                "train.gradient_accumulation_steps": accumulation,
+                "train.max_tokens_per_batch": 512,
+            },
         ),
     )
     torch.manual_seed(0)
