@@ -6,7 +6,7 @@
 # SAMSum test-split lengths. Every stage writes its JSON into OUT and prints bench's table.
 set -euo pipefail
 : "${SHAPE:?}" "${SAMSUM:?}" "${OUT:?}"
-stages=${*:-defaults long four-bit peers eight-b}
+stages=${*:-defaults long graphs-off fused-rope four-bit peers eight-b}
 mkdir -p "$OUT"
 q=(python3 -m samsum_qlora)
 job=(--set "model.name=$SHAPE" --set "data.source=$SAMSUM" --split test --epoch-tokens 3000000 --model-dir "$OUT/model-1b")
@@ -14,10 +14,19 @@ job=(--set "model.name=$SHAPE" --set "data.source=$SAMSUM" --split test --epoch-
 for stage in $stages; do
   echo "=== $stage ==="
   case $stage in
-    defaults)  # bench as a user first runs it: its own warm-up (3 steps) and 20 timed steps
+    defaults)  # bench as a user first runs it: its own warm-up (one pass over the split's batches), 20 timed steps
       "${q[@]}" bench "${job[@]}" --compare tutorial --json "$OUT/bench-defaults.json" ;;
-    long)  # 25 warm-up steps: every batch shape met, kernels compiled
-      "${q[@]}" bench "${job[@]}" --compare tutorial --warmup 25 --steps 10 --json "$OUT/bench-long.json" ;;
+    long)  # 3 warm-up steps and 60 timed: the pace of a run's first 60 steps, captures and compiles included
+      "${q[@]}" bench "${job[@]}" --compare tutorial --warmup 3 --steps 60 --json "$OUT/bench-long.json" ;;
+    graphs-off)  # the same step without CUDA graphs (bucketed shapes kept)
+      "${q[@]}" bench "${job[@]}" --set train.cuda_graphs=false --json "$OUT/bench-graphs-off.json" ;;
+    fused-rope)  # liger-kernel's RoPE on as well (it compiles once per batch row count)
+      python3 -c '
+import sys
+from samsum_qlora import modeling
+modeling.FUSED_ROPE = True
+from samsum_qlora.commands.cli import main
+main(sys.argv[1:])' bench "${job[@]}" --json "$OUT/bench-fused-rope.json" ;;
     four-bit)  # the base kept in 4 bits, dequantised at every matmul (what an 8B on a 24 GB card runs)
       "${q[@]}" bench "${job[@]}" --set quantization.dequantize_once=false --warmup 25 --steps 10 \
         --json "$OUT/bench-four-bit.json" ;;

@@ -73,10 +73,11 @@ def bucket_rows(width: int, max_tokens: int) -> int:
     return max(1, max_tokens // width)
 
 
-def trained_capacity(count: int) -> int:
-    """Trained positions a bucketed batch is padded to: the next power of two (at least 64), so a
-    batch shape meets few capacities."""
-    return max(64, 1 << max(count - 1, 0).bit_length())
+def trained_capacity(count: int, tokens: int) -> int:
+    """Trained positions a bucketed batch of `tokens` is padded to: at least a fifth of its tokens
+    (SAMSum trains ~11%, at most ~15% of a batch), rounded up to 128, so that a batch shape meets
+    one capacity, not several: each costs a compile and a capture."""
+    return round_up(max(count, tokens // 5, 1), 128)
 
 
 def token_budget_batches(

@@ -217,9 +217,15 @@ def check_vocabulary(model, tokenizer) -> None:
         )
 
 
+# liger-kernel's RoPE takes a batch's row count as a compile-time constant: each new row count
+# compiles it anew (bucketed batches have one per width), ~0.2-0.5 s each on a machine's first run.
+FUSED_ROPE = False
+
+
 def apply_fused_kernels(model) -> bool:
-    """liger-kernel's RMSNorm, SwiGLU and RoPE for a Llama being trained on a GPU (the gain is in
-    docs/performance.md). Elsewhere, or without the package, the model is left as it is."""
+    """liger-kernel's RMSNorm and SwiGLU (and RoPE with FUSED_ROPE) for a Llama being trained on a
+    GPU (the gain is in docs/performance.md). Elsewhere, or without the package, the model is left
+    as it is."""
     if model.config.model_type != "llama" or not runtime.has_cuda():
         return False
     try:
@@ -228,7 +234,7 @@ def apply_fused_kernels(model) -> bool:
         print("note: pip install liger-kernel for fused kernels (faster training, less memory)")
         return False
     liger.apply_liger_kernel_to_llama(
-        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        model=model, rope=FUSED_ROPE, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
     )
     return True
 

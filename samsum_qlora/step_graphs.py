@@ -3,10 +3,10 @@
 At the default 4,096-token batch a step is bound by the CPU: Python issues ~1,600 kernels (peft's
 and PyTorch's code around each small LoRA matmul) while the GPU computes for a third of the time.
 A replayed graph issues them in one launch. Bucketed batches (`train.bucket_shapes`) have few
-shapes, and each shape goes through three stages: the first batch of a shape runs eagerly on the
-capture stream (kernels compile, and it trains as any step does), the second is captured, and every
-later one replays. Everything around forward and backward (clipping, the optimizer, the scheduler,
-logging, checkpoints) stays the Trainer's: the graph leaves its gradients where a backward would.
+shapes: the first batch of a shape runs eagerly on the capture stream (kernels compile, and it
+trains as any step does), then the step is captured, and every later batch of that shape replays.
+Everything around forward and backward (clipping, the optimizer, the scheduler, logging,
+checkpoints) stays the Trainer's: the graph leaves its gradients where a backward would.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def should_capture(t: TrainArgs, lora_dropout: float, *, cuda: bool, processes: 
     reason = hard.replace("needs ", "it needs ") if hard else f"{soft} is on" if soft else ""
     if reason:
         return False, f"train.cuda_graphs=auto: off, since {reason}"
-    return True, "train.cuda_graphs=auto: on (each batch shape captured on its second batch)"
+    return True, "train.cuda_graphs=auto: on (each batch shape captured after its first batch)"
 
 
 @dataclass
@@ -60,7 +60,6 @@ class Static:
     at: torch.Tensor
     ids: torch.Tensor
     denominator: torch.Tensor
-    ran: bool = False  # a batch of this shape has run (eagerly): the next one is captured
 
     @classmethod
     def like(cls, input_ids, at, ids) -> Static:
@@ -120,11 +119,9 @@ class GraphedSteps:
                 graph, loss = self.graphs[key]
                 graph.replay()
                 self.replays += 1
-            elif static.ran:
-                loss = self._capture(model, key, static)
             else:
                 loss = self._eager(model, static)
-                static.ran = True
+                self._capture(model, key, static)
         except RuntimeError as e:
             if "graph" not in str(e).lower() and "captur" not in str(e).lower():
                 raise
@@ -161,7 +158,9 @@ class GraphedSteps:
         torch.cuda.current_stream().wait_stream(self.stream)
         return loss
 
-    def _capture(self, model, key: tuple, static: Static) -> torch.Tensor:
+    def _capture(self, model, key: tuple, static: Static) -> None:
+        """Records the step for later batches of this shape; a capture computes nothing, so the
+        gradients of the batch that just ran eagerly stay as they are."""
         graph = torch.cuda.CUDAGraph()
         # thread-local: a CUDA call by another thread (a data loader's) does not break the capture
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
@@ -169,8 +168,6 @@ class GraphedSteps:
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[key] = (graph, loss)
-        graph.replay()
-        return loss
 
     def _hand_over(self) -> None:
         """The gradients where backward would have left them: set if the optimizer cleared them

@@ -193,7 +193,7 @@ class Collator:
             if self.trained_positions:
                 at, ids = trained_positions(labels)
                 if self.buckets:
-                    at, ids = pad_positions(at, ids, batching.trained_capacity(len(ids)))
+                    at, ids = pad_positions(at, ids, batching.trained_capacity(len(ids), labels.numel()))
                 batch[TRAINED_AT], batch[TRAINED_IDS] = at, ids
         return batch
 

@@ -34,10 +34,11 @@ def test_bucket_widths_are_few_multiples_that_pad_a_length_by_at_most_a_fifth(mu
     assert doublings == batching.WIDTHS_PER_DOUBLING  # e.g. 320, 384, 448, 512
 
 
-def test_trained_capacity_is_the_next_power_of_two_from_64():
-    assert [batching.trained_capacity(n) for n in (0, 1, 64, 65, 128, 129, 500, 1024, 1025)] == [
-        64, 64, 64, 128, 128, 256, 512, 1024, 2048,
+def test_trained_capacity_is_a_fifth_of_the_batch_or_the_count_in_steps_of_128():
+    assert [batching.trained_capacity(n, 4096) for n in (0, 1, 300, 819, 820, 896, 897, 4096)] == [
+        896, 896, 896, 896, 896, 896, 1024, 4096,
     ]  # fmt: skip
+    assert batching.trained_capacity(10, 100) == 128
 
 
 def test_bucketed_token_budget_batches_fit_their_shape():
@@ -73,7 +74,7 @@ def test_bucketed_batch_has_its_shape_empty_rows_and_padded_positions(tmp_path, 
     real_at, real_ids = training.trained_positions(plain["labels"])
     n = len(real_ids)
     at, ids = batch[training.TRAINED_AT], batch[training.TRAINED_IDS]
-    assert len(at) == len(ids) == batching.trained_capacity(n) > n
+    assert len(at) == len(ids) == batching.trained_capacity(n, batch["labels"].numel()) > n
     assert ids[:n].tolist() == real_ids.tolist() and ids[n:].eq(IGNORE_INDEX).all() and at[n:].eq(0).all()
     # the same rows at another width: positions are row * width + t
     assert (at[:n] // width).tolist() == (real_at // plain["labels"].shape[1]).tolist()
@@ -173,9 +174,23 @@ def train_weights(tmp_path, tokenizer, *, graphs: bool, capture=None, accumulati
     return weights, result.training_loss, trainer
 
 
+class Replayed:
+    """A stand-in for a captured graph on a CPU: replaying computes the step eagerly."""
+
+    def __init__(self, graphs, model, static):
+        self.replay = lambda: graphs._forward_backward(model, static)
+
+
 def replays_eagerly(graphs):
-    """A stand-in for capture on a CPU: the step computed as a replay would compute it."""
-    return lambda model, key, static: graphs._eager(model, static)
+    """A stand-in for capture on a CPU, with a loss tensor the replay refreshes as a graph's is."""
+
+    def capture(model, key, static):
+        loss = torch.zeros(())
+        graphs.graphs[key] = (Replayed(graphs, model, static), loss)
+        inner = graphs.graphs[key][0].replay
+        graphs.graphs[key][0].replay = lambda: loss.copy_(inner())
+
+    return capture
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -186,7 +201,7 @@ def test_graphed_steps_train_what_the_trainers_step_trains(tmp_path, tokenizer, 
     graphed, loss, trainer = train_weights(
         tmp_path / "b", tokenizer, graphs=True, capture=replays_eagerly, accumulation=accumulation
     )
-    assert trainer.graphs.on and trainer.graphs.statics  # the steps went through GraphedSteps
+    assert trainer.graphs.on and trainer.graphs.replays >= 2  # the steps went through GraphedSteps
     assert loss == pytest.approx(plain_loss, rel=1e-5)
     for name in plain:
         torch.testing.assert_close(graphed[name], plain[name], rtol=1e-4, atol=1e-6)

@@ -159,8 +159,13 @@ class Clock(TrainerCallback):
 
 
 def time_training(
-    cfg: Config, model_dir: Path, columns: dict, *, steps: int, warmup: int, epoch_tokens: int, workdir: Path
+    cfg: Config, model_dir: Path, columns: dict, *, steps: int, warmup: int | None, epoch_tokens: int, workdir: Path
 ) -> dict:
+    """Figures of `steps` optimizer steps after `warmup` (None: one pass over the split's batches)."""
+    micro = cfg.train.gradient_accumulation_steps
+    train_set = training.training_set(cfg.train, columns)
+    passes = warmup is None
+    warmup = warmup or -(-len(train_set) // micro)
     cfg = with_overrides(
         cfg,
         {
@@ -172,11 +177,8 @@ def time_training(
     tokenizer = modeling.load_tokenizer(cfg.model)
     model, train_args = modeling.training_model(cfg, tokenizer)
     clock, counting = Clock(), Counting(training.collator(train_args, chat.pad_id(tokenizer)))
-    trainer = training.build_trainer(
-        train_args, model, training.training_set(train_args, columns), counting, workdir / "ckpt", [clock]
-    )
+    trainer = training.build_trainer(train_args, model, train_set, counting, workdir / "ckpt", [clock])
     trainer.train()
-    micro = train_args.gradient_accumulation_steps
     timed = counting.counts[warmup * micro : (warmup + steps) * micro]
     figures = summarise(
         Timed(sum(r for r, _ in timed), sum(p for _, p in timed), clock.seconds(warmup, warmup + steps)),
@@ -192,6 +194,7 @@ def time_training(
     figures["step_seconds"] = [round(clock.seconds(k, k + 1), 4) for k in range(warmup + steps)]
     figures["step_shapes"] = [list(shape) for shape in counting.shapes[: (warmup + steps) * micro]]
     figures["timed_new_shapes"] = new_shapes(counting.shapes, warmup * micro, (warmup + steps) * micro)
+    figures |= {"warmup": warmup, "warmup_is_one_pass": passes}
     figures["cuda_graphs"] = len(trainer.graphs.graphs) if trainer.graphs is not None and trainer.graphs.on else None
     del trainer, model
     runtime.release_memory()
@@ -410,7 +413,7 @@ class BenchPlan:
 
     split: str
     steps: int = 20
-    warmup: int = 3
+    warmup: int | None = None  # None: one pass over the split's batches (the tutorial's recipe: 3)
     compare_tutorial: bool = False
     with_eval: bool = False
     loop_sample: int = 16
@@ -457,18 +460,18 @@ def benchmark(cfg: Config, plan: BenchPlan) -> dict:
                 loop_workers=plan.loop_workers,
             )
 
-        def timed(config):
+        def timed(config, warmup=plan.warmup):
             return time_training(
                 config,
                 model_dir,
                 columns,
                 steps=plan.steps,
-                warmup=plan.warmup,
+                warmup=warmup,
                 epoch_tokens=epoch_tokens,
                 workdir=workdir,
             )
 
-        tutorial = timed(with_overrides(cfg, TUTORIAL_RECIPE)) if plan.compare_tutorial else None
+        tutorial = timed(with_overrides(cfg, TUTORIAL_RECIPE), plan.warmup or 3) if plan.compare_tutorial else None
         result.update(timed(cfg))
         if tutorial is not None:
             result["tutorial"], result["ratio"] = tutorial, round(result["tokens_per_s"] / tutorial["tokens_per_s"], 2)
@@ -490,9 +493,11 @@ def render(r: dict) -> str:
             f"| {f['epoch_minutes']:.1f} min | {f['epoch_minutes_all']:.1f} min ({f['warmup_seconds']:.1f} s) |"
         )
 
+    passes = " (one pass over the split's batches: every batch shape met first)" if r.get("warmup_is_one_pass") else ""
     out = [
         f"device: {r['device']}; {r['model']}'s shape, weights: {r['weights']}; "
-        f"{r['steps']} steps timed after {r['warmup']} warm-up steps",
+        f"{r['steps']} steps timed after {r['warmup']} warm-up steps{passes}"
+        + (f"; the tutorial's recipe after {r['tutorial']['warmup']}" if "tutorial" in r else ""),
         "| recipe | real tokens/s | padding | peak memory | MFU | epoch at this pace | epoch from the first step "
         "(the warm-up's own time) |",
         "|---|---|---|---|---|---|---|",

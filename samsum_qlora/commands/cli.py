@@ -284,7 +284,13 @@ def merge(config_path, overrides, adapters, out_dir, dtype):
 @set_option
 @click.option("--split", default=None, help="Split whose lengths are timed (default: data.train_split).")
 @click.option("--steps", type=int, default=20, show_default=True, help="Timed optimizer steps, after warm-up.")
-@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed steps first (allocation, kernels).")
+@click.option(
+    "--warmup",
+    type=int,
+    default=None,
+    help="Untimed steps first (allocation, kernels, CUDA graphs). Default: one pass over the split's "
+    "batches, so every batch shape is met before timing (the tutorial's recipe: 3).",
+)
 @click.option(
     "--compare",
     type=click.Choice(["tutorial", "seed"]),
@@ -337,7 +343,7 @@ def bench(
     from samsum_qlora.commands.bench import BenchPlan, benchmark
 
     cfg = _config(config_path, overrides)
-    if min(steps, warmup, loop_sample, loop_workers) < 1:
+    if min(steps, warmup or 1, loop_sample, loop_workers) < 1:
         raise UserError("--steps, --warmup, --loop-sample and --loop-workers must be at least 1")
     if epoch_tokens is not None and epoch_tokens < 1:
         raise UserError(f"--epoch-tokens must be at least 1 (the tokens in one epoch), got {epoch_tokens}")
