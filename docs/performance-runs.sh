@@ -28,7 +28,7 @@ modeling.FUSED_ROPE = True
 from samsum_qlora.commands.cli import main
 main(sys.argv[1:])' bench "${job[@]}" --json "$OUT/bench-fused-rope.json" ;;
     four-bit)  # the base kept in 4 bits, dequantised at every matmul (what an 8B on a 24 GB card runs)
-      "${q[@]}" bench "${job[@]}" --set quantization.dequantize_once=false --warmup 25 --steps 10 \
+      "${q[@]}" bench "${job[@]}" --set quantization.dequantize_once=false \
         --json "$OUT/bench-four-bit.json" ;;
     peers)  # TRL's SFTTrainer on the same job (pip install trl==1.16.0 first)
       for setting in padded packed; do
