@@ -217,9 +217,10 @@ def check_vocabulary(model, tokenizer) -> None:
         )
 
 
-# liger-kernel's RoPE takes a batch's row count as a compile-time constant: each new row count
-# compiles it anew (bucketed batches have one per width), ~0.2-0.5 s each on a machine's first run.
-FUSED_ROPE = False
+# liger-kernel's RoPE takes a batch's row count as a compile-time constant, so each new row count
+# compiles it anew (~0.25 s on a machine's first run; bucketed batches have one per width). It pays:
+# with CUDA graphs it made steps 14% faster (docs/performance.md). False: transformers' RoPE.
+FUSED_ROPE = True
 
 
 def apply_fused_kernels(model) -> bool:
