@@ -30,6 +30,7 @@ def should_capture(t: TrainArgs, lora_dropout: float, *, cuda: bool, processes: 
         "does not run under torchrun (DDP reduces gradients during backward)" if processes > 1 else
         "needs train.bucket_shapes=true (a graph per batch shape)" if not t.bucket_shapes else
         "needs train.trained_logits_only=true" if not t.trained_logits_only else
+        "does not run with train.fp16 (its loss scaling is the Trainer's backward)" if t.fp16 else
         ""
     )  # fmt: skip
     soft = (
@@ -46,7 +47,8 @@ def should_capture(t: TrainArgs, lora_dropout: float, *, cuda: bool, processes: 
         return True, ""
     if not cuda:
         return False, ""
-    reason = hard.replace("needs ", "it needs ") if hard else f"{soft} is on" if soft else ""
+    reason = hard.replace("needs ", "it needs ").replace("does not run", "it does not run") if hard else ""
+    reason = reason or (f"{soft} is on" if soft else "")
     if reason:
         return False, f"train.cuda_graphs=auto: off, since {reason}"
     return True, "train.cuda_graphs=auto: on (each batch shape captured after its first batch)"

@@ -332,6 +332,7 @@ class LossTrainer(Trainer):
             or self.args.world_size > 1
             or TRAINED_AT not in inputs
             or "attention_mask" in inputs
+            or getattr(self.accelerator, "scaler", None) is not None  # fp16's loss scaling
         ):
             return None
         model.train()

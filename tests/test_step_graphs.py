@@ -125,6 +125,7 @@ def test_auto_captures_only_where_a_graph_computes_the_same_step():
         ({}, 0.0, 2, "torchrun"),
         ({"bucket_shapes": False}, 0.0, 1, "bucket_shapes"),
         ({"trained_logits_only": False}, 0.0, 1, "trained_logits_only"),
+        ({"fp16": True, "bf16": False}, 0.0, 1, "fp16"),
     ]:
         chosen, why = step_graphs.should_capture(
             dataclasses.replace(t, **changed), dropout, cuda=True, processes=processes
