@@ -10,10 +10,11 @@ import itertools
 
 import pytest
 import torch
+from chat_families import FAMILIES, LORA_TARGETS, build_family
 from conftest import SMOKE_CONFIG, smoke_overrides
 from test_training import encoded, with_adapters
 
-from samsum_qlora import batching, chat, step_graphs, training
+from samsum_qlora import batching, chat, modeling, step_graphs, training
 from samsum_qlora.chat import IGNORE_INDEX
 from samsum_qlora.config import TrainArgs, load_config
 from samsum_qlora.errors import UserError
@@ -84,12 +85,20 @@ def test_bucketed_batch_has_its_shape_empty_rows_and_padded_positions(tmp_path, 
     assert fixed(rows)["input_ids"].shape == (5, width)
 
 
-def test_bucketed_batch_trains_exactly_what_the_plain_batch_trains(tmp_path, tokenizer):
-    """Empty rows, no mask and padded positions: the same loss and the same gradients."""
-    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
-    columns = encoded(tokenizer, cfg, n=5)
+@pytest.mark.parametrize("family", (None, *FAMILIES))
+def test_bucketed_batch_trains_exactly_what_the_plain_batch_trains(tmp_path, tokenizer, family):
+    """Empty rows, no mask and padded positions: the same loss and the same gradients, for the
+    tiny Llama and every chat family's own architecture (sliding windows, soft-capping, fused
+    projections)."""
+    overrides = smoke_overrides(tmp_path)
+    if family is not None:
+        overrides["model.name"] = str(build_family(family, tmp_path / family))
+        overrides |= {"lora.target_modules": LORA_TARGETS[family]} if family in LORA_TARGETS else {}
+    cfg = load_config(SMOKE_CONFIG, overrides)
+    fmt_tokenizer = tokenizer if family is None else modeling.load_tokenizer(cfg.model)
+    columns = encoded(fmt_tokenizer, cfg, n=5)
     rows = [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"])]
-    pad = chat.pad_id(tokenizer)
+    pad = chat.pad_id(fmt_tokenizer)
     torch.manual_seed(0)
     model = with_adapters(cfg)
     for name, p in model.named_parameters():
@@ -101,6 +110,7 @@ def test_bucketed_batch_trains_exactly_what_the_plain_batch_trains(tmp_path, tok
         batch = training.collator(bucketed(cfg, bucket_shapes=buckets), pad)(rows)
         batch.pop(training.REAL_TOKENS)
         assert ("attention_mask" in batch) != buckets
+        assert buckets or batch["attention_mask"].eq(0).any()  # the plain batch has padding to mask
         model.zero_grad()
         loss = trainer.compute_loss(model, batch)
         loss.backward()
