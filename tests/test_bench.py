@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import TINY_MODEL, set_args, smoke_overrides
+from conftest import SMOKE_CONFIG, TINY_MODEL, set_args, smoke_overrides
 
 from samsum_qlora.commands import bench
 from samsum_qlora.config import load_config
@@ -181,3 +181,25 @@ def test_eval_timing_sets_other_decodings_back_to_greedy(capsys):
     assert "times greedy decoding" in capsys.readouterr().out
     bench.greedy_decoding(load_config(None, {}))
     assert capsys.readouterr().out == ""  # already greedy: nothing to say
+
+
+def test_bench_warms_up_over_one_pass_of_the_splits_batches_by_default(tmp_path):
+    """Without --warmup every batch shape is met (compiled, captured) before timing, and the
+    output says so; the tutorial's recipe keeps 3 warm-up steps."""
+    from click.testing import CliRunner
+
+    from samsum_qlora import training
+    from samsum_qlora.commands.cli import main
+
+    out = tmp_path / "bench.json"
+    args = set_args(smoke_overrides(tmp_path, **{"train.max_tokens_per_batch": 512}))
+    result = CliRunner().invoke(main, ["bench", *args, "--steps", "2", "--split", "test", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.max_tokens_per_batch": 512}))
+    rows = bench.data.scorable(bench.data.load_rows(cfg.data.source, "test")).rows
+    columns, _ = bench.modeling.chat_format(cfg).encode_rows(rows, progress=False)
+    batches = len(training.training_set(cfg.train, columns))
+    assert r["warmup"] == batches > 3 and r["warmup_is_one_pass"] is True
+    assert len(r["step_shapes"]) == batches + 2 and r["timed_new_shapes"] == 0  # every shape met first
+    assert f"after {batches} warm-up steps (one pass over the split's batches" in result.output
