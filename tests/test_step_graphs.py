@@ -157,15 +157,17 @@ def test_auto_captures_only_where_a_graph_computes_the_same_step():
 # --- the step, and its fallback ---------------------------------------------------------------------
 
 
-def train_weights(tmp_path, tokenizer, *, graphs: bool, capture=None, accumulation: int = 1):
-    """Adapter weights after 6 optimizer steps on the sample rows, through GraphedSteps (whose
-    capture, on a CPU, is `capture`) or through the Trainer's own step."""
+def train_weights(tmp_path, tokenizer, *, graphs: bool, capture=None, accumulation: int = 1, resume=None):
+    """Adapter weights after 6 optimizer steps on the sample rows (a checkpoint every 3), through
+    GraphedSteps (whose capture, on a CPU, is `capture`) or through the Trainer's own step; with
+    `resume`, from that checkpoint."""
     cfg = load_config(
         SMOKE_CONFIG,
         smoke_overrides(
             tmp_path,
             **{
                 "train.max_steps": 6,
+                "train.save_steps": 3,
                 "train.gradient_accumulation_steps": accumulation,
                 "train.max_tokens_per_batch": 512,
             },
@@ -180,7 +182,7 @@ def train_weights(tmp_path, tokenizer, *, graphs: bool, capture=None, accumulati
     )
     if graphs and capture is not None:
         trainer.graphs._capture = capture(trainer.graphs)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return weights, result.training_loss, trainer
 
@@ -216,6 +218,20 @@ def test_graphed_steps_train_what_the_trainers_step_trains(tmp_path, tokenizer, 
     assert loss == pytest.approx(plain_loss, rel=1e-5)
     for name in plain:
         torch.testing.assert_close(graphed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_graphed_training_resumes_to_the_same_weights(tmp_path, tokenizer):
+    """A resumed run starts with no graphs (its shapes run eagerly once, then are captured again)
+    and ends where the uninterrupted run ends."""
+    straight, _, _ = train_weights(tmp_path / "a", tokenizer, graphs=True, capture=replays_eagerly)
+    checkpoint = tmp_path / "a" / "ck" / "checkpoint-3"
+    assert checkpoint.is_dir()
+    resumed, _, trainer = train_weights(
+        tmp_path / "b", tokenizer, graphs=True, capture=replays_eagerly, resume=checkpoint
+    )
+    assert trainer.state.global_step == 6 and trainer.graphs.replays >= 1
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-7)
 
 
 def test_a_failed_capture_falls_back_to_the_trainers_step(tmp_path, tokenizer, capsys):
