@@ -183,7 +183,7 @@ class TrainArgs:
     pad_to_multiple_of: int = 32  # few distinct batch shapes: GPU kernels and memory blocks reused
     # Batches padded to a few shapes: 4 widths per doubling of length (multiples of
     # pad_to_multiple_of), rows filled up to the token budget with empty ones, trained positions to a
-    # power of two. Kernels compile, and CUDA graphs are captured, once per shape (~10% padding).
+    # fifth of the batch. Kernels compile, and CUDA graphs are captured, once per shape (~10% padding).
     bucket_shapes: bool = True
     # Each batch shape's forward and backward captured once as a CUDA graph and replayed: one launch
     # instead of ~1,600 kernels issued by Python. auto: on for one CUDA GPU with bucket_shapes, where

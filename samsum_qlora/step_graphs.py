@@ -25,30 +25,28 @@ def should_capture(t: TrainArgs, lora_dropout: float, *, cuda: bool, processes: 
     """(capture the step as CUDA graphs?, why). `train.cuda_graphs` auto: on for one CUDA GPU
     with bucketed shapes and the trained-positions loss, where nothing in a step draws random
     numbers or recomputes activations; true asks for it wherever it can run at all."""
-    hard = (
-        "needs a CUDA GPU" if not cuda else
-        "does not run under torchrun (DDP reduces gradients during backward)" if processes > 1 else
-        "needs train.bucket_shapes=true (a graph per batch shape)" if not t.bucket_shapes else
-        "needs train.trained_logits_only=true" if not t.trained_logits_only else
-        "does not run with train.fp16 (its loss scaling is the Trainer's backward)" if t.fp16 else
-        ""
-    )  # fmt: skip
-    soft = (
-        "lora.lora_dropout > 0" if lora_dropout > 0 else
-        "NEFTune" if t.neftune_noise_alpha else
-        "gradient checkpointing" if t.gradient_checkpointing is True else
-        ""
-    )  # fmt: skip
+    hard = [
+        (not cuda, "needs a CUDA GPU"),
+        (processes > 1, "does not run under torchrun (DDP reduces gradients during backward)"),
+        (not t.bucket_shapes, "needs train.bucket_shapes=true (a graph per batch shape)"),
+        (not t.trained_logits_only, "needs train.trained_logits_only=true"),
+        (t.fp16, "does not run with train.fp16 (its loss scaling is the Trainer's backward)"),
+    ]
+    soft = [
+        (lora_dropout > 0, "lora.lora_dropout > 0 is on"),
+        (bool(t.neftune_noise_alpha), "NEFTune is on"),
+        (t.gradient_checkpointing is True, "gradient checkpointing is on"),
+    ]
+    blocker = next((why for applies, why in hard if applies), "")
     if t.cuda_graphs is False:
         return False, ""
     if t.cuda_graphs is True:
-        if hard:
-            raise UserError(f"train.cuda_graphs=true {hard}; use --set train.cuda_graphs=auto")
+        if blocker:
+            raise UserError(f"train.cuda_graphs=true {blocker}; use --set train.cuda_graphs=auto")
         return True, ""
     if not cuda:
         return False, ""
-    reason = hard.replace("needs ", "it needs ").replace("does not run", "it does not run") if hard else ""
-    reason = reason or (f"{soft} is on" if soft else "")
+    reason = f"it {blocker}" if blocker else next((why for applies, why in soft if applies), "")
     if reason:
         return False, f"train.cuda_graphs=auto: off, since {reason}"
     return True, "train.cuda_graphs=auto: on (each batch shape captured after its first batch)"

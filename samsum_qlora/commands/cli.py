@@ -343,7 +343,7 @@ def bench(
     from samsum_qlora.commands.bench import BenchPlan, benchmark
 
     cfg = _config(config_path, overrides)
-    if min(steps, warmup or 1, loop_sample, loop_workers) < 1:
+    if min(steps, 1 if warmup is None else warmup, loop_sample, loop_workers) < 1:
         raise UserError("--steps, --warmup, --loop-sample and --loop-workers must be at least 1")
     if epoch_tokens is not None and epoch_tokens < 1:
         raise UserError(f"--epoch-tokens must be at least 1 (the tokens in one epoch), got {epoch_tokens}")
