@@ -79,11 +79,13 @@ def test_train_and_eval_real_shape(shape_dir, tmp_path):
                     "train_loss",
                     "train_seconds",
                     "trainable_parameters",
+                    "chosen",
                 )
             }
         ),
     )
     assert metrics["trainable_parameters"] == 1_703_936
+    assert metrics["chosen"]["cuda_graphs"] is True and metrics["chosen"]["cuda_graphs_captured"] >= 1
     assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
     scores = evaluate.evaluate_model(cfg, evaluate.plan_eval(cfg, split="test"))
     assert scores["n_examples"] == 64 and 0 <= scores["rouge1"] <= 1
