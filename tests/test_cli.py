@@ -51,6 +51,8 @@ def one_line_error(result, needle):
         ({"data.source": "/nonexistent/samsum"}, "data.source /nonexistent/samsum does not exist"),
         ({"data.train_split": "nope"}, "no 'nope' split"),
         ({"train.fp16": "true"}, "needs a CUDA GPU"),
+        ({"train.cuda_graphs": "true"}, "train.cuda_graphs=true needs a CUDA GPU; use --set train.cuda_graphs=auto"),
+        ({"train.cuda_graphs": "maybe"}, "train.cuda_graphs must be true, false or auto, got 'maybe'"),
         ({"model.name": "/nonexistent/model"}, "model /nonexistent/model does not exist"),
     ],
 )

@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from samsum_qlora import chat, checkpoints, data, files, layout, modeling, runtime, tracking, training
+from samsum_qlora import chat, checkpoints, data, files, layout, modeling, runtime, step_graphs, tracking, training
 from samsum_qlora.config import Config, dump_config
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import RunDir
@@ -78,6 +78,8 @@ def start_point(
     from transformers.utils import is_torch_bf16_available_on_device
 
     training.check_precision(cfg.train, runtime.has_cuda(), is_torch_bf16_available_on_device("cpu"))
+    # refuses train.cuda_graphs=true where graphs cannot run, before the data and the model load
+    step_graphs.should_capture(cfg.train, cfg.lora.lora_dropout, cuda=runtime.has_cuda(), processes=rt.world_size)
     resume_from = checkpoints.start_point(run, config_tree, overwrite=overwrite, resume=resume, warn=rt.say)
     if resume_from is None and rt.is_main:
         shutil.rmtree(run.checkpoints, ignore_errors=True)  # an earlier run's: they must not mix with ours
