@@ -187,7 +187,8 @@ class TrainArgs:
     bucket_shapes: bool = True
     # Each batch shape's forward and backward captured once as a CUDA graph and replayed: one launch
     # instead of ~1,600 kernels issued by Python. auto: on for one CUDA GPU with bucket_shapes, where
-    # no step draws random numbers (lora_dropout 0, no NEFTune) and without gradient checkpointing.
+    # no step draws random numbers (lora_dropout 0, no NEFTune), without gradient checkpointing, and
+    # with room for the graphs' memory (a second batch's activations).
     cuda_graphs: bool | str = "auto"
     learning_rate: float = 2e-4  # LoRA tolerates ~10x the full fine-tuning rate
     num_train_epochs: float = 1.0

@@ -279,6 +279,18 @@ def size(n: int) -> str:
 ACTIVATION_BYTES = {"dequantized": 45, "4-bit": 67}
 
 
+def activation_bytes(model_config, *, in_4bit: bool, tokens: int) -> int:
+    """What a training step of `tokens` keeps for backward, by ACTIVATION_BYTES."""
+    per_unit = ACTIVATION_BYTES["4-bit" if in_4bit else "dequantized"]
+    return tokens * model_config.num_hidden_layers * model_config.hidden_size * per_unit
+
+
+def graphs_fit(activations: int, free: int | None) -> bool:
+    """Room for CUDA graphs of the training step: their memory pool keeps a second batch's
+    activations beside the eager steps' ones, and both must fit in 90% of the free memory."""
+    return free is None or 2 * activations <= 0.9 * free
+
+
 def should_checkpoint(t: TrainArgs, model_config, *, in_4bit: bool, tokens: int, free: int | None) -> tuple[bool, str]:
     """(recompute activations in backward?, why). `train.gradient_checkpointing` auto: on when a
     batch of `tokens` would keep more activations than 90% of the memory still free; never on a CPU."""
@@ -286,8 +298,7 @@ def should_checkpoint(t: TrainArgs, model_config, *, in_4bit: bool, tokens: int,
         return bool(t.gradient_checkpointing), ""
     if free is None:
         return False, ""
-    per_unit = ACTIVATION_BYTES["4-bit" if in_4bit else "dequantized"]
-    need = tokens * model_config.num_hidden_layers * model_config.hidden_size * per_unit
+    need = activation_bytes(model_config, in_4bit=in_4bit, tokens=tokens)
     chosen = need > 0.9 * free
     return chosen, (
         f"train.gradient_checkpointing=auto: {'on' if chosen else 'off'}, since a batch of {tokens:,} tokens "
@@ -317,8 +328,9 @@ def training_model(cfg: Config, tokenizer, t: TrainArgs | None = None):
     t = dataclasses.replace(t, gradient_checkpointing=chosen)
     from samsum_qlora import step_graphs  # torch, imported when a model trains
 
+    room = graphs_fit(activation_bytes(model.config, in_4bit=in_4bit, tokens=tokens), runtime.free_memory())
     graphs, why = step_graphs.should_capture(
-        t, cfg.lora.lora_dropout, cuda=runtime.has_cuda(), processes=runtime.current().world_size
+        t, cfg.lora.lora_dropout, cuda=runtime.has_cuda(), processes=runtime.current().world_size, room=room
     )
     if why:
         runtime.current().say(why)

@@ -21,10 +21,13 @@ from samsum_qlora.config import TrainArgs
 from samsum_qlora.errors import UserError
 
 
-def should_capture(t: TrainArgs, lora_dropout: float, *, cuda: bool, processes: int) -> tuple[bool, str]:
+def should_capture(
+    t: TrainArgs, lora_dropout: float, *, cuda: bool, processes: int, room: bool = True
+) -> tuple[bool, str]:
     """(capture the step as CUDA graphs?, why). `train.cuda_graphs` auto: on for one CUDA GPU
     with bucketed shapes and the trained-positions loss, where nothing in a step draws random
-    numbers or recomputes activations; true asks for it wherever it can run at all."""
+    numbers or recomputes activations, and the GPU has `room` for the graphs' memory pool (a second
+    batch's activations); true asks for it wherever it can run at all."""
     hard = [
         (not cuda, "needs a CUDA GPU"),
         (processes > 1, "does not run under torchrun (DDP reduces gradients during backward)"),
@@ -36,6 +39,7 @@ def should_capture(t: TrainArgs, lora_dropout: float, *, cuda: bool, processes: 
         (lora_dropout > 0, "lora.lora_dropout > 0 is on"),
         (bool(t.neftune_noise_alpha), "NEFTune is on"),
         (t.gradient_checkpointing is True, "gradient checkpointing is on"),
+        (not room, "the graphs' memory pool (a second batch's activations) would crowd the GPU"),
     ]
     blocker = next((why for applies, why in hard if applies), "")
     if t.cuda_graphs is False:

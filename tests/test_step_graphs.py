@@ -136,9 +136,11 @@ def test_auto_captures_only_where_a_graph_computes_the_same_step():
         ({"bucket_shapes": False}, 0.0, 1, "bucket_shapes"),
         ({"trained_logits_only": False}, 0.0, 1, "trained_logits_only"),
         ({"fp16": True, "bf16": False}, 0.0, 1, "fp16"),
+        ({"room": False}, 0.0, 1, "memory pool"),
     ]:
+        room = changed.pop("room", True)
         chosen, why = step_graphs.should_capture(
-            dataclasses.replace(t, **changed), dropout, cuda=True, processes=processes
+            dataclasses.replace(t, **changed), dropout, cuda=True, processes=processes, room=room
         )
         assert chosen is False and why.startswith("train.cuda_graphs=auto: off") and reason in why
     assert step_graphs.should_capture(dataclasses.replace(t, cuda_graphs=False), 0.0, cuda=True, processes=1) == (
@@ -146,6 +148,7 @@ def test_auto_captures_only_where_a_graph_computes_the_same_step():
         "",
     )
     forced = dataclasses.replace(t, cuda_graphs=True)
+    assert step_graphs.should_capture(forced, 0.0, cuda=True, processes=1, room=False)[0]  # true: the user's call
     assert step_graphs.should_capture(
         dataclasses.replace(forced, neftune_noise_alpha=5.0), 0.0, cuda=True, processes=1
     )[0]
