@@ -322,13 +322,14 @@ def training_model(cfg: Config, tokenizer, t: TrainArgs | None = None):
     )
     in_4bit = bool(getattr(model.get_base_model(), "is_loaded_in_4bit", False))
     tokens = t.max_tokens_per_batch or t.per_device_train_batch_size * cfg.data.max_length
-    chosen, why = should_checkpoint(t, model.config, in_4bit=in_4bit, tokens=tokens, free=runtime.free_memory())
+    free = runtime.free_memory()
+    chosen, why = should_checkpoint(t, model.config, in_4bit=in_4bit, tokens=tokens, free=free)
     if why:
         runtime.current().say(why)
     t = dataclasses.replace(t, gradient_checkpointing=chosen)
     from samsum_qlora import step_graphs  # torch, imported when a model trains
 
-    room = graphs_fit(activation_bytes(model.config, in_4bit=in_4bit, tokens=tokens), runtime.free_memory())
+    room = graphs_fit(activation_bytes(model.config, in_4bit=in_4bit, tokens=tokens), free)
     graphs, why = step_graphs.should_capture(
         t, cfg.lora.lora_dropout, cuda=runtime.has_cuda(), processes=runtime.current().world_size, room=room
     )

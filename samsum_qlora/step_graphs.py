@@ -36,7 +36,7 @@ def should_capture(
         (t.fp16, "does not run with train.fp16 (its loss scaling is the Trainer's backward)"),
     ]
     soft = [
-        (lora_dropout > 0, "lora.lora_dropout > 0 is on"),
+        (lora_dropout > 0, "lora.lora_dropout is above 0"),
         (bool(t.neftune_noise_alpha), "NEFTune is on"),
         (t.gradient_checkpointing is True, "gradient checkpointing is on"),
         (not room, "the graphs' memory pool (a second batch's activations) would crowd the GPU"),

@@ -129,7 +129,7 @@ def test_auto_captures_only_where_a_graph_computes_the_same_step():
     assert step_graphs.should_capture(t, 0.0, cuda=True, processes=1)[0] is True
     assert step_graphs.should_capture(t, 0.0, cuda=False, processes=1) == (False, "")  # a CPU: silent
     for changed, dropout, processes, reason in [
-        ({}, 0.05, 1, "lora.lora_dropout > 0"),
+        ({}, 0.05, 1, "lora.lora_dropout is above 0"),
         ({"neftune_noise_alpha": 5.0}, 0.0, 1, "NEFTune"),
         ({"gradient_checkpointing": True}, 0.0, 1, "gradient checkpointing"),
         ({}, 0.0, 2, "torchrun"),
