@@ -8,7 +8,9 @@ from disk, merged for generation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -217,16 +219,35 @@ def check_vocabulary(model, tokenizer) -> None:
         )
 
 
-# liger-kernel's RoPE takes a batch's row count as a compile-time constant, so each new row count
-# compiles it anew (~0.25 s on a machine's first run; bucketed batches have one per width). It pays:
-# with CUDA graphs it made steps 14% faster (docs/performance.md). False: transformers' RoPE.
+# liger-kernel's RoPE (with CUDA graphs it made steps 14% faster, docs/performance.md). False:
+# transformers' RoPE.
 FUSED_ROPE = True
 
 
+def flat_rope(rope):
+    """`rope(q, k, cos, sin)` applied to a batch seen as one long row of all its tokens.
+
+    liger-kernel's RoPE compiles anew for each batch row count (a compile-time constant to it),
+    and bucketed batches have one row count per width: a fresh machine spent seconds of its first
+    epoch compiling. Rotating a token depends only on its own cos/sin, so the flattened batch
+    (views of the same memory) gives the same numbers and one compile serves every shape."""
+
+    def reshaped(t, rows: int, width: int):  # (rows, heads, width, dim), as attention holds it
+        return t.transpose(1, 2).reshape(rows, width, t.shape[1], t.shape[3]).transpose(1, 2)
+
+    def apply(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        rows, width = q.shape[0], q.shape[2]
+        cos, sin = (c.expand(rows, width, c.shape[-1]).reshape(1, rows * width, c.shape[-1]) for c in (cos, sin))
+        q, k = rope(reshaped(q, 1, rows * width), reshaped(k, 1, rows * width), cos, sin)
+        return reshaped(q, rows, width), reshaped(k, rows, width)
+
+    return apply
+
+
 def apply_fused_kernels(model) -> bool:
-    """liger-kernel's RMSNorm and SwiGLU (and RoPE with FUSED_ROPE) for a Llama being trained on a
-    GPU (the gain is in docs/performance.md). Elsewhere, or without the package, the model is left
-    as it is."""
+    """liger-kernel's RMSNorm and SwiGLU (and RoPE with FUSED_ROPE, one compile for every batch
+    shape) for a Llama being trained on a GPU (the gain is in docs/performance.md). Elsewhere, or
+    without the package, the model is left as it is."""
     if model.config.model_type != "llama" or not runtime.has_cuda():
         return False
     try:
@@ -235,9 +256,55 @@ def apply_fused_kernels(model) -> bool:
         print("note: pip install liger-kernel for fused kernels (faster training, less memory)")
         return False
     liger.apply_liger_kernel_to_llama(
-        model=model, rope=FUSED_ROPE, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        model=model, rope=False, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
     )
+    if FUSED_ROPE:  # as liger patches it: the module's function, for every Llama in the process
+        from transformers.models.llama import modeling_llama
+
+        modeling_llama.apply_rotary_pos_emb = flat_rope(liger.liger_rotary_pos_emb)
     return True
+
+
+def compile_fused_kernels(config, attn_implementation: str, dtype_name: str, device: str) -> None:
+    """One forward and backward of a one-layer copy of the model with the fused kernels on, so
+    that Triton compiles them (and keeps them on disk) before the real model's first step needs
+    them. The copy's weights are left uninitialised (a compile does not mind), so no random number
+    is drawn: a seeded run's LoRA initialisation stays what it is."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    small = copy.deepcopy(config)
+    small.num_hidden_layers, small.use_cache = 1, False
+    small.vocab_size, small.pad_token_id = 128, None  # no fused kernel in the embedding: 0.5 GB saved
+    small._attn_implementation = attn_implementation
+    # the class itself, not from_config: that one sets the process's default dtype, which the main
+    # thread's loading relies on
+    with torch.device("meta"):  # the architecture without initialising (or allocating) anything
+        model = LlamaModel(small)
+    model = model.to_empty(device=device).to(torch_dtype(dtype_name)).eval()
+    apply_fused_kernels(model)
+    ids = torch.zeros((16, 64), dtype=torch.long, device=device)
+    model(input_ids=ids).last_hidden_state.float().sum().backward()
+
+
+def start_compiling_fused_kernels(m: ModelArgs, q: QuantArgs) -> threading.Thread | None:
+    """`compile_fused_kernels` in a thread, while the base loads: on a fresh machine (no Triton
+    cache) compiling them took ~2.5 s of the first training step. None where no fused kernels run."""
+    if not (m.liger_kernels and runtime.has_cuda()):
+        return None
+    config = read_config(m)
+    if config.model_type != "llama":
+        return None
+
+    def run():
+        try:
+            compile_fused_kernels(config, m.attn_implementation, q.bnb_4bit_compute_dtype, "cuda")
+        except Exception:  # noqa: BLE001  only a head start: the first step compiles what is missing
+            pass
+
+    thread = threading.Thread(target=run, name="compile-fused-kernels", daemon=True)
+    thread.start()
+    return thread
 
 
 def dequantize_base(model, dtype_name: str):
@@ -311,6 +378,7 @@ def training_model(cfg: Config, tokenizer, t: TrainArgs | None = None):
     configured, checked against the tokenizer, with fresh LoRA adapters. `t`: this process's TrainArgs
     (default cfg.train)."""
     t = t or cfg.train
+    compiling = start_compiling_fused_kernels(cfg.model, cfg.quantization)
     model = load_model(cfg.model, cfg.quantization, training=True)
     check_vocabulary(model, tokenizer)
     model = attach_new_adapters(
@@ -335,6 +403,8 @@ def training_model(cfg: Config, tokenizer, t: TrainArgs | None = None):
     )
     if why:
         runtime.current().say(why)
+    if compiling:  # done before any step runs (or is captured) on the main thread
+        compiling.join()
     return model, dataclasses.replace(t, cuda_graphs=graphs)
 
 

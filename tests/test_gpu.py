@@ -219,3 +219,28 @@ def test_cuda_graph_steps_equal_plain_steps(shape_dir, tmp_path):
     graphed = decode(graphs=True)
     assert graphed == decode(graphs=False, full_view=True)
     assert all(len(d.ids) > 0 for d in graphed)
+
+
+def test_flat_fused_rope_equals_transformers_rope_on_gpu():
+    """liger-kernel's RoPE over the flattened batch rotates as transformers' RoPE does."""
+    import liger_kernel.transformers as liger
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from samsum_qlora import modeling
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for rows, width in [(6, 640), (17, 192)]:
+        q0 = torch.randn(rows, width, 32 * 64, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
+        k0 = torch.randn(rows, width, 8 * 64, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
+        angles = torch.arange(width, device="cuda")[None, :, None] / 10_000 ** (torch.arange(32, device="cuda") / 32)
+        cos, sin = (f(angles.repeat(1, 1, 2)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+        outs = []
+        for rope in (apply_rotary_pos_emb, modeling.flat_rope(liger.liger_rotary_pos_emb)):
+            q = q0.view(rows, width, 32, 64).transpose(1, 2)
+            k = k0.view(rows, width, 8, 64).transpose(1, 2)
+            rq, rk = rope(q * 1, k * 1, cos, sin)  # * 1: liger rotates in place
+            grads = torch.autograd.grad((rq.float() ** 2).sum() + rk.float().sum(), (q0, k0))
+            outs.append((rq.float(), rk.float(), *(g.float() for g in grads)))
+        for got, want in zip(outs[1], outs[0]):
+            torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)

@@ -221,3 +221,54 @@ def test_the_training_model_comes_with_its_checkpointing_decided(tmp_path, token
     model, args = modeling.training_model(cfg, tokenizer)
     assert cfg.train.gradient_checkpointing == "auto" and args.gradient_checkpointing is False  # a CPU
     assert not model.get_base_model().is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("cos_rows", [1, 3])  # positions shared by the rows, or one set per row
+def test_flat_rope_rotates_every_token_as_the_batched_rope_does(cos_rows):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    seen = []
+
+    def spy(q, k, cos, sin):
+        seen.append((q.shape[0], cos.shape[0]))
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+    rows, width, heads, kv_heads, dim = 3, 5, 4, 2, 8
+    gen = torch.Generator().manual_seed(0)
+    # the layout a Llama's attention hands over: projections viewed as heads, then transposed
+    q0 = torch.randn(rows, width, heads * dim, generator=gen, requires_grad=True)
+    k0 = torch.randn(rows, width, kv_heads * dim, generator=gen, requires_grad=True)
+    q = q0.view(rows, width, heads, dim).transpose(1, 2)
+    k = k0.view(rows, width, kv_heads, dim).transpose(1, 2)
+    angles = torch.rand(cos_rows, width, dim // 2, generator=gen).repeat(1, 1, 2) * 6
+    cos, sin = angles.cos(), angles.sin()
+
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    got_q, got_k = modeling.flat_rope(spy)(q, k, cos, sin)
+
+    assert seen == [(1, 1)]  # one row and one cos row, whatever the batch: one compile for all
+    assert got_q.shape == want_q.shape and got_k.shape == want_k.shape
+    torch.testing.assert_close(got_q, want_q)
+    torch.testing.assert_close(got_k, want_k)
+    assert not torch.equal(got_q, q)  # it did rotate
+    weights = torch.randn(want_q.shape, generator=gen)
+    want = torch.autograd.grad((want_q * weights).sum() + want_k.sum(), (q0, k0))
+    got = torch.autograd.grad((got_q * weights).sum() + got_k.sum(), (q0, k0))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_compiling_fused_kernels_early_draws_no_random_numbers():
+    """The head-start compile runs beside a seeded run's loading: it must leave the RNG alone."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(TINY_MODEL)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    modeling.compile_fused_kernels(config, "sdpa", "bfloat16", "cpu")  # no liger on a CPU: plain layers
+    assert torch.equal(torch.get_rng_state(), before)
+    assert config.num_hidden_layers > 1  # the caller's config is left as it was
+
+
+def test_no_compile_thread_without_a_gpu_or_fused_kernels():
+    assert modeling.start_compiling_fused_kernels(ModelArgs(name=str(TINY_MODEL)), Config().quantization) is None
