@@ -265,7 +265,7 @@ def apply_fused_kernels(model) -> bool:
     return True
 
 
-def compile_fused_kernels(config, attn_implementation: str, dtype_name: str, device: str) -> None:
+def compile_fused_kernels(config, attn_implementation: str, dtype_name: str, device: int | str) -> None:
     """One forward and backward of a one-layer copy of the model with the fused kernels on, so
     that Triton compiles them (and keeps them on disk) before the real model's first step needs
     them. The copy's weights are left uninitialised (a compile does not mind), so no random number
@@ -273,6 +273,8 @@ def compile_fused_kernels(config, attn_implementation: str, dtype_name: str, dev
     import torch
     from transformers.models.llama.modeling_llama import LlamaModel
 
+    if device != "cpu":  # a thread starts on GPU 0, and Triton launches on the current device
+        torch.cuda.set_device(device)
     small = copy.deepcopy(config)
     small.num_hidden_layers, small.use_cache = 1, False
     small.vocab_size, small.pad_token_id = 128, None  # no fused kernel in the embedding: 0.5 GB saved
@@ -289,16 +291,19 @@ def compile_fused_kernels(config, attn_implementation: str, dtype_name: str, dev
 
 def start_compiling_fused_kernels(m: ModelArgs, q: QuantArgs) -> threading.Thread | None:
     """`compile_fused_kernels` in a thread, while the base loads: on a fresh machine (no Triton
-    cache) compiling them took ~2.5 s of the first training step. None where no fused kernels run."""
-    if not (m.liger_kernels and runtime.has_cuda()):
-        return None
+    cache) compiling them took 3 s of the first training step. None where no fused kernels run."""
+    import importlib.util
+
+    if not (m.liger_kernels and runtime.has_cuda() and importlib.util.find_spec("liger_kernel")):
+        return None  # without the package, loading says so once
     config = read_config(m)
     if config.model_type != "llama":
         return None
+    device = runtime.use_local_gpu()  # this process's GPU under torchrun
 
     def run():
         try:
-            compile_fused_kernels(config, m.attn_implementation, q.bnb_4bit_compute_dtype, "cuda")
+            compile_fused_kernels(config, m.attn_implementation, q.bnb_4bit_compute_dtype, device)
         except Exception:  # noqa: BLE001  only a head start: the first step compiles what is missing
             pass
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -270,5 +271,12 @@ def test_compiling_fused_kernels_early_draws_no_random_numbers():
     assert config.num_hidden_layers > 1  # the caller's config is left as it was
 
 
-def test_no_compile_thread_without_a_gpu_or_fused_kernels():
-    assert modeling.start_compiling_fused_kernels(ModelArgs(name=str(TINY_MODEL)), Config().quantization) is None
+def test_no_compile_thread_without_a_gpu_or_fused_kernels(monkeypatch):
+    import importlib.util
+
+    tiny, q = ModelArgs(name=str(TINY_MODEL)), Config().quantization
+    assert modeling.start_compiling_fused_kernels(tiny, q) is None  # no GPU here
+    monkeypatch.setattr(modeling.runtime, "has_cuda", lambda: True)
+    assert modeling.start_compiling_fused_kernels(dataclasses.replace(tiny, liger_kernels=False), q) is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # liger-kernel not installed
+    assert modeling.start_compiling_fused_kernels(tiny, q) is None
