@@ -287,6 +287,9 @@ def compile_fused_kernels(config, attn_implementation: str, dtype_name: str, dev
     apply_fused_kernels(model)
     ids = torch.zeros((16, 64), dtype=torch.long, device=device)
     model(input_ids=ids).last_hidden_state.float().sum().backward()
+    del model
+    if device != "cpu":  # its memory back to the card before the auto choices read what is free
+        torch.cuda.empty_cache()
 
 
 def start_compiling_fused_kernels(m: ModelArgs, q: QuantArgs) -> threading.Thread | None:
@@ -393,6 +396,8 @@ def training_model(cfg: Config, tokenizer, t: TrainArgs | None = None):
         gradient_checkpointing=t.gradient_checkpointing is True,
         half_precision=t.bf16 or t.fp16,
     )
+    if compiling:  # done before the free memory is read, and before any step runs or is captured
+        compiling.join()
     in_4bit = bool(getattr(model.get_base_model(), "is_loaded_in_4bit", False))
     tokens = t.max_tokens_per_batch or t.per_device_train_batch_size * cfg.data.max_length
     free = runtime.free_memory()
@@ -408,8 +413,6 @@ def training_model(cfg: Config, tokenizer, t: TrainArgs | None = None):
     )
     if why:
         runtime.current().say(why)
-    if compiling:  # done before any step runs (or is captured) on the main thread
-        compiling.join()
     return model, dataclasses.replace(t, cuda_graphs=graphs)
 
 
