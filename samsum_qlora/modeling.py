@@ -387,17 +387,19 @@ def training_model(cfg: Config, tokenizer, t: TrainArgs | None = None):
     (default cfg.train)."""
     t = t or cfg.train
     compiling = start_compiling_fused_kernels(cfg.model, cfg.quantization)
-    model = load_model(cfg.model, cfg.quantization, training=True)
-    check_vocabulary(model, tokenizer)
-    model = attach_new_adapters(
-        model,
-        cfg.lora,
-        cfg.quantization,
-        gradient_checkpointing=t.gradient_checkpointing is True,
-        half_precision=t.bf16 or t.fp16,
-    )
-    if compiling:  # done before the free memory is read, and before any step runs or is captured
-        compiling.join()
+    try:
+        model = load_model(cfg.model, cfg.quantization, training=True)
+        check_vocabulary(model, tokenizer)
+        model = attach_new_adapters(
+            model,
+            cfg.lora,
+            cfg.quantization,
+            gradient_checkpointing=t.gradient_checkpointing is True,
+            half_precision=t.bf16 or t.fp16,
+        )
+    finally:  # done before the free memory is read and any step runs, or an error ends the process
+        if compiling:
+            compiling.join()
     in_4bit = bool(getattr(model.get_base_model(), "is_loaded_in_4bit", False))
     tokens = t.max_tokens_per_batch or t.per_device_train_batch_size * cfg.data.max_length
     free = runtime.free_memory()
