@@ -389,17 +389,17 @@ def training_model(cfg: Config, tokenizer, t: TrainArgs | None = None):
     compiling = start_compiling_fused_kernels(cfg.model, cfg.quantization)
     try:
         model = load_model(cfg.model, cfg.quantization, training=True)
-        check_vocabulary(model, tokenizer)
-        model = attach_new_adapters(
-            model,
-            cfg.lora,
-            cfg.quantization,
-            gradient_checkpointing=t.gradient_checkpointing is True,
-            half_precision=t.bf16 or t.fp16,
-        )
-    finally:  # done before the free memory is read and any step runs, or an error ends the process
-        if compiling:
+    finally:  # done before the auto choices read the free memory (the first in attach_new_adapters)
+        if compiling:  # and before any step runs, or an error ends the process
             compiling.join()
+    check_vocabulary(model, tokenizer)
+    model = attach_new_adapters(
+        model,
+        cfg.lora,
+        cfg.quantization,
+        gradient_checkpointing=t.gradient_checkpointing is True,
+        half_precision=t.bf16 or t.fp16,
+    )
     in_4bit = bool(getattr(model.get_base_model(), "is_loaded_in_4bit", False))
     tokens = t.max_tokens_per_batch or t.per_device_train_batch_size * cfg.data.max_length
     free = runtime.free_memory()
@@ -434,15 +434,15 @@ def should_dequantize(q: QuantArgs, needed: int, free: int | None) -> tuple[bool
         return False, ""
     if q.dequantize_once != "auto":
         return bool(q.dequantize_once), ""
-    copy = f"{size(needed)} in {q.bnb_4bit_compute_dtype}"
+    plain = f"{size(needed)} in {q.bnb_4bit_compute_dtype}"
     if free is None:
-        return True, f"quantization.dequantize_once=auto: the 4-bit base is dequantised once ({copy}; a CPU)"
+        return True, f"quantization.dequantize_once=auto: the 4-bit base is dequantised once ({plain}; a CPU)"
     left = f"{size(free)} free on the GPU"
     if needed <= free / 2:
-        return True, f"quantization.dequantize_once=auto: the 4-bit base is dequantised once ({copy}, {left})"
+        return True, f"quantization.dequantize_once=auto: the 4-bit base is dequantised once ({plain}, {left})"
     return False, (
         f"quantization.dequantize_once=auto: the base stays in 4 bits, dequantised at each matmul "
-        f"(a copy would take {copy} of the {left}); slower, but it fits"
+        f"(a copy would take {plain} of the {left}); slower, but it fits"
     )
 
 
