@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import types
 
 import pytest
 import torch
@@ -280,3 +281,55 @@ def test_no_compile_thread_without_a_gpu_or_fused_kernels(monkeypatch):
     assert modeling.start_compiling_fused_kernels(dataclasses.replace(tiny, liger_kernels=False), q) is None
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # liger-kernel not installed
     assert modeling.start_compiling_fused_kernels(tiny, q) is None
+
+
+def test_within_unmasked_causal_attention_sdpa_runs_causal_without_a_mask(monkeypatch):
+    """Even where transformers would build a mask (as while a CUDA graph is captured: simulated by
+    calling every position tensor traced), the model's SDPA gets none and is_causal, with the same
+    logits; outside, the implementation is plain sdpa again."""
+    from transformers import AutoModelForCausalLM, masking_utils
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32, attn_implementation="sdpa").eval()
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((attn_mask is None, kw.get("is_causal")))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(masking_utils, "is_tracing", lambda *a, **k: True)
+    ids = torch.tensor([[5, 9, 14, 3, 7, 21], [8, 2, 2, 11, 4, 6]])
+    with torch.no_grad():
+        masked = model(input_ids=ids, use_cache=False).logits  # as training runs it
+        assert seen and all(s == (False, False) for s in seen)  # a [T, T] mask built
+        seen.clear()
+        with modeling.unmasked_causal_attention(model):
+            plain = model(input_ids=ids, use_cache=False).logits
+        assert seen and all(s == (True, True) for s in seen)
+    assert model.config._attn_implementation == "sdpa"  # given back
+    assert torch.allclose(plain, masked, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, plain",
+    [
+        ({}, True),
+        ({"sliding_window": 3}, False),  # a window is a mask of its own
+        ({"sliding_window": 3, "use_sliding_window": False}, True),  # Qwen2's way of turning it off
+        ({"layer_types": ["full_attention", "sliding_attention"]}, False),
+        ({"_attn_implementation": "eager"}, False),
+    ],
+)
+def test_only_plainly_causal_sdpa_models_drop_their_mask(change, plain):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(TINY_MODEL)
+    config._attn_implementation = "sdpa"
+    for key, value in change.items():
+        setattr(config, key, value)
+    model = types.SimpleNamespace(config=config)
+    before = config._attn_implementation
+    with modeling.unmasked_causal_attention(model):
+        assert (config._attn_implementation == modeling.CAUSAL_ATTENTION) is plain
+    assert config._attn_implementation == before

@@ -126,6 +126,14 @@ def test_training_arguments_pass_our_fields_through(tmp_path):
     assert (args.learning_rate, args.weight_decay, args.warmup_steps, args.max_steps) == (0.01, 0.1, 3, 40)
     assert args.per_device_train_batch_size == 1  # token-budget batches arrive whole
     assert args.optim == "adamw_torch" and not args.logging_nan_inf_filter and args.output_dir == str(tmp_path / "ck")
+    assert not args.dataloader_pin_memory and not args.accelerator_config.non_blocking  # no GPU to copy to
+
+
+def test_batches_reach_the_gpu_without_a_step_waiting(tmp_path):
+    """On a GPU, batches are pinned and copied with non_blocking: a blocking copy would wait for the
+    steps queued before it."""
+    args = training.training_arguments(load_config(SMOKE_CONFIG, smoke_overrides(tmp_path)).train, tmp_path, cuda=True)
+    assert args.dataloader_pin_memory and args.accelerator_config.non_blocking
 
 
 def test_logs_are_numbers_not_strings():
