@@ -19,12 +19,13 @@ import hashlib
 import inspect
 import sys
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from samsum_qlora.batching import generation_batches, pad
+from samsum_qlora.modeling import sdpa_swapped
 
 CHECK_EVERY = 8  # steps between looks at whether every row has stopped (each look syncs the GPU)
 PREFILL_TOKENS = 32768  # padded prompt tokens per prefill forward: enough to keep a GPU's matmuls busy
@@ -170,23 +171,11 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return out.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-@contextmanager
 def grouped_decode_attention(model):
     """Within: an SDPA model attends with `decode_attention`. Other implementations are left alone."""
-    config = model.config
-    if config._attn_implementation != "sdpa":
-        yield
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
-    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
-    config._attn_implementation = DECODE_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = "sdpa"
+    return sdpa_swapped(model, DECODE_ATTENTION, decode_attention, mask=sdpa_mask)
 
 
 def attention_mask(valid: torch.Tensor, start: int, queries: int, keys: int) -> torch.Tensor:

@@ -255,27 +255,39 @@ def plainly_causal(config) -> bool:
 
 
 @contextlib.contextmanager
+def sdpa_swapped(model, name: str, attention, mask=None):
+    """Within: an SDPA model attends with `attention`, registered as `name`, and builds its masks
+    with `mask`; with no mask function it gets no mask at all (transformers' rule for external
+    kernels). Other implementations are left alone."""
+    config = model.config
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, attention)
+    if mask is not None:
+        AttentionMaskInterface.register(name, mask)
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
 def unmasked_causal_attention(model):
     """Within: an SDPA model whose batch has no padding mask attends with SDPA's `is_causal` and no
     mask at all, so SDPA runs its causal flash kernel. transformers builds the whole [T, T] mask
     instead whenever a CUDA graph is being captured (it takes a capture for tracing, and cannot rule
     out packed rows), and with a mask SDPA falls back to a slower kernel: 5.7 ms of attention per
-    step instead of 3.6 on an H200; without a capture, that check reads the GPU (a sync). An
-    attention implementation with no mask function gets no mask (transformers' rule for external
-    kernels). Models with sliding windows or other masks are left alone."""
-    config = model.config
-    if config._attn_implementation != "sdpa" or not plainly_causal(config):
-        yield
-        return
-    from transformers import AttentionInterface
+    step instead of 3.6 on an H200; without a capture, that check reads the GPU (a sync). Models
+    with sliding windows or other masks are left alone."""
+    if not plainly_causal(model.config):
+        return contextlib.nullcontext()
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    AttentionInterface.register(CAUSAL_ATTENTION, sdpa_attention_forward)
-    config._attn_implementation = CAUSAL_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = "sdpa"
+    return sdpa_swapped(model, CAUSAL_ATTENTION, sdpa_attention_forward)
 
 
 def apply_fused_kernels(model) -> bool:
