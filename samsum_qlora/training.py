@@ -299,7 +299,8 @@ class LossTrainer(Trainer):
         at, ids = inputs.pop(TRAINED_AT, None), inputs.pop(TRAINED_IDS, None)
         inputs.pop(REAL_TOKENS, None)
         if not self.trained_logits_only:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with self._attention(model, inputs):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
         if at is None:  # a batch from elsewhere: find the positions here (this waits for the GPU)
             at, ids = trained_positions(labels)
@@ -312,18 +313,21 @@ class LossTrainer(Trainer):
         base = self.accelerator.unwrap_model(model).get_base_model()
         captured = {}
         hook = base.get_decoder().register_forward_hook(lambda mod, args, out: captured.update(hidden=out[0]))
-        # bucketed batches carry no mask (right padding trains nothing): causal needs none
-        unmasked = (
-            modeling.unmasked_causal_attention(base) if "attention_mask" not in inputs else contextlib.nullcontext()
-        )
         try:
-            with unmasked:
+            with self._attention(model, inputs):
                 outputs = model(**inputs, use_cache=False, logits_to_keep=1)
         finally:
             hook.remove()
         return trained_token_loss(
             captured["hidden"], at, ids, base.get_output_embeddings(), num_items_in_batch
         ), outputs
+
+    def _attention(self, model, inputs: dict):
+        """Bucketed batches carry no mask (right padding trains nothing): causal attention needs none,
+        and transformers would build one (`modeling.unmasked_causal_attention`)."""
+        if "attention_mask" in inputs:
+            return contextlib.nullcontext()
+        return modeling.unmasked_causal_attention(self.accelerator.unwrap_model(model).get_base_model())
 
     def _graphed_loss(self, model, input_ids, at, ids, denominator):
         return self._trained_loss(model, {"input_ids": input_ids}, at, ids, denominator)[0]

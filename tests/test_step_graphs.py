@@ -121,6 +121,37 @@ def test_bucketed_batch_trains_exactly_what_the_plain_batch_trains(tmp_path, tok
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("trained_logits_only", (True, False))
+def test_a_bucketed_batch_attends_without_a_mask(tmp_path, tokenizer, monkeypatch, trained_logits_only):
+    """Both loss paths run a bucketed batch through SDPA's causal kernel with no mask, even where
+    transformers would build one (as while a CUDA graph is captured: simulated); a plain batch keeps
+    its padding mask."""
+    from transformers import masking_utils
+
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.trained_logits_only": trained_logits_only}))
+    columns = encoded(tokenizer, cfg, n=3)
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"])]
+    model = with_adapters(cfg)
+    trainer = training.build_trainer(cfg.train, model, [], training.Collator(0), tmp_path / "ck")
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((attn_mask is None, kw.get("is_causal")))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(masking_utils, "is_tracing", lambda *a, **k: True)
+    for buckets, expected in ((True, (True, True)), (False, (False, False))):
+        batch = training.collator(bucketed(cfg, bucket_shapes=buckets), chat.pad_id(tokenizer))(rows)
+        batch.pop(training.REAL_TOKENS)
+        seen.clear()
+        with torch.no_grad():
+            trainer.compute_loss(model, batch)
+        assert seen and set(seen) == {expected}
+    assert model.config._attn_implementation == "sdpa"
+
+
 # --- choosing graphs -------------------------------------------------------------------------------
 
 
