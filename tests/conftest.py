@@ -58,3 +58,22 @@ def set_args(overrides: dict) -> list[str]:
     for k, v in overrides.items():
         args += ["--set", f"{k}={v}"]
     return args
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """(mask is None, is_causal) of every SDPA call, where transformers would build a mask for a
+    plain causal batch too (as it does while a CUDA graph is captured: its tracing check says yes)."""
+    import torch
+    from transformers import masking_utils
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((attn_mask is None, kw.get("is_causal")))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(masking_utils, "is_tracing", lambda *a, **k: True)
+    return seen

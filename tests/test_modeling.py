@@ -283,22 +283,14 @@ def test_no_compile_thread_without_a_gpu_or_fused_kernels(monkeypatch):
     assert modeling.start_compiling_fused_kernels(tiny, q) is None
 
 
-def test_within_unmasked_causal_attention_sdpa_runs_causal_without_a_mask(monkeypatch):
+def test_within_unmasked_causal_attention_sdpa_runs_causal_without_a_mask(sdpa_calls):
     """Even where transformers would build a mask (as while a CUDA graph is captured: simulated by
     calling every position tensor traced), the model's SDPA gets none and is_causal, with the same
     logits; outside, the implementation is plain sdpa again."""
-    from transformers import AutoModelForCausalLM, masking_utils
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32, attn_implementation="sdpa").eval()
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, attn_mask=None, **kw):
-        seen.append((attn_mask is None, kw.get("is_causal")))
-        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(masking_utils, "is_tracing", lambda *a, **k: True)
+    seen = sdpa_calls
     ids = torch.tensor([[5, 9, 14, 3, 7, 21], [8, 2, 2, 11, 4, 6]])
     with torch.no_grad():
         masked = model(input_ids=ids, use_cache=False).logits  # as training runs it

@@ -122,26 +122,16 @@ def test_bucketed_batch_trains_exactly_what_the_plain_batch_trains(tmp_path, tok
 
 
 @pytest.mark.parametrize("trained_logits_only", (True, False))
-def test_a_bucketed_batch_attends_without_a_mask(tmp_path, tokenizer, monkeypatch, trained_logits_only):
+def test_a_bucketed_batch_attends_without_a_mask(tmp_path, tokenizer, sdpa_calls, trained_logits_only):
     """Both loss paths run a bucketed batch through SDPA's causal kernel with no mask, even where
     transformers would build one (as while a CUDA graph is captured: simulated); a plain batch keeps
     its padding mask."""
-    from transformers import masking_utils
-
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.trained_logits_only": trained_logits_only}))
     columns = encoded(tokenizer, cfg, n=3)
     rows = [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"])]
     model = with_adapters(cfg)
     trainer = training.build_trainer(cfg.train, model, [], training.Collator(0), tmp_path / "ck")
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, attn_mask=None, **kw):
-        seen.append((attn_mask is None, kw.get("is_causal")))
-        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(masking_utils, "is_tracing", lambda *a, **k: True)
+    seen = sdpa_calls
     for buckets, expected in ((True, (True, True)), (False, (False, False))):
         batch = training.collator(bucketed(cfg, bucket_shapes=buckets), chat.pad_id(tokenizer))(rows)
         batch.pop(training.REAL_TOKENS)
