@@ -197,8 +197,11 @@ def quiet_known_noise() -> None:
     import logging
     import warnings
 
-    # bitsandbytes on a CPU with AVX512-BF16 looks for an optional kernel package at import
+    # bitsandbytes on a CPU with AVX512-BF16 fetches an optional CPU kernel from the Hub at import
+    # (through `kernels`, which transformers >= 5.25 installs); offline or unreachable it warns twice
+    # and falls back to its own kernel, which is what runs here
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     # transformers' checkpoint rotation on filesystems with coarse timestamps (it orders by step)
     logging.getLogger("transformers.trainer_utils").setLevel(logging.ERROR)
     # peft asks the model a deprecated question on transformers 5

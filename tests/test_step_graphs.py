@@ -118,7 +118,11 @@ def test_bucketed_batch_trains_exactly_what_the_plain_batch_trains(tmp_path, tok
     (plain_loss, plain_grads), (loss, grads) = results
     assert loss == pytest.approx(plain_loss, rel=1e-5)
     for a, b in zip(plain_grads, grads):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+        # float32 sums taken in another order (other shapes, other kernels) differ by a few ulps of
+        # the largest term: 64 machine epsilons of the gradient's scale, where a real masking error
+        # moves gradients by a whole token's share (~1e-2 of it)
+        atol = 64 * torch.finfo(torch.float32).eps * a.abs().max().item()
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("trained_logits_only", (True, False))
