@@ -123,31 +123,52 @@ def read_records(path: Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> li
     elif path.suffix == ".csv":
         records = _csv(path)
     else:
-        records = _json(path)
+        records = _json(path, required)
     missing = [c for c in required if records and all(c not in r for r in records)]
     if missing:
-        columns = ", ".join(str(c) for c in records[0] if c is not None)  # None: a CSV row's extra fields
+        columns = ", ".join(map(str, records[0]))
         raise UserError(f"{path} has no column {', '.join(missing)} (columns: {columns})")
     return records
 
 
-def _json(path: Path) -> list[dict[str, Any]]:
+def _json(path: Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict[str, Any]]:
     text = _text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            records = json.loads(text)
+            records = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {e.lineno} is not valid JSON: {e.msg}") from None
+        except _RepeatedKey as e:
+            raise UserError(f"{path}: a record has the key {e.key!r} twice (the last would silently win)") from None
     elif path.suffix == ".json" and not _reads_as_json_lines(text):
         raise UserError(f"{path} holds one JSON value, not rows: expected a JSON array of rows or JSON Lines")
     else:
         records = _json_lines(text, path)
+    check_objects(records, path, required)
+    return records
+
+
+def check_objects(records: list[Any], where: Path | str, required: tuple[str, ...]) -> None:
+    """Every record must be a JSON object (a row), not a list or a bare value."""
+    wanted = " and ".join(required)
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
-            raise UserError(
-                f"{path} record {number} is {type(record).__name__}, not an object with dialogue and summary"
-            )
-    return records
+            raise UserError(f"{where} record {number} is {type(record).__name__}, not an object with {wanted}")
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: json keeps the last of a repeated key unsaid."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        raise _RepeatedKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
 
 
 def _reads_as_json_lines(text: str) -> bool:
@@ -167,20 +188,46 @@ def _json_lines(text: str, where: Path | str) -> list[Any]:
     for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                records.append(json.loads(line, object_pairs_hook=_unique_keys))
             except json.JSONDecodeError as e:
                 raise UserError(f"{where} line {number} is not valid JSON: {e.msg}") from None
+            except _RepeatedKey as e:
+                raise UserError(
+                    f"{where} line {number} has the key {e.key!r} twice (the last would silently win)"
+                ) from None
     return records
 
 
 def _csv(path: Path) -> list[dict[str, Any]]:
-    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    """The rows under the header. Read strictly, row by row, so that what a lenient reader would get
+    silently wrong is named with its line: a quote that never closes (every later row would become
+    one field), a row with more fields than the header (an unquoted comma), a column named twice."""
+    reader = csv.reader(io.StringIO(_text(path), newline=""), strict=True)
+    header: list[str] | None = None
+    records, start = [], 1  # start: the line the row being read begins on
     try:
-        records = [dict(r) for r in reader]
+        for fields in reader:
+            if header is None:
+                header = fields
+                repeated = sorted({c for c in header if header.count(c) > 1})
+                if repeated:
+                    raise UserError(
+                        f"{path} line {start}: the header names column {', '.join(repeated)} more than once"
+                    )
+            elif len(fields) > len(header):
+                raise UserError(
+                    f"{path} line {start} has {len(fields)} fields, the header {len(header)}: quote a field that "
+                    'holds a comma ("A: yes, at 5")'
+                )
+            elif fields:  # a blank line is no row
+                records.append(dict(zip(header, fields)) | {c: None for c in header[len(fields) :]})
+            start = reader.line_num + 1
     except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise UserError(f'{path} line {start}: a quoted field opens here and its closing " never comes') from None
         raise UserError(f"{path} line {reader.line_num} is not valid CSV: {e}") from None
-    if reader.fieldnames and not records:
-        raise UserError(f"{path} has a header ({', '.join(reader.fieldnames)}) but no rows")
+    if header and not records:
+        raise UserError(f"{path} has a header ({', '.join(header)}) but no rows")
     return records
 
 
@@ -244,22 +291,23 @@ def dialogues_from_file(path: Path) -> list[dict[str, Any]]:
 
 
 def dialogues_from_stdin(raw: bytes) -> list[dict[str, Any]]:
-    """Records to summarise from standard input: JSON Lines when every non-empty line is a JSON
-    object, else text blocks as in a .txt file."""
+    """Records to summarise from standard input: JSON Lines when it starts as JSON does (with "{" or
+    "[", which no dialogue line does), read as strictly as a .jsonl file, else text blocks as in a
+    .txt file. The first character decides, so a broken line is named, not read as a dialogue."""
     text = _decode(raw, STDIN)
-    try:
+    if text.lstrip().startswith(("{", "[")):
         records = _json_lines(text, STDIN)
-    except UserError:  # a line that is not JSON: the input is text
-        records = []
-    if not records or not all(isinstance(r, dict) for r in records):
+        check_objects(records, STDIN, ("dialogue",))
+    else:
         records = text_blocks(text)
     return _dialogues(records, STDIN)
 
 
 def text_blocks(text: str) -> list[dict[str, str]]:
-    """{"dialogue": block} for each run of non-blank lines; blank lines only separate blocks."""
+    """{"dialogue": block} for each run of non-blank lines; blank lines only separate blocks. A line
+    ends at "\\n", "\\r\\n" or a lone "\\r" (old Mac files), never inside a line (U+2028 and the like)."""
     blocks, lines = [], []
-    for line in [*text.split("\n"), ""]:
+    for line in [*text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), ""]:
         if line.strip():
             lines.append(line.rstrip())
         elif lines:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import pytest
 from conftest import SAMPLE_DATA
@@ -113,9 +114,61 @@ def test_csv_with_only_a_header(tmp_path):
         data.load_rows(str(tmp_path), "train")
 
 
-def test_csv_without_a_dialogue_column_and_a_row_with_an_extra_field(tmp_path):
-    (tmp_path / "train.csv").write_text("id,text,summary\n1,A: hi,A greets.,extra\n")
+def test_csv_without_a_dialogue_column(tmp_path):
+    (tmp_path / "train.csv").write_text("id,text,summary\n1,A: hi,A greets.\n")
     with pytest.raises(UserError, match=r"train.csv has no column dialogue \(columns: id, text, summary\)$"):
+        data.load_rows(str(tmp_path), "train")
+
+
+def test_a_csv_row_with_more_fields_than_the_header_is_named_not_cut_at_its_comma(tmp_path):
+    # line 3's unquoted comma: a lenient reader keeps "A: yes" and drops the rest unsaid
+    (tmp_path / "train.csv").write_text(
+        'id,dialogue,summary\n1,"A: hi\nB: hello",greeting\n2,A: yes, at 5,time\n3,A: ok,fine\n'
+    )
+    with pytest.raises(UserError, match=r"train.csv line 4 has 4 fields, the header 3: quote a field"):
+        data.load_rows(str(tmp_path), "train")
+
+
+def test_an_unterminated_csv_quote_is_named_where_it_opens(tmp_path):
+    # without the check, the four rows below the quote became one dialogue and nothing was said
+    rows = ["id,dialogue,summary", "1,A: hi,greets", '2,"A: hello,greets', "3,A: x,y", "4,A: z,w", "5,A: q,r"]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserError, match=r'train.csv line 3: a quoted field opens here and its closing " never comes'):
+        data.load_rows(str(tmp_path), "train")
+
+
+def test_csv_rows_keep_quoted_commas_newlines_and_short_rows(tmp_path):
+    (tmp_path / "train.csv").write_text('id,dialogue,summary\n1,"A: yes, at 5\nB: ok",time\n\n2,A: hm\n')
+    rows = data.load_rows(str(tmp_path), "train")
+    assert [(r["id"], r["dialogue"], r["summary"]) for r in rows] == [
+        ("1", "A: yes, at 5\nB: ok", "time"),
+        ("2", "A: hm", ""),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "train.csv",
+            "id,dialogue,dialogue\n1,a,b\n",
+            "train.csv line 1: the header names column dialogue more than once",
+        ),
+        (
+            "train.jsonl",
+            '{"dialogue": "a", "summary": "b"}\n{"dialogue": "a", "summary": "b", "dialogue": "c"}\n',
+            "train.jsonl line 2 has the key 'dialogue' twice",
+        ),
+        (
+            "train.json",
+            '[{"dialogue": "a", "summary": "b", "summary": "c"}]',
+            "train.json: a record has the key 'summary' twice",
+        ),
+    ],
+)
+def test_a_column_or_key_given_twice_is_refused(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(UserError, match=re.escape(message)):
         data.load_rows(str(tmp_path), "train")
 
 

@@ -51,13 +51,40 @@ def test_text_blocks_from_a_file_and_from_stdin(tmp_path):
     assert data.dialogues_from_stdin(text.encode()) == expected
 
 
-def test_stdin_is_json_lines_only_when_every_line_is_an_object():
+def test_stdin_is_json_lines_when_it_starts_as_json():
     lines = [json.dumps({"n": i, "dialogue": d}) for i, d in enumerate(DIALOGUES)]
     assert data.dialogues_from_stdin(("\n".join(lines) + "\n\n").encode())[1] == {"n": 1, "dialogue": DIALOGUES[1]}
     separators = json.dumps({"dialogue": "A: one\u2028two\u0085three"}, ensure_ascii=False) + "\r\n"
     assert data.dialogues_from_stdin(separators.encode()) == [{"dialogue": "A: one\u2028two\u0085three"}]
-    mixed = lines[0] + "\nAna: {not json}\n"
-    assert data.dialogues_from_stdin(mixed.encode()) == [{"dialogue": mixed.strip()}]
+    text = "Ana: {not json}\nBo: [sic]\n"
+    assert data.dialogues_from_stdin(text.encode()) == [{"dialogue": text.strip()}]
+
+
+@pytest.mark.parametrize(
+    "stdin, message",
+    [  # each was read as one text dialogue: the raw JSON summarised as a conversation, exit 0
+        (
+            '{"dialogue": "A: hi"}\n{"dialogue": "B: yo"\n{"dialogue": "C: x"}\n',
+            "standard input line 2 is not valid JSON",
+        ),
+        ('{"dialogue": "A: hi"}\nAna: {not json}\n', "standard input line 2 is not valid JSON"),
+        ('["A: hi", "B: yo"]\n', "standard input record 1 is list, not an object with dialogue"),
+    ],
+)
+def test_stdin_that_starts_as_json_is_read_as_strictly_as_a_jsonl_file(stdin, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        data.dialogues_from_stdin(stdin.encode())
+
+
+def test_a_txt_file_with_old_mac_line_ends_is_one_dialogue_per_block(tmp_path):
+    (tmp_path / "in.txt").write_bytes("\r\r".join(DIALOGUES).replace("\n", "\r").encode())
+    assert data.dialogues_from_file(tmp_path / "in.txt") == [{"dialogue": d} for d in DIALOGUES]
+
+
+def test_a_record_that_is_no_object_is_refused_without_asking_for_a_summary(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"dialogue": "A: hi"}\n"A: yo"\n')
+    with pytest.raises(UserError, match=r"in.jsonl record 2 is str, not an object with dialogue$"):
+        data.dialogues_from_file(tmp_path / "in.jsonl")
 
 
 @pytest.mark.parametrize(
