@@ -11,6 +11,7 @@ check in the ``__post_init__`` methods holds for every config the package sees.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import math
 import types
@@ -37,6 +38,8 @@ DECODING_KEYS = (
     "top_p",
     "seed",
 )
+MIN_TEMPERATURE = 1e-3  # logits / temperature: below this, the likeliest token is drawn anyway
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -342,14 +345,24 @@ class EvalArgs:
             self.no_repeat_ngram_size >= 0,
             f"eval.no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}",
         )
+        # Generation divides (or multiplies) logits by these in float32: far from 1, logits overflow
+        # to inf and sampling fails with "probability tensor contains inf/nan" after the model has
+        # loaded, or round to 0 (1e-300 is 0 in float32). Long before that they stop meaning anything.
+        low, high = REPETITION_PENALTY_RANGE
         _check(
-            _finite(self.repetition_penalty) and self.repetition_penalty > 0,
-            f"eval.repetition_penalty must be more than 0 (1.0 = off), got {self.repetition_penalty}",
+            _finite(self.repetition_penalty) and low <= self.repetition_penalty <= high,
+            f"eval.repetition_penalty must be in [{low}, {high}] (1.0 = off, 1.1 to 1.3 is usual), "
+            f"got {self.repetition_penalty}",
         )
         _check(
             _finite(self.temperature) and self.temperature > 0,
             f"eval.temperature must be more than 0, got {self.temperature}; for greedy decoding set "
             "eval.do_sample=false (and leave eval.temperature at 1.0)",
+        )
+        _check(
+            self.temperature >= MIN_TEMPERATURE,
+            f"eval.temperature={self.temperature} is below {MIN_TEMPERATURE}, where sampling is greedy decoding "
+            "with a risk of overflow: set eval.do_sample=false (and eval.temperature=1.0) for greedy decoding",
         )
         _check(
             _finite(self.top_p) and 0 < self.top_p <= 1,
@@ -468,16 +481,27 @@ def _unknown_key(key: str, candidates: list[str]) -> UserError:
 
 
 def _coerce_number(value: Any, tp: type, key: str) -> Any:
+    """A number for an int or float key. Text (from --set or a config file) is read as a decimal
+    number: a whole-number key takes only a whole one (`1.25e1` is not 12, `010` is ten, `0x10` is
+    refused), where YAML would read octal, hexadecimal and sexagesimal forms."""
+    kind = "a whole number" if tp is int else "a number"
     if isinstance(value, bool):
-        raise UserError(f"{key} must be a number, got {value!r}")
+        raise UserError(f"{key} must be {kind}, got {value!r}")
+    if isinstance(value, str):
+        try:
+            number = decimal.Decimal(value.strip())
+        except decimal.InvalidOperation:
+            raise UserError(f"{key} must be {kind}, got {value!r}") from None
+        if tp is float:
+            return float(number)
+        if not number.is_finite() or number != number.to_integral_value():
+            raise UserError(f"{key} must be a whole number, got {value!r}")
+        return int(number)
     if tp is int and isinstance(value, float) and not value.is_integer():
         raise UserError(f"{key} must be a whole number, got {value!r}")
     try:
-        if tp is int and isinstance(value, str) and "e" in value.lower():
-            return int(float(value))
         return tp(value)
     except (TypeError, ValueError, OverflowError):
-        kind = "a whole number" if tp is int else "a number"
         raise UserError(f"{key} must be {kind}, got {value!r}") from None
 
 
@@ -495,7 +519,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except UserError:
                 continue
         return _coerce(value, args[-1], key)
-    if isinstance(value, SetValue):
+    if isinstance(value, SetValue) and tp not in (int, float):  # numbers read their text as decimal
         value = str(value) if tp is str else _yaml_value(value)
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -542,8 +566,10 @@ def _nest(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 class SetValue(str):
-    """A `--set` value exactly as typed. A string field keeps it so (read as YAML, 0777123 would be
-    an octal number, `#` would start a comment, Yes would be True); any other field reads it as YAML."""
+    """A value exactly as typed: a `--set` value, or a config file's unquoted scalar that YAML would
+    read as a number, a boolean or a date. A string field keeps the text (read as YAML, 0777123 would
+    be an octal number, `#` would start a comment, Yes would be True, 1:30 would be 90); a number
+    field reads it as a decimal number; any other field reads it as YAML."""
 
 
 NULLS = ("null", "Null", "NULL", "~")  # YAML's null: what `--set` gives an optional field to unset it
@@ -587,6 +613,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise _DuplicateKey(key, key_node.start_mark.line + 1)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _source_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> SetValue:
+    return SetValue(loader.construct_scalar(node))
+
+
+for _tag in ("bool", "int", "float", "timestamp"):  # what YAML would turn into something other than text
+    _UniqueKeyLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _source_text)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

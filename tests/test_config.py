@@ -180,6 +180,49 @@ def test_set_gives_a_string_key_the_text_as_typed(override, key, literal):
     assert getattr(getattr(load_config(None, parse_overrides([override])), key), name) == literal
 
 
+@pytest.mark.parametrize(
+    "line, key, literal",
+    [  # what YAML makes of each, unquoted: 261715, 31, 90, True, a date, 1.1
+        ("data:\n  revision: 0777123", "data.revision", "0777123"),
+        ("model:\n  revision: 0x1F", "model.revision", "0x1F"),
+        ("train:\n  run_name: 1:30", "train.run_name", "1:30"),
+        ("train:\n  run_name: yes", "train.run_name", "yes"),
+        ("data:\n  date_string: 2024-07-26", "data.date_string", "2024-07-26"),
+        ("data:\n  revision: 1.10", "data.revision", "1.10"),
+        ("lora:\n  target_modules: [q_proj, 010]", "lora.target_modules", ["q_proj", "010"]),
+    ],
+)
+def test_a_config_file_gives_a_string_key_its_text_as_written(tmp_path, line, key, literal):
+    (tmp_path / "c.yaml").write_text(line + "\n")
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(tmp_path / "c.yaml"), section), name) == literal
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("12", 12), ("010", 10), ("1e3", 1000), ("+7", 7), ("1.25e1", None), ("9.9e0", None), ("0x10", None)],
+)
+def test_a_whole_number_key_takes_a_whole_decimal_number_or_refuses(tmp_path, value, expected):
+    (tmp_path / "c.yaml").write_text(f"eval:\n  batch_size: {value}\n")
+    for load in (
+        lambda: load_config(None, parse_overrides([f"eval.batch_size={value}"])),
+        lambda: load_config(tmp_path / "c.yaml"),
+    ):
+        if expected is None:  # YAML and int(float(...)) made 12, 9, 16 of these
+            with pytest.raises(UserError, match=f"eval.batch_size must be a whole number, got '{re.escape(value)}'"):
+                load()
+        else:
+            assert load().eval.batch_size == expected
+
+
+def test_a_config_file_still_reads_numbers_and_booleans(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "train:\n  learning_rate: 1.0e-4\n  bf16: no\n  max_steps: 30\n  warmup_steps: 5\n"
+    )
+    t = load_config(tmp_path / "c.yaml").train
+    assert (t.learning_rate, t.bf16, t.max_steps, t.warmup_steps) == (1e-4, False, 30, 5.0)
+
+
 def test_set_still_reads_other_types_as_yaml_and_null_unsets():
     cfg = load_config(
         None,
@@ -251,7 +294,11 @@ def test_decoding_defaults_are_greedy_as_in_transformers():
         ({"eval.num_beams": 0}, "eval.num_beams must be at least 1"),
         ({"eval.length_penalty": 2.0}, r"acts only in beam search: set eval.num_beams > 1"),
         ({"eval.no_repeat_ngram_size": -1}, "eval.no_repeat_ngram_size must be >= 0"),
-        ({"eval.repetition_penalty": 0}, "eval.repetition_penalty must be more than 0"),
+        ({"eval.repetition_penalty": 0}, r"eval.repetition_penalty must be in \[0.01, 100.0\]"),
+        # these passed the checks, then sampling failed on inf/nan logits after the model loaded
+        ({"eval.do_sample": True, "eval.repetition_penalty": 1e-300}, r"eval.repetition_penalty must be in \["),
+        ({"eval.do_sample": True, "eval.repetition_penalty": 1e300}, r"eval.repetition_penalty must be in \["),
+        ({"eval.do_sample": True, "eval.temperature": 1e-40}, r"eval.temperature=1e-40 is below 0.001"),
         ({"eval.do_sample": True, "eval.temperature": 0}, "for greedy decoding set eval.do_sample=false"),
         ({"eval.do_sample": True, "eval.top_p": 1.5}, r"eval.top_p must be in \(0, 1\]"),
         ({"eval.temperature": 0.7}, "acts only when sampling: set eval.do_sample=true"),
