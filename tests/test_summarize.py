@@ -246,3 +246,71 @@ def test_ctrl_c_in_summarize_is_one_line_and_130(tmp_path, monkeypatch):
         result.stderr.strip().splitlines()[-1]
         == "stopped: stopped by SIGINT; nothing was written: rerun the same command"
     )
+
+
+@pytest.mark.parametrize("name", ["in.csv", "in.txt", "link.txt"])
+def test_out_that_is_the_input_is_refused_and_the_input_kept(tmp_path, name):
+    """`summarize X.csv --out X.csv` replaced the dialogues with JSON Lines; a link to the input too."""
+    source = tmp_path / name.replace("link", "in")
+    source.write_text("dialogue\nA: hi\n" if name.endswith(".csv") else "A: hi\n")
+    out = tmp_path / name
+    if name.startswith("link"):
+        out = tmp_path / "link.jsonl"
+        out.symlink_to(source)
+    before = source.read_text()
+    result = summarize(tmp_path, str(source), "--out", str(out), "--base-only")
+    one_line_error(result, f"--out {out} is the input {source}: writing it would replace your dialogues")
+    assert source.read_text() == before
+
+
+def test_a_full_disk_under_out_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from samsum_qlora import files
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "write_bytes", full)
+    out = tmp_path / "out.jsonl"
+    result = summarize(tmp_path, "--base-only", "--out", str(out), stdin=DIALOGUES[0].encode())
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.rstrip().splitlines()[-1]  # after the progress of the work done
+    assert last.startswith(f"error: no space left on the device of {tmp_path} while writing {out}; free some space")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_standard_output_on_a_full_device_is_one_line_and_exit_2(tmp_path):
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "samsum_qlora", "summarize", "-", "--base-only"]
+            + set_args(smoke_overrides(tmp_path, **FAST)),
+            input=DIALOGUES[0].encode(),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            timeout=300,
+        )
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, stderr[-2000:]
+    assert stderr.rstrip().splitlines()[-1] == (
+        "error: no space left on the device of standard output while writing the summaries; free some space, "
+        "then rerun the same command"
+    )
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+
+
+def test_non_finite_numbers_of_the_input_come_out_as_null():
+    from samsum_qlora.commands.summarize import json_safe, output_record
+
+    record = data.dialogues_from_stdin(b'{"dialogue": "A: hi", "score": NaN, "weight": -Infinity, "n": 2.5}\n')[0]
+    line = json.dumps(json_safe(output_record(record, None)))
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {
+        "dialogue": "A: hi",
+        "score": None,
+        "weight": None,
+        "n": 2.5,
+        "summary": None,
+        "ended": False,
+    }

@@ -9,7 +9,10 @@ output carries those lines and nothing else: whatever is printed on the way goes
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,6 +62,28 @@ def output_record(record: dict[str, Any], prediction: Prediction | None) -> dict
     return out
 
 
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's NaN and infinite numbers (a .json input's NaN, a parquet column's missing float)
+    as null: json.dumps would write NaN, which no JSON reader takes."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def write_stdout(stdout: BinaryIO, data: bytes) -> None:
+    """The JSON Lines on standard output; a full device there (`> /dev/full`, a full disk) is one line."""
+    try:
+        stdout.write(data)
+        stdout.flush()
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        with contextlib.suppress(OSError, ValueError):  # what is left in its buffer goes nowhere at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+        raise UserError(
+            "no space left on the device of standard output while writing the summaries; free some space, "
+            "then rerun the same command"
+        ) from None
+
+
 def summarize_dialogues(
     cfg: Config,
     *,
@@ -77,6 +102,10 @@ def summarize_dialogues(
     records, where = read_input(source, stdin)
     check_columns(records, where)
     if out is not None:
+        if source not in (None, "-") and out.exists() and os.path.samefile(source, out):
+            raise UserError(
+                f"--out {out} is the input {source}: writing it would replace your dialogues; choose another file"
+            )
         files.ensure_writable_file(out)
     todo = [i for i, r in enumerate(records) if (r.get("dialogue") or "").strip()]
     if not todo:
@@ -94,11 +123,11 @@ def summarize_dialogues(
 
         model.generate(prompts, model.batches(prompts), on_batch, keys=todo)
     lines = [output_record(r, results.get(i)) for i, r in enumerate(records)]
-    text = "".join(json.dumps(line, ensure_ascii=False, default=str) + "\n" for line in lines)
+    text = "".join(json.dumps(json_safe(line), ensure_ascii=False, default=str) + "\n" for line in lines)
     if out is not None:
-        files.write_text(out, text)
+        with files.disk_full_is_user_error(out.parent, f"writing {out}"):
+            files.write_text(out, text)
     else:
-        stdout.write(text.encode("utf-8"))
-        stdout.flush()
+        write_stdout(stdout, text.encode("utf-8"))
     say(f"summarised {plural(len(todo))} in {time.perf_counter() - started:.1f} s" + (f": {out}" if out else ""))
     return lines
