@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from samsum_qlora import files
 from samsum_qlora.errors import UserError
@@ -166,3 +167,79 @@ def trained_shape(adapters: Path) -> dict | None:
     """The base model's shape recorded beside the adapters by `train` (run.json), if any."""
     info = RunDir(adapters.parent).run_info
     return files.read_json(info).get("model_shape") if info.is_file() else None
+
+
+def check_adapter_weights(adapters: Path) -> None:
+    """The adapters' weights file is whole: one cut short by a copy or a download is named now,
+    before any model loads, instead of peft's `SafetensorError: invalid header length`."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = adapters / ADAPTER_WEIGHTS
+    if not weights.is_file():  # an older peft's adapter_model.bin: peft's own loading is all there is
+        return
+    try:
+        with safe_open(weights, "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise UserError(
+            f"{weights} is damaged ({str(e).splitlines()[0]}): the file was cut short or is not safetensors; "
+            "copy it again, or retrain"
+        ) from None
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names may mean the same base: the same folder, or the same last part (a Hub
+    id and its copy downloaded to a folder of its name, one folder reached from two places). Tells
+    a merged model or another base apart; the shapes, where recorded, are compared on loading."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists() and pa.resolve() == pb.resolve():
+        return True
+    return pa.name.lower() == pb.name.lower()
+
+
+def check_adapters_base(adapters: Path, model_name: str) -> None:
+    """Adapters go on the base they were trained on (adapter_config.json's base_model_name_or_path),
+    never on a merged model that already holds adapters: both would run without a word, the first
+    as another model's adapters, the second with the adapters applied twice."""
+    trained_on = adapter_config(adapters).get("base_model_name_or_path")
+    merge_record = Path(model_name).expanduser() / MERGE_INFO
+    if merge_record.is_file() and not (trained_on and same_model(trained_on, model_name)):
+        merged = files.read_json(merge_record)
+        what = f" ({merged.get('adapters')} merged into {merged.get('base_model')})" if isinstance(merged, dict) else ""
+        raise UserError(
+            f"model.name {model_name} is a merged model{what}: its adapters are already in its weights; pass "
+            f"--base-only to use it alone, or --set model.name=<the base> to apply {adapters}"
+        )
+    if trained_on and not same_model(trained_on, model_name):
+        raise UserError(
+            f"adapters in {adapters} were trained on {trained_on}, not on model.name {model_name}: pass "
+            f"--set model.name={trained_on} (or a folder of that name holding it)"
+        )
+
+
+def trained_settings(adapters: Path) -> tuple[dict[str, Any], Path]:
+    """The settings to use adapters as they were trained, when no config is given, as dotted keys,
+    and the file they come from. Inside a run folder (<run>/lora_adapters beside config.yaml): the
+    run's resolved config, results going to that run folder (its data source only when it can be
+    reached from here); elsewhere: the base model adapter_config.json names."""
+    from samsum_qlora.config import read_yaml
+
+    run = RunDir(adapters.parent)
+    if adapters.name != run.adapters.name or not run.config.is_file():
+        meta = adapter_config(adapters)
+        base = meta.get("base_model_name_or_path")
+        return ({"model.name": base, "model.revision": meta.get("revision")} if base else {}), adapters / ADAPTER_CONFIG
+    tree = read_yaml(run.config)
+    settings = {
+        f"{section}.{key}": value
+        for section, values in tree.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
+    settings["train.output_dir"] = str(run.root)
+    settings.pop("eval.output_dir", None)  # a folder of the machine that trained
+    source = settings.get("data.source")
+    if isinstance(source, str) and is_local(source) and not Path(source).expanduser().exists():
+        settings.pop("data.source")
+        settings.pop("data.revision", None)
+    return settings, run.config

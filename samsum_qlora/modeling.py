@@ -537,6 +537,7 @@ def check_adapters_fit(adapters: Path, base_name: str, base_config) -> None:
     shape, here = layout.trained_shape(adapters), model_shape(base_config)
     if shape and shape != here:
         raise UserError(f"adapters in {adapters} were trained on {trained_on} {shape}, not on {base_name} {here}")
+    layout.check_adapter_weights(adapters)
 
 
 def attach_saved_adapters(model, adapters: Path, base_name: str, merge: bool = False):

@@ -91,7 +91,9 @@ def adapters_to_use(cfg: Config, adapters: str | None, base_only: bool) -> Path 
             f"adapters not found: {folder} (train first, pass --adapters DIR, or --base-only for the base or a "
             "merged model alone)"
         )
-    layout.adapter_config(folder)  # holds adapters at all: said now, not after loading the model
+    # said now, not after loading the model: adapters at all, whole, and for this base
+    layout.check_adapters_base(folder, cfg.model.name)
+    layout.check_adapter_weights(folder)
     return folder
 
 

@@ -103,14 +103,90 @@ def test_adapters_for_another_base_are_refused(run_dir, tmp_path):
     other = build_model(tok)
     other.config.hidden_size = 128
     bigger = LlamaForCausalLM(other.config)
-    bigger.save_pretrained(tmp_path / "bigger")
-    tok.save_pretrained(tmp_path / "bigger")
-    cfg = load_config(SMOKE_CONFIG, smoke_overrides(run_dir, **{"model.name": str(tmp_path / "bigger")}))
+    bigger_dir = tmp_path / "bigger" / TINY_MODEL.name  # named like the base: it passes the name check
+    bigger.save_pretrained(bigger_dir)
+    tok.save_pretrained(bigger_dir)
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(run_dir, **{"model.name": str(bigger_dir)}))
     p = evaluate.plan_eval(cfg, adapters=str(run_dir / "run" / "lora_adapters"), output_dir=str(tmp_path / "e"))
     with pytest.raises(
         UserError, match=r"trained on .*tiny-llama.*hidden_size': 64.*not on .*bigger.*hidden_size': 128"
     ):
         evaluate.evaluate_model(cfg, p)
+
+
+def merged_folder(path, adapters):
+    """A stand-in for `merge`'s output: the tiny model's files and a merge.json naming `adapters`."""
+    shutil.copytree(TINY_MODEL, path)
+    (path / "merge.json").write_text(json.dumps({"adapters": str(adapters), "base_model": str(TINY_MODEL)}))
+    return path
+
+
+@pytest.mark.parametrize("command", ["eval", "summarize"])
+def test_adapters_on_a_merged_model_or_another_base_are_refused_before_loading(run_dir, tmp_path, command):
+    """Both ran without a word: a merged model got the same adapters a second time, and adapters of
+    one base went on another of the same shape (no run record beside them to compare)."""
+    from test_cli import one_line_error, runner
+
+    from samsum_qlora.commands.cli import main
+
+    adapters = tmp_path / "downloaded"  # no run.json beside them: the shape check had nothing to go by
+    shutil.copytree(run_dir / "run" / "lora_adapters", adapters)
+    merged = merged_folder(tmp_path / "merged", adapters)
+    other = shutil.copytree(TINY_MODEL, tmp_path / "another-model")
+    for model, message in (
+        (merged, f"model.name {merged} is a merged model ({adapters} merged into {TINY_MODEL}): its adapters are "
+         "already in its weights; pass --base-only"),
+        (other, f"adapters in {adapters} were trained on {TINY_MODEL}, not on model.name {other}: pass "
+         f"--set model.name={TINY_MODEL}"),
+    ):  # fmt: skip
+        args = [command, "--adapters", str(adapters), "--config", str(SMOKE_CONFIG)]
+        args += ["--set", f"model.name={model}", "--set", f"data.source={SAMPLE_DATA}"]
+        args += ["--set", f"train.output_dir={tmp_path / 'run'}"]
+        one_line_error(runner().invoke(main, args, input="A: hi"), message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_damaged_adapter_weights_are_one_line_in_eval_summarize_and_merge(run_dir, tmp_path):
+    from test_cli import one_line_error, runner
+
+    from samsum_qlora.commands.cli import main
+
+    adapters = shutil.copytree(run_dir / "run" / "lora_adapters", tmp_path / "adapters")
+    weights = adapters / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])  # a download cut short: SafetensorError, a traceback
+    sets = ["--config", str(SMOKE_CONFIG), "--set", f"model.name={TINY_MODEL}", "--set", f"data.source={SAMPLE_DATA}"]
+    for args in (
+        ["eval", "--adapters", str(adapters), "--output-dir", str(tmp_path / "e"), *sets],
+        ["summarize", "--adapters", str(adapters), *sets],
+        ["merge", "--adapters", str(adapters), "--out", str(tmp_path / "merged")],
+    ):
+        result = runner().invoke(main, args, input="A: hi")
+        one_line_error(result, f"{weights} is damaged (Error while deserializing header: invalid header length)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]
+
+
+def test_adapters_without_a_config_bring_the_settings_they_were_trained_with(run_dir, tmp_path):
+    """`eval --adapters DIR` after downloading a run: the base and settings from the run's config.yaml,
+    results in that run folder; adapters alone: the base their adapter_config.json names."""
+    from test_cli import runner
+
+    from samsum_qlora.commands.cli import _config, main
+
+    run = run_dir / "run"
+    cfg = _config(None, ["eval.max_new_tokens=4"], adapters=str(run / "lora_adapters"))
+    trained = load_config(run / "config.yaml")
+    assert (cfg.model, cfg.quantization, cfg.data) == (trained.model, trained.quantization, trained.data)
+    assert cfg.model.name == str(TINY_MODEL) and cfg.train.output_dir == str(run) and cfg.eval.max_new_tokens == 4
+    alone = shutil.copytree(run / "lora_adapters", tmp_path / "alone")
+    cfg = _config(None, [], adapters=str(alone))
+    assert cfg.model.name == str(TINY_MODEL) and cfg.data.source == "knkarthick/samsum"  # the rest: defaults
+
+    args = ["eval", "--adapters", str(run / "lora_adapters"), "--limit", "2", "--set", "eval.max_new_tokens=4"]
+    result = runner().invoke(main, [*args, "--output-dir", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.stderr  # the default config's Llama 3.2 would be fetched from the Hub
+    note = f"note: base model {TINY_MODEL} and the settings it was trained with, from {run / 'config.yaml'}"
+    assert result.stderr.splitlines()[0] == note
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["model"] == str(TINY_MODEL)
 
 
 # --- what an eval folder's identity holds -------------------------------------------------------------

@@ -53,12 +53,21 @@ def _stops_on_signals(kept: str, then: str = "rerun the same command to resume")
         sys.exit(code)
 
 
-def _config(config_path, overrides, extra: dict | None = None):
-    """The config: defaults < YAML < --set < `extra` (options that stand for config keys)."""
+def _config(config_path, overrides, extra: dict | None = None, *, adapters: str | None = None):
+    """The config: defaults < YAML < --set < `extra` (options that stand for config keys). With
+    `adapters` and no YAML, the settings they were trained with stand in for it (said on stderr)."""
     from samsum_qlora.config import load_config, parse_overrides
 
-    given = {key: value for key, value in (extra or {}).items() if value is not None}
-    return load_config(config_path, parse_overrides(overrides) | given)
+    given = parse_overrides(overrides) | {key: value for key, value in (extra or {}).items() if value is not None}
+    if adapters is None or config_path is not None or not Path(adapters).is_dir():
+        return load_config(config_path, given)  # a missing folder is said where adapters are checked
+    from samsum_qlora import layout
+
+    trained, source = layout.trained_settings(Path(adapters))
+    cfg = load_config(None, trained | given)
+    if "model.name" in trained and "model.name" not in given:
+        click.echo(f"note: base model {cfg.model.name} and the settings it was trained with, from {source}", err=True)
+    return cfg
 
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
@@ -143,7 +152,7 @@ def evaluate_cmd(
     given = [f"--{key.replace('.', '-')}" for key, value in api_options.items() if value is not None]
     if api_model is None and given:
         raise UserError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} --api-model NAME")
-    cfg = _config(config_path, overrides, api_options)
+    cfg = _config(config_path, overrides, api_options, adapters=None if base_only else adapters)
     plan = plan_eval(
         cfg,
         adapters=adapters,
@@ -181,7 +190,7 @@ def summarize(source, config_path, overrides, out, adapters, base_only):
     from samsum_qlora.commands.summarize import summarize_dialogues
 
     summarize_dialogues(
-        _config(config_path, overrides),
+        _config(config_path, overrides, adapters=None if base_only else adapters),
         source=source,
         out=out,
         adapters=adapters,

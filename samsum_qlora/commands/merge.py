@@ -89,6 +89,7 @@ def merge_adapters(adapters: Path, out: Path, *, cfg: Config | None = None, dtyp
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     cfg, source = base_config(adapters, cfg)
+    layout.check_adapters_base(adapters, cfg.model.name)
     modeling.check_adapters_fit(adapters, cfg.model.name, modeling.read_config(cfg.model))
     with files.hold(layout.merge_lock(out), "merge"):  # a second merge into --out is refused, naming this one
         if out.is_dir() and any(out.iterdir()):
