@@ -66,5 +66,11 @@ def results_table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
     """The tutorial's Markdown table; rows are (model, type, metrics with fractions 0-1)."""
     lines = ["| Model | Type | " + " | ".join(label for _, label in SHOWN) + " |", "|---|---|" + "---|" * len(SHOWN)]
     for model, kind, m in rows:
-        lines.append(f"| {model} | {kind} | " + " | ".join(f"{100 * m[k]:.2f}" for k, _ in SHOWN) + " |")
+        cells = [table_cell(model), table_cell(kind)] + [f"{100 * m[k]:.2f}" for k, _ in SHOWN]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table_cell(text: str) -> str:
+    """`text` as one cell of a Markdown table: a "|" would end the cell, a line break the row."""
+    return " ".join(text.replace("\\", "\\\\").replace("|", "\\|").split())

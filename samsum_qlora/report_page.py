@@ -14,6 +14,7 @@ close it), which the page's script reads and puts in the page with textContent o
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 from collections import Counter
@@ -39,7 +40,13 @@ class Evaluation(Protocol):
 
 
 def label(ev: Evaluation) -> str:
-    return f"{ev.model} ({ev.kind})"
+    return with_kind(ev.model, ev.kind)
+
+
+def with_kind(model: str, kind: str) -> str:
+    """ "tiny-llama (QLoRA adapters)"; a model already told apart by its folder ("tiny-llama (eval)",
+    `report.name_apart`) gets one pair of brackets: "tiny-llama (eval, QLoRA adapters)"."""
+    return f"{model[:-1]}, {kind})" if model.endswith(")") and "(" in model else f"{model} ({kind})"
 
 
 # --- the rows of every evaluation, matched (pure) ------------------------------------------------
@@ -47,11 +54,13 @@ def label(ev: Evaluation) -> str:
 
 def row_keys(evals: list[Evaluation]) -> list[list[str]]:
     """The key of each record, per evaluation, that matches rows across evaluations. Where every
-    record has an index (the row's position in the split), the index with the id: rows of one split
-    pair up even when ids repeat, and rows of two different splits never do. Otherwise the id,
-    numbered from its second appearance on ("t1", "t1#2")."""
+    record has an index (the row's position in the split), the index with the id and the row's own
+    text (its reference, and its dialogue where recorded): rows of one split pair up even when ids
+    repeat, and rows of two different splits never do, even where ids are missing (the id is then
+    the index, the same in every split). Otherwise the id, numbered from its second appearance on
+    ("t1", "t1#2")."""
     if all(isinstance(r.get("index"), int) for ev in evals for r in ev.records):
-        return [[f"{r['index']}:{r['id']}" for r in ev.records] for ev in evals]
+        return [[f"{r['index']}:{r['id']}:{_content_digest(r)}" for r in ev.records] for ev in evals]
     keys = []
     for ev in evals:
         seen: Counter[str] = Counter()
@@ -62,6 +71,11 @@ def row_keys(evals: list[Evaluation]) -> list[list[str]]:
             own.append(ident if seen[ident] == 1 else f"{ident}#{seen[ident]}")
         keys.append(own)
     return keys
+
+
+def _content_digest(record: dict) -> str:
+    text = [str(record.get("reference")), record["dialogue"] if isinstance(record.get("dialogue"), str) else ""]
+    return hashlib.sha256("\0".join(text).encode()).hexdigest()[:16]
 
 
 def example_rows(evals: list[Evaluation]) -> list[dict]:
@@ -131,7 +145,7 @@ def paired_comparisons(evals: list[Evaluation], rows: list[dict], **bootstrap) -
 def short_labels(evals: list[Evaluation]) -> list[str]:
     """Labels for narrow places (column heads, menus): a model path or Hub id loses its folders
     ("tiny-llama (base)"), unless that would make two labels equal."""
-    short = [f"{ev.model.rstrip('/').rsplit('/', 1)[-1] or ev.model} ({ev.kind})" for ev in evals]
+    short = [with_kind(ev.model.rstrip("/").rsplit("/", 1)[-1] or ev.model, ev.kind) for ev in evals]
     return short if len(set(short)) == len(short) else [label(ev) for ev in evals]
 
 

@@ -211,3 +211,64 @@ def test_two_evaluations_in_one_run_are_told_apart_by_their_folder(tmp_path):
     markdown = report.write_report([tmp_path / "run"], tmp_path / "out")
     assert "| SmolLM2 (eval) | QLoRA adapters | 50.00 |" in markdown
     assert "| SmolLM2 (eval-100) | QLoRA adapters | 100.00 |" in markdown
+
+
+def write_split(folder, split, refs, kind="base"):
+    """An eval folder as eval writes it for data without ids: each id is the row's index."""
+    folder.mkdir(parents=True)
+    records = [
+        {"index": i, "id": str(i), "dialogue": f"{split} dialogue {i}", "reference": r, "prediction": refs[0]}
+        for i, r in enumerate(refs)
+    ]
+    files.write_jsonl(folder / "predictions.jsonl", records)
+    preds = [refs[0]] * len(refs)
+    files.write_json(folder / "metrics.json", {**rouge(preds, refs), "model": "m", "type": kind, "split": split})
+
+
+def test_rows_of_two_splits_without_ids_do_not_pair_and_the_note_says_so(tmp_path):
+    """Data without ids: test row 0 and validation row 0 both had the key "0:0", so the report paired
+    four different dialogues ("4 rows in common", an interval and wins over nothing comparable)."""
+    from samsum_qlora import report_page
+
+    write_split(tmp_path / "test", "test", REFS)
+    write_split(tmp_path / "validation", "validation", REFS[::-1], kind="API")
+    markdown = report.write_report([tmp_path / "test", tmp_path / "validation"], tmp_path / "out")
+    assert "did not score the same examples" in markdown
+    evals = report.name_apart([report.load_scored(tmp_path / f) for f in ("test", "validation")])
+    (pair,) = report_page.paired_comparisons(evals, report_page.example_rows(evals))
+    assert pair["n"] == 0
+    write_split(tmp_path / "test-again", "test", REFS, kind="API")  # the same split's rows still pair
+    evals = [report.load_scored(tmp_path / f) for f in ("test", "test-again")]
+    assert report_page.paired_comparisons(evals, report_page.example_rows(evals))[0]["n"] == 4
+
+
+@pytest.mark.parametrize("key, value, shown", [("prediction", None, "null"), ("reference", 7, "int 7")])
+def test_a_prediction_or_reference_that_is_not_text_is_refused_by_line(run_dir, tmp_path, key, value, shown):
+    path = run_dir / "eval" / "predictions.jsonl"
+    records = files.read_jsonl(path)
+    records[2][key] = value  # scored as the text "None" before
+    files.write_jsonl(path, [r for r in records if r])
+    needle = f"{path} line 3: {key} is {shown}, not text; rerun its eval with --overwrite"
+    one_line_error(run_cli(["report", str(run_dir / "eval"), "--out", str(tmp_path / "out")]), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_name_with_a_bar_or_a_line_break_stays_in_its_cell(tmp_path):
+    write_eval(tmp_path / "eval", "org/a|b\nc", "base", (exact, swapped, wrong, wrong))
+    markdown = report.write_report([tmp_path / "eval"], tmp_path / "out")
+    rows = [line for line in markdown.splitlines() if line.startswith("| org/a")]
+    assert rows[0] == r"| org/a\|b c | base | 50.00 | 33.33 | 43.75 |"
+    assert rows[1].startswith(r"| org/a\|b c | base | 4 | ") and len(rows) == 2
+
+
+def test_the_chart_and_page_label_a_told_apart_row_with_one_pair_of_brackets(tmp_path):
+    from samsum_qlora import report_page
+
+    write_eval(tmp_path / "run" / "eval", "tiny-llama", "QLoRA adapters", (exact, swapped, wrong, wrong))
+    write_eval(tmp_path / "run" / "eval-100", "tiny-llama", "QLoRA adapters", (exact, exact, exact, swapped))
+    evals = report.name_apart([report.load_scored(f) for f in report.eval_dirs([tmp_path / "run"])])
+    assert [report_page.label(e) for e in evals] == [
+        "tiny-llama (eval, QLoRA adapters)",
+        "tiny-llama (eval-100, QLoRA adapters)",
+    ]
+    assert report_page.short_labels(evals) == [report_page.label(e) for e in evals]

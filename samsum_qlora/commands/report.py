@@ -24,9 +24,10 @@ from samsum_qlora.metrics import (
     mean,
     results_table,
     rouge_per_example,
+    table_cell,
 )
 from samsum_qlora.predictions import KIND_API, KIND_BASE, KIND_QLORA
-from samsum_qlora.report_page import render_page, row_keys
+from samsum_qlora.report_page import label, render_page, row_keys
 
 KIND_ORDER = (KIND_BASE, KIND_API, KIND_QLORA)  # the tutorial's row order within one run folder
 
@@ -99,6 +100,7 @@ def load_scored(folder: Path) -> Scored:
     if any(not isinstance(r, dict) or not {"id", "prediction", "reference"} <= set(r) for r in records):
         raise UserError(f"{predictions_file} has a row without id, prediction and reference")
     check_each_row_once(predictions_file, records)
+    check_texts(predictions_file, records)
     for metric, _ in SHOWN:
         value = meta.get(metric, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -136,6 +138,16 @@ def check_each_row_once(path: Path, records: list[dict]) -> None:
         )
 
 
+def check_texts(path: Path, records: list[dict]) -> None:
+    """A prediction or reference that is not text (null, a number) would be scored as its printed
+    form ("None"): the row is refused, naming its line."""
+    for number, record in enumerate(records, 1):
+        for key in ("prediction", "reference"):
+            if not isinstance(record[key], str):
+                value = "null" if record[key] is None else f"{type(record[key]).__name__} {record[key]!r:.40}"
+                raise UserError(f"{path} line {number}: {key} is {value}, not text; rerun its eval with --overwrite")
+
+
 # --- statistics (pure) ---------------------------------------------------------------------------
 
 
@@ -154,7 +166,9 @@ def interval_table(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]
     ]
     for row, ci in zip(rows, cis):
         cells = [f"{100 * ci[m][0]:.2f} – {100 * ci[m][1]:.2f}" for m, _ in SHOWN]
-        lines.append(f"| {row.model} | {row.kind} | {len(row.records)} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {table_cell(row.model)} | {table_cell(row.kind)} | {len(row.records)} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -198,9 +212,7 @@ def render_chart(rows: list[Scored], cis: list[dict[str, tuple[float, float]]]) 
         hi = np.array([100 * ci[m][1] for m, _ in SHOWN])
         # clip at 0: percentile interpolation can leave a bound a hair past the mean
         yerr = np.clip(np.vstack([means - lo, hi - means]), 0, None)
-        ax.bar(
-            x + (k - (len(rows) - 1) / 2) * width, means, width, yerr=yerr, capsize=3, label=f"{row.model} ({row.kind})"
-        )
+        ax.bar(x + (k - (len(rows) - 1) / 2) * width, means, width, yerr=yerr, capsize=3, label=label(row))
         top = max(top, float(hi.max()))
     ax.set_xticks(x, [label for _, label in SHOWN])
     ax.set_ylabel("F-measure (%)")
