@@ -26,6 +26,7 @@ MANIFEST = "samsum_manifest.json"  # a checkpoint's list of complete files
 MERGE_INFO = "merge.json"  # beside a merged model: what was merged and how closely it matches
 RANDOM_MARK = "RANDOM_WEIGHTS"  # in a model folder bench filled with random weights
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # the Trainer's checkpoint folder names
+EMBEDDED_MODEL = Path(__file__).parent / "assets" / "tiny-llama"  # the demo's tiny random Llama (configs/smoke.yaml)
 
 
 def is_local(name: str) -> bool:
@@ -243,3 +244,9 @@ def trained_settings(adapters: Path) -> tuple[dict[str, Any], Path]:
         settings.pop("data.source")
         settings.pop("data.revision", None)
     return settings, run.config
+
+
+def is_embedded_model(name: str) -> bool:
+    """Whether model.name is the shipped tiny model, whose weights are random (its summaries mean nothing)."""
+    path = Path(name).expanduser()
+    return path.is_dir() and path.resolve() == EMBEDDED_MODEL.resolve()

@@ -241,7 +241,13 @@ def publish(cfg: Config, plan: EvalPlan, folder: EvalDir, chosen: Scorable, done
     for partial in folder.partials():
         partial.unlink(missing_ok=True)
     print(results_table([(plan.model, plan.kind, metrics)]))
-    if ended < MIN_ENDED * len(records):
+    if ended < MIN_ENDED * len(records) and layout.is_embedded_model(cfg.model.name):
+        print(
+            f"note: {ended} of {len(records)} summaries ended at the end of turn, the rest ran to "
+            f"eval.max_new_tokens={cfg.eval.max_new_tokens}: expected of the embedded tiny model, whose weights are "
+            "random (a real model's summaries end)"
+        )
+    elif ended < MIN_ENDED * len(records):
         print(
             f"warning: only {ended} of {len(records)} summaries ended at the end of turn; the rest ran "
             f"to eval.max_new_tokens={cfg.eval.max_new_tokens} (looping, or a stop token the model does not use)"

@@ -394,3 +394,22 @@ def test_decoding_settings_are_recorded_and_part_of_the_folder_identity(tmp_path
     greedy = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"eval.max_new_tokens": 8}))
     with pytest.raises(UserError, match=r"holds another evaluation \(eval.num_beams changed\); pass --overwrite"):
         evaluate.evaluate_model(greedy, evaluate.plan_eval(greedy, base_only=True, limit=3))
+
+
+@pytest.mark.parametrize("embedded", [True, False])
+def test_summaries_that_never_end_are_explained_on_the_embedded_tiny_model(tmp_path, capsys, embedded):
+    """The happy path of the embedded default printed "warning: only 0 of 12 summaries ended"; the
+    tiny model is random, which is said instead. Any other model keeps the warning."""
+    model = TINY_MODEL if embedded else shutil.copytree(TINY_MODEL, tmp_path / "tiny-llama")
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"model.name": str(model)}))
+
+    def never_ends(rows, save):
+        save(list(range(len(rows))), answers(*["and then and then"] * len(rows), ended=False))
+
+    evaluate.evaluate_model(cfg, evaluate.plan_eval(cfg, base_only=True, limit=3), predict=never_ends)
+    out = capsys.readouterr().out
+    budget = cfg.eval.max_new_tokens
+    explained = (
+        f"note: 0 of 3 summaries ended at the end of turn, the rest ran to eval.max_new_tokens={budget}: expected"
+    )
+    assert (explained in out, "warning: only 0 of 3 summaries ended" in out) == (embedded, not embedded)
