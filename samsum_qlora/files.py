@@ -112,7 +112,7 @@ def read_whole_jsonl(path: Path) -> list[Any]:
     """A finished JSON Lines file (predictions.jsonl), which must be whole: a line that is cut off or
     not JSON is a UserError naming the file and the lines (`read_jsonl` would drop them unsaid)."""
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # -sig: a BOM an editor added is no damage
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text") from None
     out, bad = [], []

@@ -102,7 +102,14 @@ def read_template(value: str) -> str:
     path = Path(value).expanduser()
     if not path.is_file():
         raise UserError(f"model.chat_template: {value} is not a file; give a .jinja file or the template's text")
-    return path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"model.chat_template: {path} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save it as UTF-8"
+        ) from None
 
 
 def chat_format(cfg: Config) -> chat.ChatFormat:

@@ -272,3 +272,9 @@ def test_the_chart_and_page_label_a_told_apart_row_with_one_pair_of_brackets(tmp
         "tiny-llama (eval-100, QLoRA adapters)",
     ]
     assert report_page.short_labels(evals) == [report_page.label(e) for e in evals]
+
+
+def test_a_byte_order_mark_an_editor_added_is_no_damage(run_dir, tmp_path):
+    path = run_dir / "eval" / "predictions.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # read as "damaged at line 1" before
+    assert TABLE.splitlines()[-1] in report.write_report([run_dir], tmp_path / "out")
