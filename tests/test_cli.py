@@ -19,6 +19,18 @@ def test_help_is_instant_and_imports_no_torch():
         assert command in result.output
 
 
+def test_top_level_help_lists_the_commands_in_the_order_they_are_used_uncut():
+    """It listed them alphabetically (bench first), cut every description at "...", in one line."""
+    lines = CliRunner().invoke(main, ["--help"], terminal_width=80).output.splitlines()
+    commands = lines[lines.index("Commands:") + 1 :]
+    names = [line.split()[0] for line in commands if line.startswith("  ") and not line.startswith("   ")]
+    assert names == ["train", "eval", "summarize", "report", "merge", "config", "preprocess", "bench"]
+    assert not [line for line in commands if line.rstrip().endswith("...")]
+    assert all(main.commands[n].get_short_help_str(10).endswith(".") for n in names)  # its own short help, whole
+    usage = lines[: lines.index("Options:")]
+    assert [line.split()[1] for line in usage if line.startswith("    samsum-qlora ")] == names[:4]
+
+
 def test_python_dash_m_entry_point():
     out = subprocess.run(
         [sys.executable, "-m", "samsum_qlora", "train", "--help"], capture_output=True, text=True, cwd=ROOT

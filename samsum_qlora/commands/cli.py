@@ -13,11 +13,22 @@ import click
 from samsum_qlora.errors import UserError
 
 CONFIG_HELP = "YAML config (default: the shipped Llama 3.2 1B recipe)."
+ADAPTERS_HELP = (
+    "LoRA adapters dir (default: <train.output_dir>/lora_adapters). Without --config, the base model and "
+    "settings they were trained with (their run's config.yaml, else adapter_config.json)."
+)
 SET_HELP = "Override a config key, e.g. --set train.max_steps=100 (repeatable; beats the YAML)."
+
+
+# --help lists the commands in the order they are used, not alphabetically
+COMMAND_ORDER = ("train", "eval", "summarize", "report", "merge", "config", "preprocess", "bench")
 
 
 class Group(click.Group):
     """Turns our UserError (and click's own usage errors) into one line on stderr and exit code 2."""
+
+    def list_commands(self, ctx):
+        return sorted(self.commands, key=lambda name: (COMMAND_ORDER + (name,)).index(name))
 
     def invoke(self, ctx):
         try:
@@ -77,7 +88,18 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="samsum-qlora")
 def main():
-    """QLoRA fine-tuning of Llama 3.2 1B-Instruct on SAMSum, and ROUGE evaluation."""
+    """QLoRA fine-tuning of a chat model (Llama 3.2 1B-Instruct by default) on SAMSum, scored with
+    ROUGE against the base model and an API model.
+
+    \b
+    In the order they are used:
+      samsum-qlora train            LoRA adapters (the shipped recipe)
+      samsum-qlora eval             ROUGE on the test split (or --base-only)
+      samsum-qlora summarize FILE   summaries for your own dialogues
+      samsum-qlora report RUN_DIR   the evaluations side by side
+
+    The tiny demo on a CPU: add --config configs/smoke.yaml to train and eval. Each command's
+    options: samsum-qlora COMMAND --help."""
     from samsum_qlora.runtime import quiet_known_noise
 
     # Batches change shape from step to step; expandable segments stop the CUDA allocator from
@@ -86,7 +108,7 @@ def main():
     quiet_known_noise()
 
 
-@main.command()
+@main.command(short_help="Train LoRA adapters on a 4-bit base: <train.output_dir>/lora_adapters.")
 @config_option
 @set_option
 @click.option("--overwrite", is_flag=True, help="Replace the finished adapters in train.output_dir.")
@@ -108,10 +130,10 @@ def train(config_path, overrides, overwrite, resume):
         sys.exit(e.code)  # 128 + the signal, what a job scheduler expects
 
 
-@main.command(name="eval")
+@main.command(name="eval", short_help="Generate summaries for a split in batches and score them with ROUGE.")
 @config_option
 @set_option
-@click.option("--adapters", type=click.Path(), help="LoRA adapters dir (default: <train.output_dir>/lora_adapters).")
+@click.option("--adapters", type=click.Path(), help=ADAPTERS_HELP)
 @click.option("--base-only", is_flag=True, help="Score the base model without adapters.")
 @click.option("--split", default=None, help="Split to score (default: eval.split, 'test').")
 @click.option("--limit", type=int, default=None, help="Score only the first N examples.")
@@ -170,20 +192,20 @@ def evaluate_cmd(
     evaluate_model(cfg, plan, overwrite=overwrite, predict=predict)
 
 
-@main.command()
+@main.command(short_help="Summarise your own dialogues (a file or stdin) as eval does: JSON Lines.")
 @click.argument("source", required=False, metavar="[INPUT]")
 @config_option
 @set_option
 @click.option("--out", type=click.Path(path_type=Path), help="Write the JSON Lines to this file instead of stdout.")
-@click.option("--adapters", type=click.Path(), help="LoRA adapters dir (default: <train.output_dir>/lora_adapters).")
+@click.option("--adapters", type=click.Path(), help=ADAPTERS_HELP)
 @click.option("--base-only", is_flag=True, help="model.name alone, without adapters: a base or a merged model.")
 @_stops_on_signals("nothing was written", "rerun the same command")
 def summarize(source, config_path, overrides, out, adapters, base_only):
     """Summarise dialogues that have no reference summary, as eval generates.
 
     INPUT is a .csv, .jsonl, .json or .parquet file with a dialogue column, a .txt file of dialogues
-    separated by blank lines, or - (the default) for standard input: JSON Lines if every line is a
-    JSON object, else text blocks. Writes one JSON line per input dialogue, in input order: its
+    separated by blank lines, or - (the default) for standard input: JSON Lines if it starts with
+    "{" or "[", else text blocks. Writes one JSON line per input dialogue, in input order: its
     columns (an input summary column becomes "reference") plus "summary" and "ended"; an empty
     dialogue is skipped, its line with "summary": null. Progress goes to stderr, so
     `cat dialogues.txt | samsum-qlora summarize - > summaries.jsonl` is clean."""
@@ -200,7 +222,7 @@ def summarize(source, config_path, overrides, out, adapters, base_only):
     )
 
 
-@main.command(name="config")
+@main.command(name="config", short_help="Print the resolved config, each key with what it means.")
 @config_option
 @set_option
 def show_config(config_path, overrides):
@@ -211,7 +233,7 @@ def show_config(config_path, overrides):
     click.echo(annotated_yaml(_config(config_path, overrides)), nl=False)
 
 
-@main.command()
+@main.command(short_help="Tokenise a split as training does; --show N marks the trained tokens.")
 @config_option
 @set_option
 @click.option("--split", default="train", show_default=True, help="Split to tokenise.")
@@ -227,7 +249,7 @@ def preprocess(config_path, overrides, split, out_dir, show):
     tokenize_split(_config(config_path, overrides), split=split, out_dir=Path(out_dir), show=show)
 
 
-@main.command()
+@main.command(short_help="Compare evaluations: ROUGE with 95% intervals, a chart and a page.")
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="RUN_OR_EVAL_DIR...")
 @click.option(
     "--out",
@@ -258,7 +280,7 @@ def report(dirs, out_dir, html):
     click.echo("wrote " + ", ".join(map(str, written[:-1])) + f" and {written[-1]}", err=True)
 
 
-@main.command()
+@main.command(short_help="Merge LoRA adapters into the base weights and save a plain model.")
 @click.option(
     "--config",
     "config_path",
@@ -288,7 +310,7 @@ def merge(config_path, overrides, adapters, out_dir, dtype):
     )
 
 
-@main.command()
+@main.command(short_help="Time training and generation (tokens/s, memory, MFU) against the tutorial.")
 @config_option
 @set_option
 @click.option("--split", default=None, help="Split whose lengths are timed (default: data.train_split).")
