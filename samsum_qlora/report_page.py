@@ -43,6 +43,10 @@ def label(ev: Evaluation) -> str:
     return with_kind(ev.model, ev.kind)
 
 
+def counted(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def with_kind(model: str, kind: str) -> str:
     """ "tiny-llama (QLoRA adapters)"; a model already told apart by its folder ("tiny-llama (eval)",
     `report.name_apart`) gets one pair of brackets: "tiny-llama (eval, QLoRA adapters)"."""
@@ -238,8 +242,8 @@ def render_page(evals: list[Evaluation], cis: list[dict[str, tuple[float, float]
     return PAGE.format(
         css=CSS,
         script=SCRIPT,
-        n_evals=len(evals),
-        n_rows=len(data["rows"]),
+        n_evals=counted(len(evals), "evaluation"),
+        n_rows=counted(len(data["rows"]), "dialogue"),
         scores=scores_table(evals, cis),
         level=level,
         resamples=RESAMPLES,
@@ -267,7 +271,7 @@ PAGE = """<!DOCTYPE html>
 </head>
 <body>
 <header class="top"><h1>ROUGE on SAMSum</h1>
-<p>{n_evals} evaluations, {n_rows} dialogues · written by <code>samsum-qlora report</code></p></header>
+<p>{n_evals}, {n_rows} · written by <code>samsum-qlora report</code></p></header>
 <main>
 <section id="scores-section">
 <h2>Scores</h2>

@@ -203,3 +203,13 @@ def test_bench_warms_up_over_one_pass_of_the_splits_batches_by_default(tmp_path)
     assert r["warmup"] == batches > 3 and r["warmup_is_one_pass"] is True
     assert len(r["step_shapes"]) == batches + 2 and r["timed_new_shapes"] == 0  # every shape met first
     assert f"after {batches} warm-up steps (one pass over the split's batches" in result.output
+
+
+def test_one_step_is_not_written_as_steps():
+    from samsum_qlora.commands.bench import render
+
+    figures = {"tokens_per_s": 1.0, "padding_fraction": 0.0, "peak_memory_gib": None, "mfu": None}
+    figures |= {"epoch_minutes": 1.0, "epoch_minutes_all": 1.0, "warmup_seconds": 1.0}
+    r = {"device": "cpu", "model": "m", "weights": "random", **figures}
+    assert "; 1 step timed after 1 warm-up step\n" in render(r | {"steps": 1, "warmup": 1})  # "1 warm-up steps"
+    assert "; 20 steps timed after 3 warm-up steps\n" in render(r | {"steps": 20, "warmup": 3})

@@ -198,3 +198,10 @@ def test_short_labels_drop_folders_unless_two_would_meet(tmp_path):
     three = scored(tmp_path / "a", tmp_path / "b", tmp_path / "c")
     assert report_page.short_labels(three) == [report_page.label(e) for e in three]
     assert report_page.label(three[2]) == "/other/tiny-llama (base)"
+
+
+def test_the_page_counts_one_evaluation_in_the_singular(tmp_path):
+    write_records(tmp_path / "a", "m", "base", records((0, "x", REFS[0])))
+    evals = scored(tmp_path / "a")
+    page = report_page.render_page(evals, [report.intervals(e) for e in evals], b"png")
+    assert "<p>1 evaluation, 1 dialogue · written by" in page  # "1 evaluations, 1 dialogues"

@@ -496,7 +496,8 @@ def render(r: dict) -> str:
     passes = " (one pass over the split's batches: every batch shape met first)" if r.get("warmup_is_one_pass") else ""
     out = [
         f"device: {r['device']}; {r['model']}'s shape, weights: {r['weights']}; "
-        f"{r['steps']} steps timed after {r['warmup']} warm-up steps{passes}"
+        f"{r['steps']} step{'' if r['steps'] == 1 else 's'} timed after {r['warmup']} warm-up "
+        f"step{'' if r['warmup'] == 1 else 's'}{passes}"
         + (f"; the tutorial's recipe after {r['tutorial']['warmup']}" if "tutorial" in r else ""),
         "| recipe | real tokens/s | padding | peak memory | MFU | epoch at this pace | epoch from the first step "
         "(the warm-up's own time) |",
