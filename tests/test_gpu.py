@@ -222,25 +222,89 @@ def test_cuda_graph_steps_equal_plain_steps(shape_dir, tmp_path):
 
 
 def test_flat_fused_rope_equals_transformers_rope_on_gpu():
-    """liger-kernel's RoPE over the flattened batch rotates as transformers' RoPE does."""
+    """liger-kernel's RoPE over the flattened batch rotates as transformers' RoPE does, forward and
+    backward, in float32 and in bf16: each within its dtype's rounding of the exact rotation."""
     import liger_kernel.transformers as liger
     import torch
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from samsum_qlora import modeling
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for rows, width in [(6, 640), (17, 192)]:
-        q0 = torch.randn(rows, width, 32 * 64, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
-        k0 = torch.randn(rows, width, 8 * 64, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
-        angles = torch.arange(width, device="cuda")[None, :, None] / 10_000 ** (torch.arange(32, device="cuda") / 32)
-        cos, sin = (f(angles.repeat(1, 1, 2)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
-        outs = []
-        for rope in (apply_rotary_pos_emb, modeling.flat_rope(liger.liger_rotary_pos_emb)):
-            q = q0.view(rows, width, 32, 64).transpose(1, 2)
-            k = k0.view(rows, width, 8, 64).transpose(1, 2)
-            rq, rk = rope(q * 1, k * 1, cos, sin)  # * 1: liger rotates in place
-            grads = torch.autograd.grad((rq.float() ** 2).sum() + rk.float().sum(), (q0, k0))
-            outs.append((rq.float(), rk.float(), *(g.float() for g in grads)))
-        for got, want in zip(outs[1], outs[0]):
-            torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    check_rope_within_rounding(modeling.flat_rope(liger.liger_rotary_pos_emb), "cuda")
+
+
+ROPE_HEADS, ROPE_DIM = {"q": 32, "k": 8}, 64  # the Llama-3.2-1B shape
+
+
+def check_rope_within_rounding(fused, device: str, shapes=((6, 640), (17, 192))) -> None:
+    """`fused` and transformers' `apply_rotary_pos_emb` against the rotation computed in float64 from
+    the same seeded inputs: each output and input gradient, element by element.
+
+    Why this bound and not one atol: an element is a + b, two products (x1 cos - x2 sin and the like;
+    backward, the same with the upstream gradient). Either path rounds each product and the sum to
+    the dtype (liger-kernel computes in the dtype of cos/sin), so to first order its error is at most
+    u (|a| + |b| + |a + b|) <= 2u (|a| + |b|), u being the unit roundoff, eps / 2: 2^-8 for bf16,
+    2^-24 for float32. Where a and b cancel, the result is near 0 but its error is not: a fixed atol
+    of 0.05 failed 3 of 7.9 M bf16 elements once. 3u leaves room for second-order terms; a wrong layout
+    (another position's angle, a swapped half) is off by about |a| + |b| itself."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    for dtype in (torch.float32, torch.bfloat16):
+        unit = torch.finfo(dtype).eps / 2
+        for rows, width in shapes:
+            x, upstream, cos, sin = rope_inputs(rows, width, dtype, device)
+            exact = rope_results(apply_rotary_pos_emb, x, upstream, cos, sin, torch.float64)
+            bounds = {n: 3 * unit * product_magnitudes(x[n], cos, sin) for n in x}
+            bounds |= {f"d{n}": 3 * unit * product_magnitudes(upstream[n], cos, sin) for n in x}
+            for name, rope in (("transformers", apply_rotary_pos_emb), ("fused", fused)):
+                got = rope_results(rope, x, upstream, cos, sin, dtype)
+                for key, bound in bounds.items():
+                    excess = (got[key] - exact[key]).abs() - bound
+                    assert excess.max() <= 0, (
+                        f"{name} {dtype} {rows}x{width} {key}: {int((excess > 0).sum())} of {excess.numel()} "
+                        f"elements beyond 3u (|a| + |b|), by up to {excess.max():.3g}"
+                    )
+
+
+def rope_inputs(rows: int, width: int, dtype, device: str):
+    """One case's inputs, seeded by its shape: q and k as (rows, width, heads x dim), the upstream
+    gradients (drawn in `dtype`, so every path gets exactly the same), and cos, sin of (1, width, dim)."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(rows * 10_000 + width)
+    x = {
+        n: torch.randn(rows, width, h * ROPE_DIM, device=device, generator=gen).to(dtype) for n, h in ROPE_HEADS.items()
+    }
+    upstream = {n: torch.randn(t.shape, device=device, generator=gen).to(dtype) for n, t in x.items()}
+    half = torch.arange(ROPE_DIM // 2, device=device) / (ROPE_DIM // 2)
+    angles = torch.arange(width, device=device)[None, :, None] / 10_000**half
+    cos, sin = (f(angles.repeat(1, 1, 2)).to(dtype) for f in (torch.cos, torch.sin))
+    return x, upstream, cos, sin
+
+
+def rope_results(rope, x, upstream, cos, sin, precision) -> dict:
+    """`rope`'s outputs ("q", "k") and the inputs' gradients ("dq", "dk") under the loss
+    sum(output x upstream), computed in `precision`, returned in float64."""
+    import torch
+
+    rows, width = x["q"].shape[:2]
+    leaves = {n: t.to(precision).requires_grad_() for n, t in x.items()}
+    q, k = (leaves[n].view(rows, width, -1, ROPE_DIM).transpose(1, 2) for n in ("q", "k"))
+    rq, rk = rope(q * 1, k * 1, cos.to(precision), sin.to(precision))  # * 1: liger rotates in place
+    out = {n: t.transpose(1, 2).reshape(rows, width, -1) for n, t in (("q", rq), ("k", rk))}
+    loss = sum((out[n].double() * upstream[n].double()).sum() for n in out)
+    grads = torch.autograd.grad(loss, [leaves[n] for n in out])
+    return {n: t.double() for n, t in out.items()} | {f"d{n}": g.double() for n, g in zip(out, grads)}
+
+
+def product_magnitudes(t, cos, sin):
+    """|a| + |b| for each element of the rotation of `t` (rows, width, heads x dim), forward or
+    backward alike: |t| |cos| + |rotate_half(t)| |sin| (cos and sin repeat over both halves)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    rows, width = t.shape[:2]
+    per_head = t.double().view(rows, width, -1, ROPE_DIM)
+    c, s = (u.double().abs().view(1, width, 1, ROPE_DIM) for u in (cos, sin))
+    return (per_head.abs() * c + rotate_half(per_head).abs() * s).view_as(t)
