@@ -121,7 +121,7 @@ def merged_folder(path, adapters):
     return path
 
 
-@pytest.mark.parametrize("command", ["eval", "summarize"])
+@pytest.mark.parametrize("command", ["eval", "summarize", "merge"])
 def test_adapters_on_a_merged_model_or_another_base_are_refused_before_loading(run_dir, tmp_path, command):
     """Both ran without a word: a merged model got the same adapters a second time, and adapters of
     one base went on another of the same shape (no run record beside them to compare)."""
@@ -140,10 +140,11 @@ def test_adapters_on_a_merged_model_or_another_base_are_refused_before_loading(r
          f"--set model.name={TINY_MODEL}"),
     ):  # fmt: skip
         args = [command, "--adapters", str(adapters), "--config", str(SMOKE_CONFIG)]
+        args += ["--out", str(tmp_path / "merged-out")] if command == "merge" else []
         args += ["--set", f"model.name={model}", "--set", f"data.source={SAMPLE_DATA}"]
         args += ["--set", f"train.output_dir={tmp_path / 'run'}"]
         one_line_error(runner().invoke(main, args, input="A: hi"), message)
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "merged-out").exists()
 
 
 def test_damaged_adapter_weights_are_one_line_in_eval_summarize_and_merge(run_dir, tmp_path):
@@ -286,7 +287,7 @@ def test_a_split_of_empty_dialogues_is_one_line_and_leaves_nothing(tmp_path, mon
         monkeypatch.setattr(runtime, "current", lambda w=world: runtime.Runtime(world_size=w))
         with pytest.raises(UserError, match=r"no row of .* \(test\) has both a dialogue and a reference summary"):
             evaluate.evaluate_model(cfg, evaluate.plan_eval(cfg, base_only=True))
-        assert not (tmp_path / "run").exists()
+        assert not (tmp_path / "run").exists() and not (tmp_path / "merged-out").exists()
 
 
 def test_a_failure_before_any_prediction_leaves_no_folder_and_blocks_no_rerun(tmp_path):
@@ -320,7 +321,7 @@ def test_new_tokens_past_the_models_positions_are_refused(tmp_path, new_tokens, 
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"eval.max_new_tokens": new_tokens}))
     with pytest.raises(UserError, match=rf"it has 2,048 positions and a prompt may take data.max_length=512 .*{room}"):
         evaluate.evaluate_model(cfg, evaluate.plan_eval(cfg, base_only=True), predict=lambda *a: pytest.fail("ran"))
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "merged-out").exists()
     fits = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"eval.max_new_tokens": 1536}))
     evaluate.evaluate_model(
         fits, evaluate.plan_eval(fits, base_only=True, limit=1), predict=lambda r, s: s([0], answers("a"))
