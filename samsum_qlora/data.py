@@ -207,7 +207,9 @@ def _csv(path: Path) -> list[dict[str, Any]]:
     records, start = [], 1  # start: the line the row being read begins on
     try:
         for fields in reader:
-            if header is None:
+            if not fields:  # a blank line is no row, nor the header
+                pass
+            elif header is None:
                 header = fields
                 repeated = sorted({c for c in header if header.count(c) > 1})
                 if repeated:
@@ -219,7 +221,7 @@ def _csv(path: Path) -> list[dict[str, Any]]:
                     f"{path} line {start} has {len(fields)} fields, the header {len(header)}: quote a field that "
                     'holds a comma ("A: yes, at 5")'
                 )
-            elif fields:  # a blank line is no row
+            else:
                 records.append(dict(zip(header, fields)) | {c: None for c in header[len(fields) :]})
             start = reader.line_num + 1
     except csv.Error as e:

@@ -138,7 +138,7 @@ def test_an_unterminated_csv_quote_is_named_where_it_opens(tmp_path):
 
 
 def test_csv_rows_keep_quoted_commas_newlines_and_short_rows(tmp_path):
-    (tmp_path / "train.csv").write_text('id,dialogue,summary\n1,"A: yes, at 5\nB: ok",time\n\n2,A: hm\n')
+    (tmp_path / "train.csv").write_text('\nid,dialogue,summary\n1,"A: yes, at 5\nB: ok",time\n\n2,A: hm\n')
     rows = data.load_rows(str(tmp_path), "train")
     assert [(r["id"], r["dialogue"], r["summary"]) for r in rows] == [
         ("1", "A: yes, at 5\nB: ok", "time"),
