@@ -179,7 +179,7 @@ def card(cfg: Config, *, licence: str | None, evaluation: dict | None, ggufs: li
         f"# {name}",
         "",
         f"`{cfg.model.name}` fine-tuned with QLoRA on SAMSum to summarise dialogues, by "
-        "[samsum-qlora](https://pypi.org/project/samsum-qlora/); the LoRA adapters are merged into the base "
+        "samsum-qlora; the LoRA adapters are merged into the base "
         + (f"and converted to GGUF ({', '.join(ggufs)}) by llama.cpp's own converter." if ggufs else "weights."),
         "",
         f"Its task instruction, as in training: *{cfg.data.task_instruction}*",

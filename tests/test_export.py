@@ -227,7 +227,7 @@ def test_merged_folder_card_reports_the_newest_eval_of_these_adapters(tiny_adapt
 
 @pytest.fixture(scope="module")
 def smollm2_export(smollm2, llama_cpp_source, tmp_path_factory):  # noqa: F811
-    """SmolLM2 with adapters that move its logits, exported at f16 and q8_0."""
+    """SmolLM2 with adapters that move its logits, exported at every outtype."""
     from test_modeling import with_adapters
 
     folder = tmp_path_factory.mktemp("smollm2-export")
@@ -243,7 +243,7 @@ def smollm2_export(smollm2, llama_cpp_source, tmp_path_factory):  # noqa: F811
         folder / "adapters",
         out,
         merge=merge.merge_adapters,
-        outtypes=["f16", "q8_0"],
+        outtypes=["f16", "q8_0", "f32", "bf16"],
         llama_cpp=llama_cpp_source,
         cfg=cfg,
     )
@@ -315,3 +315,80 @@ def test_smollm2_modelfile_and_card(smollm2_export):
     card = (out / "README.md").read_text()
     assert "llama-cli -m model-f16.gguf" in card and "ollama create samsum-summariser -f Modelfile" in card
     assert "No evaluation of these adapters was found" in card
+
+
+# --- the proof: llama.cpp itself summarises as the merged model does (needs llama-cpp-python) ---
+
+PROOF_ROWS = 50
+
+
+def llama_cpp_summaries(gguf: Path, fmt: chat.ChatFormat, dialogues: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy decoding by llama.cpp from the very prompt ids eval feeds the merged model."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=fmt.max_length + max_new_tokens, n_threads=2, verbose=False)
+    summaries = []
+    for dialogue in dialogues:
+        new = []
+        for token in llm.generate(fmt.prompt(dialogue), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            if token in fmt.stop_ids:
+                break
+            new.append(token)
+            if len(new) == max_new_tokens:
+                break
+        summaries.append(fmt.decode(new))
+    return summaries
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """Skips before the expensive fixtures: building llama.cpp on install takes ~22 min on 2 cores."""
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+
+@pytest.fixture(scope="module")
+def merged_predictions(smollm2_export, tmp_path_factory):
+    """The merged Hugging Face model's greedy summaries of the first test dialogues, in float32,
+    by eval's own path."""
+    from conftest import REFERENCE
+
+    cfg, adapters, _, _ = smollm2_export
+    folder = tmp_path_factory.mktemp("proof")
+    merge.merge_adapters(adapters, folder / "merged", cfg=cfg, dtype="float32")
+    overrides = {
+        "model.name": str(folder / "merged"),
+        "data.source": str(REFERENCE / "samsum"),
+        "quantization.load_in_4bit": False,
+        "quantization.bnb_4bit_compute_dtype": "float32",
+        "eval.max_new_tokens": 64,
+    }
+    merged_cfg = load_config(None, overrides)
+    plan = evaluate.plan_eval(merged_cfg, base_only=True, limit=PROOF_ROWS, output_dir=str(folder / "eval"))
+    evaluate.evaluate_model(merged_cfg, plan)
+    return merged_cfg, [json.loads(line) for line in (folder / "eval" / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
+def test_llama_cpp_summarises_as_the_merged_model(llama_cpp, smollm2_export, merged_predictions, outtype):
+    """f32: token for token. f16/bf16: llama.cpp's CPU matmuls round the activations to the weights'
+    type too, which no float32 reference does: the summaries agree where greedy choices are not near
+    ties. q8_0: ROUGE-1 within 0.3 of the merged model's on the same rows."""
+    from samsum_qlora.metrics import rouge
+
+    _, _, out, _ = smollm2_export
+    merged_cfg, records = merged_predictions
+    fmt = modeling.chat_format(merged_cfg)
+    ours = [r["prediction"] for r in records]
+    theirs = llama_cpp_summaries(out / f"model-{outtype}.gguf", fmt, [r["dialogue"] for r in records], 64)
+    same = sum(a == b for a, b in zip(ours, theirs))
+    references = [r["reference"] for r in records]
+    r1_ours, r1_theirs = (100 * rouge(texts, references)["rouge1"] for texts in (ours, theirs))
+    print(f"{outtype}: {same} of {len(ours)} summaries identical; ROUGE-1 {r1_theirs:.2f} against {r1_ours:.2f}")
+    assert len(ours) == PROOF_ROWS
+    if outtype == "f32":
+        assert same == len(ours)
+    elif outtype == "q8_0":
+        assert abs(r1_theirs - r1_ours) <= 0.3
+    else:
+        assert same >= 0.9 * len(ours) and abs(r1_theirs - r1_ours) <= 0.3
