@@ -130,8 +130,11 @@ def convert(converter: Converter, folder: Path, outfile: Path, outtype: str, *, 
         outfile.unlink(missing_ok=True)
         last = (output.strip().splitlines() or ["no output"])[-1]
         raise UserError(refusal(output) or f"llama.cpp's converter failed on {folder} ({what}): {last[:300]}")
-    size = outfile.stat().st_size
-    print(f"wrote {outfile.name}: {size / 1024**2:,.1f} MiB in {time.monotonic() - started:.0f} s")
+    seconds = time.monotonic() - started
+    if vocab_only:
+        print(f"llama.cpp converts this architecture and tokenizer ({seconds:.0f} s)")
+    else:
+        print(f"wrote {outfile.name}: {outfile.stat().st_size / 1024**2:,.1f} MiB in {seconds:.0f} s")
 
 
 def check_converts(converter: Converter, model_config, tokenizer) -> None:

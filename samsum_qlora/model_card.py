@@ -138,7 +138,7 @@ def usage_section(cfg: Config, ggufs: list[str], stops: list[str]) -> list[str]:
     ]
     if ggufs:
         lines += [
-            f"llama-cli -m {ggufs[0]} -no-cnv --temp 0 --top-k 1 -n {cfg.eval.max_new_tokens} \\",
+            f"llama-cli -m {ggufs[0]} -st --temp 0 --top-k 1 -n {cfg.eval.max_new_tokens} \\",
             f'  -sys {json.dumps(instruction)} -p "$(cat dialogue.txt)"',
             "```",
             "",

@@ -27,13 +27,8 @@ def export_config(adapters: Path, cfg: Config | None) -> Config:
     decoding they were trained and evaluated with), else the defaults on their recorded base."""
     if cfg is not None:
         return cfg
-    if layout.RunDir(adapters.parent).config.is_file():
-        return model_card.trained_config(adapters, with_overrides(Config(), {"model": {"name": _base(adapters)}}))
-    return with_overrides(Config(), {"model": {"name": _base(adapters)}})
-
-
-def _base(adapters: Path) -> str:
-    return layout.adapter_base(adapters)[0]
+    base = layout.adapter_base(adapters)[0]
+    return model_card.trained_config(adapters, with_overrides(Config(), {"model": {"name": base}}))
 
 
 def check_inputs(adapters: Path, out: Path, outtypes: list[str]) -> None:
