@@ -21,7 +21,7 @@ SET_HELP = "Override a config key, e.g. --set train.max_steps=100 (repeatable; b
 
 
 # --help lists the commands in the order they are used, not alphabetically
-COMMAND_ORDER = ("train", "eval", "summarize", "report", "merge", "config", "preprocess", "bench")
+COMMAND_ORDER = ("train", "eval", "summarize", "report", "merge", "export", "config", "preprocess", "bench")
 
 
 class Group(click.Group):
@@ -307,6 +307,52 @@ def merge(config_path, overrides, adapters, out_dir, dtype):
 
     merge_adapters(
         adapters, out_dir, cfg=_config(config_path, overrides) if config_path or overrides else None, dtype=dtype
+    )
+
+
+@main.command(short_help="Merge adapters into GGUF files for llama.cpp and Ollama, with a model card.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="YAML config (default: the run's config.yaml beside the adapters, else their adapter_config.json's base).",
+)
+@set_option
+@click.option("--adapters", required=True, type=click.Path(path_type=Path), help="LoRA adapters folder.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="New folder for the export.")
+@click.option(
+    "--outtype",
+    "outtypes",
+    multiple=True,
+    default=["f16"],
+    show_default=True,
+    type=click.Choice(["f16", "bf16", "q8_0", "f32"]),
+    help="GGUF weight type (repeatable: one file each, from one merge); f32 is lossless, q8_0 half of f16.",
+)
+@click.option(
+    "--llama-cpp",
+    metavar="DIR",
+    help="llama.cpp's source, which holds convert_hf_to_gguf.py (default: $LLAMA_CPP_DIR).",
+)
+@_stops_on_signals("nothing was written", "rerun the same command")
+def export(config_path, overrides, adapters, out_dir, outtypes, llama_cpp):
+    """Merge adapters and write GGUF files for llama.cpp, Ollama and LM Studio, with an Ollama
+    Modelfile and a model card (README.md), into a new folder.
+
+    The conversion is llama.cpp's own (convert_hf_to_gguf.py from its source; the package has no
+    converter of its own). The GGUF carries the chat template, with the trained instruction as its
+    default system message, and the end-of-turn token; the Modelfile adds greedy decoding and
+    eval.max_new_tokens."""
+    from samsum_qlora.commands.export import export_gguf
+    from samsum_qlora.commands.merge import merge_adapters
+
+    export_gguf(
+        adapters,
+        out_dir,
+        merge=merge_adapters,
+        cfg=_config(config_path, overrides) if config_path or overrides else None,
+        outtypes=list(outtypes),
+        llama_cpp=llama_cpp,
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from samsum_qlora import batching, chat, files, layout, modeling, runtime
+from samsum_qlora import batching, chat, files, layout, model_card, modeling, runtime
 from samsum_qlora.config import DTYPES, Config, with_overrides
 from samsum_qlora.errors import UserError
 
@@ -141,6 +141,7 @@ def _merge(adapters: Path, out: Path, cfg: Config, source: str, dtype: str | Non
         merged_model.save_pretrained(staging)
         fmt.tokenizer.save_pretrained(staging)
         files.write_json(staging / layout.MERGE_INFO, info)
+        model_card.write(staging, cfg, adapters)  # README.md: the Hub's model card
     print(f"saved the merged model to {out}")
     return info
 
