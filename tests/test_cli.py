@@ -24,7 +24,7 @@ def test_top_level_help_lists_the_commands_in_the_order_they_are_used_uncut():
     lines = CliRunner().invoke(main, ["--help"], terminal_width=80).output.splitlines()
     commands = lines[lines.index("Commands:") + 1 :]
     names = [line.split()[0] for line in commands if line.startswith("  ") and not line.startswith("   ")]
-    assert names == ["train", "eval", "summarize", "report", "merge", "config", "preprocess", "bench"]
+    assert names == ["train", "eval", "summarize", "report", "merge", "export", "config", "preprocess", "bench"]
     assert not [line for line in commands if line.rstrip().endswith("...")]
     assert all(main.commands[n].get_short_help_str(10).endswith(".") for n in names)  # its own short help, whole
     usage = lines[: lines.index("Options:")]
