@@ -613,6 +613,8 @@ def build_trainer(
     """The Trainer exactly as `train` uses it (`bench` times the same one); `validation` scores the
     model in place when train.eval_strategy asks (`LossTrainer.evaluate`)."""
     callbacks = list(callbacks)
+    if validation is None:  # `bench`, and tests: nothing to evaluate with
+        t = dataclasses.replace(t, eval_strategy="no", early_stopping_patience=None)
     if t.eval_strategy == "steps":
         from transformers import EarlyStoppingCallback
 

@@ -10,6 +10,7 @@ metrics (and so the same best step and early stop) as one process would compute.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -94,7 +95,7 @@ class Validator:
 
     def score(self, shares: list, seconds: float) -> dict[str, float]:
         """Every process's (losses, summaries) as one evaluation's metrics."""
-        loss_sum = sum(total for losses, _ in shares for total, _ in losses)
+        loss_sum = math.fsum(total for losses, _ in shares for total, _ in losses)  # the same in any order
         tokens = sum(n for losses, _ in shares for _, n in losses)
         found = {i: p for _, summaries in shares for i, p in summaries.items()}
         texts = [found[i][0] for i in range(len(self.rows))]

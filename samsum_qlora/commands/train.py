@@ -107,7 +107,7 @@ def save_run(cfg: Config, run: RunDir, trainer, tokenizer, result, *, started: f
             publish(cfg, run, trainer.model, tokenizer, metrics)
             run_chart.write(run.chart, trainer.state.log_history, metrics.get("best_step"))
         step = metrics["adapters_step"]
-        print(f"saved adapters of step {step} to {run.adapters}; train loss {metrics['train_loss']:.4f}")
+        print(f"saved adapters to {run.adapters} (step {step}); train loss {metrics['train_loss']:.4f}")
     return metrics
 
 
