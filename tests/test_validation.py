@@ -170,3 +170,49 @@ def test_the_chart_series_come_from_the_log_history():
     assert series["train_loss"] == [(5, 2.0), (10, 1.5)]
     assert series["validation_loss"] == [(10, 1.7)] and series["rouge1"] == [(10, 40.0)]
     assert run_chart.render(history, best_step=10)[:4] == b"\x89PNG"
+
+
+# The validation of one training model, scored by as many processes as torchrun starts: the LoRA B
+# weights drawn with a fixed seed (they start at 0), so every process and every run holds the same model.
+EVALUATE = """\
+import json, os, sys
+import torch
+from samsum_qlora import modeling, training, validation
+from samsum_qlora.config import load_config
+
+cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
+fmt = modeling.chat_format(cfg)
+rows, held = validation.split_rows(cfg)
+torch.manual_seed(0)  # the LoRA A weights too
+model, t = modeling.training_model(cfg, fmt.tokenizer)
+columns, _ = fmt.encode_rows(rows[:8], progress=False)
+validator = validation.Validator(cfg, held, t)
+train_set, collate = training.training_set(t, columns), training.collator(t, fmt.pad_id)
+trainer = training.build_trainer(t, model, train_set, collate, cfg.train.output_dir, validation=validator)
+torch.manual_seed(0)
+for name, p in model.named_parameters():
+    if "lora_B" in name:
+        p.data.normal_(0, 0.5)
+metrics = trainer.evaluate()
+out = os.path.join(cfg.train.output_dir, "metrics-rank" + os.environ.get("RANK", "0") + ".json")
+open(out, "w").write(json.dumps(metrics))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_same_metrics_as_one(tmp_path):
+    from test_distributed import launch
+
+    script = tmp_path / "evaluate.py"
+    script.write_text(EVALUATE)
+    found = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        overrides = smoke_overrides(tmp_path, **{"train.output_dir": str(out), "train.validation_rows": 6})
+        overrides |= {"eval.batch_size": 2, "train.max_tokens_per_batch": 512}
+        launch([str(SMOKE_CONFIG), json.dumps(overrides)], processes=processes, script=script)
+        found[processes] = [json.loads((out / f"metrics-rank{r}.json").read_text()) for r in range(processes)]
+    one, (rank0, rank1) = found[1][0], found[2]
+    without_time = lambda m: {k: v for k, v in m.items() if k != "eval_seconds"}  # noqa: E731
+    assert without_time(rank0) == without_time(rank1) == without_time(one)
+    assert one["eval_rouge1"] > 0 and one["eval_loss"] > 0
