@@ -214,6 +214,22 @@ def _diff_cell(d: dict[str, float]) -> str:
     )
 
 
+def training_curves(evals: list[Evaluation]) -> str:
+    """The training run's picture (loss and validation ROUGE against steps) of each evaluation whose
+    adapters have one beside them, once per picture."""
+    shown, out = set(), []
+    for ev in evals:
+        png = getattr(ev, "curve", None)
+        if png and png not in shown:
+            shown.add(png)
+            out.append(
+                f'<figure><img alt="Training loss and validation ROUGE against steps for {_e(label(ev))}" '
+                f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+                f"<figcaption>How {_e(label(ev))} was trained</figcaption></figure>"
+            )
+    return "\n".join(out)
+
+
 def render_page(evals: list[Evaluation], cis: list[dict[str, tuple[float, float]]], chart_png: bytes) -> str:
     """The whole page: one string, everything inline."""
     data = page_data(evals)
@@ -233,6 +249,7 @@ def render_page(evals: list[Evaluation], cis: list[dict[str, tuple[float, float]
         not_same="" if same_rows else NOT_SAME,
         sources="".join(f"<li><code>{_e(ev.folder)}</code> — {_e(label(ev))}</li>" for ev in evals),
         chart=chart,
+        curves=training_curves(evals),
         pairs=pairs_table(evals, pairs) if pairs else '<p class="muted">One evaluation: nothing to compare.</p>',
         data=script_json(data),
     )
@@ -267,7 +284,7 @@ PAGE = """<!DOCTYPE html>
 </div>
 <figure><img alt="Bar chart of ROUGE-1, ROUGE-2 and ROUGE-L per evaluation with {level}% intervals"
 src="data:image/png;base64,{chart}"></figure>
-</div>
+{curves}</div>
 </section>
 <section id="pairs-section">
 <h2>Paired comparison</h2>

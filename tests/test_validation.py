@@ -216,3 +216,32 @@ def test_two_processes_score_the_same_metrics_as_one(tmp_path):
     without_time = lambda m: {k: v for k, v in m.items() if k != "eval_seconds"}  # noqa: E731
     assert without_time(rank0) == without_time(rank1) == without_time(one)
     assert one["eval_rouge1"] > 0 and one["eval_loss"] > 0
+
+
+def test_the_report_page_shows_the_training_curve_of_the_adapters_it_scores(tmp_path):
+    from samsum_qlora.commands.report import write_report
+    from samsum_qlora.layout import RunDir
+
+    run = RunDir(tmp_path / "run")
+    (run.adapters).mkdir(parents=True)
+    history = [
+        {"step": 5, "loss": 2.0},
+        {"step": 10, "eval_loss": 1.7, "eval_rouge1": 0.4, "eval_rouge2": 0.2, "eval_rougeL": 0.3},
+    ]
+    run_chart.write(run.chart, history, best_step=10)
+    folders = []
+    for name, adapters in (("tuned", str(run.adapters)), ("base", None)):
+        folder = tmp_path / name
+        folder.mkdir()
+        kind = "QLoRA adapters" if adapters else "base"
+        meta = {"model": "m", "type": kind, "adapters": adapters, "rouge1": 0.5, "rouge2": 0.0, "rougeL": 0.5}
+        (folder / "metrics.json").write_text(json.dumps(meta))
+        record = {"index": 0, "id": "a", "dialogue": "d", "reference": "x y", "prediction": "x", "ended": True}
+        (folder / "predictions.jsonl").write_text(json.dumps(record) + "\n")
+        folders.append(folder)
+    write_report(folders, tmp_path / "report")
+    page = (tmp_path / "report" / "report.html").read_text()
+    import base64
+
+    assert page.count("Training loss and validation ROUGE against steps") == 1
+    assert base64.b64encode(run.chart.read_bytes()).decode() in page

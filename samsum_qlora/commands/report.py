@@ -40,6 +40,7 @@ class Scored:
     kind: str
     per_example: dict[str, list[float]]  # metric -> F-measure per example, fractions 0-1
     records: list[dict] = field(default_factory=list)  # predictions.jsonl's rows, for report.html
+    curve: bytes | None = None  # the training run's training_curve.png, beside the adapters scored
 
     def mean(self, metric: str) -> float:
         return mean(self.per_example[metric])
@@ -110,6 +111,7 @@ def load_scored(folder: Path) -> Scored:
         kind=str(meta["type"]),
         per_example=per_example,
         records=records,
+        curve=training_curve(meta.get("adapters")),
     )
     for metric, _ in SHOWN:  # a hand-edited or stale folder would make the table disagree with its eval
         if metric in meta and abs(float(meta[metric]) - scored.mean(metric)) > 5e-5:
@@ -119,6 +121,12 @@ def load_scored(folder: Path) -> Scored:
                 file=sys.stderr,
             )
     return scored
+
+
+def training_curve(adapters: str | None) -> bytes | None:
+    """The picture `train` drew beside these adapters, when they have one."""
+    path = RunDir(Path(adapters).parent).chart if adapters else None
+    return path.read_bytes() if path is not None and path.is_file() else None
 
 
 def check_each_row_once(path: Path, records: list[dict]) -> None:
