@@ -167,6 +167,7 @@ def evaluation_arguments(t: TrainArgs) -> dict[str, Any]:
         "metric_for_best_model": t.metric_for_best_model,
         "greater_is_better": t.metric_for_best_model != "loss",
         "load_best_model_at_end": t.load_best_model_at_end,
+        "restore_callback_states_from_checkpoint": True,  # early stopping's count of evaluations since the best
     }
 
 

@@ -15,6 +15,8 @@ from samsum_qlora import data, run_chart, validation
 from samsum_qlora.config import load_config
 from samsum_qlora.errors import UserError
 
+VALIDATED = {"train.eval_strategy": "steps", "train.save_steps": 10}  # evaluations at every checkpoint
+
 
 def rows(n: int) -> list[dict]:
     return [{"index": i, "id": f"r{i}", "dialogue": f"A: line {i}", "summary": f"s {i}"} for i in range(n)]
@@ -42,10 +44,10 @@ def test_the_run_trains_on_none_of_the_held_out_rows(tmp_path):
     whole = data.load_rows(cfg.data.source, "train")
     assert sorted(r["id"] for r in train + held) == sorted(r["id"] for r in whole)
     # a split of its own: every training row trains; the same split twice is refused
-    split = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.validation_rows": 3}))
+    split = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **VALIDATED, **{"train.validation_rows": 3}))
     train, held = validation.split_rows(split)
     assert len(train) == 60 and [r["id"] for r in held] == [f"smp-validation-00{i}" for i in (1, 2, 3)]
-    same = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.validation_split": "train"}))
+    same = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **VALIDATED, **{"train.validation_split": "train"}))
     with pytest.raises(UserError, match="its rows would be trained on"):
         validation.split_rows(same)
 
@@ -55,8 +57,9 @@ def test_the_run_trains_on_none_of_the_held_out_rows(tmp_path):
     [
         ({"train.eval_strategy": "epoch"}, "train.eval_strategy must be steps or no"),
         ({"train.metric_for_best_model": "bleu"}, "must be one of rouge1, rouge2, rougeL, loss"),
-        ({"train.eval_steps": 4, "train.save_steps": 10}, "set train.save_steps=4"),
-        ({"train.early_stopping_patience": 2, "train.load_best_model_at_end": False}, "needs evaluations"),
+        ({**VALIDATED, "train.eval_steps": 4}, "set train.save_steps=4"),
+        ({"train.early_stopping_patience": 2}, "needs evaluations"),
+        ({**VALIDATED, "train.early_stopping_patience": 2, "train.load_best_model_at_end": False}, "needs evaluations"),
     ],
 )
 def test_contradicting_validation_settings_are_refused_with_the_fix(tmp_path, override, message):
@@ -96,7 +99,7 @@ def test_a_stopped_run_publishes_its_best_step_and_the_resumed_run_keeps_history
     from samsum_qlora import training
     from samsum_qlora.commands.train import train_adapters
 
-    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.max_steps": 40, "train.save_steps": 10}))
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **VALIDATED, **{"train.max_steps": 40}))
     run, score = tmp_path / "run", {10: 0.1, 20: 0.5, 30: 0.2, 40: 0.3}
     steps = scripted(monkeypatch, score, stop_at=30)
     with pytest.raises(training.Stopped):
@@ -128,7 +131,7 @@ def test_a_stopped_run_publishes_its_best_step_and_the_resumed_run_keeps_history
 def test_early_stopping_stops_after_patience_evaluations_without_a_better_one(tmp_path, monkeypatch, capsys):
     from samsum_qlora.commands.train import train_adapters
 
-    overrides = {"train.max_steps": 40, "train.save_steps": 10, "train.early_stopping_patience": 2}
+    overrides = {**VALIDATED, "train.max_steps": 40, "train.early_stopping_patience": 2}
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **overrides))
     steps = scripted(monkeypatch, {10: 0.3, 20: 0.2, 30: 0.1, 40: 0.9})
     metrics = train_adapters(cfg)
@@ -137,6 +140,8 @@ def test_early_stopping_stops_after_patience_evaluations_without_a_better_one(tm
     out = capsys.readouterr()
     lines = [line for line in (out.out + out.err).split("\n") if "validation at step" in line]
     assert len(lines) == 3 and "ROUGE-1 30.00" in lines[0] and lines[2].endswith("(best: step 10)")
+    with pytest.raises(UserError, match="already holds a finished run"):  # not resumed: it ended
+        train_adapters(cfg)
 
 
 def test_the_loss_of_the_validation_is_the_models_own(tmp_path):
@@ -208,7 +213,7 @@ def test_two_processes_score_the_same_metrics_as_one(tmp_path):
     found = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
-        overrides = smoke_overrides(tmp_path, **{"train.output_dir": str(out), "train.validation_rows": 6})
+        overrides = smoke_overrides(tmp_path, **VALIDATED, **{"train.output_dir": str(out), "train.validation_rows": 6})
         overrides |= {"eval.batch_size": 2, "train.max_tokens_per_batch": 512}
         launch([str(SMOKE_CONFIG), json.dumps(overrides)], processes=processes, script=script)
         found[processes] = [json.loads((out / f"metrics-rank{r}.json").read_text()) for r in range(processes)]
