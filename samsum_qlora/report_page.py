@@ -36,7 +36,7 @@ class Evaluation(Protocol):
     kind: str
     records: list[dict]  # predictions.jsonl as read: index, id, dialogue, reference, prediction, ended
     per_example: dict[str, list[float]]  # metric -> the score of each record, fractions 0-1
-    facts: dict[str, str]  # what was evaluated, by what (adapters, step, decoding, split): `report.facts`
+    # optional: facts (adapters, step, decoding, split: `report.facts`) and curve (training_curve.png bytes)
 
     def mean(self, metric: str) -> float: ...
 
@@ -255,13 +255,14 @@ BETTER = ' <span class="better" title="ahead on ROUGE-1 by more than the rows\' 
 def differences(evals: list[Evaluation]) -> str:
     """A table of what differs between the evaluations (adapters, step, decoding, split): only the
     facts whose values are not the same for all; nothing for one evaluation or identical ones."""
-    keys = [k for k in FACTS if len({ev.facts.get(k, "–") for ev in evals}) > 1]
+    known = [getattr(ev, "facts", {}) for ev in evals]
+    keys = [k for k in FACTS if len({f.get(k, "–") for f in known}) > 1]
     if len(evals) < 2 or not keys:
         return ""
     head = "".join(f"<th>{_e(FACTS[k])}</th>" for k in keys)
     lines = [f'<div class="wide"><table class="differs"><thead><tr><th>Evaluation</th>{head}</tr></thead><tbody>']
-    for ev in evals:
-        cells = "".join(f"<td>{_e(ev.facts.get(k, '–'))}</td>" for k in keys)
+    for ev, f in zip(evals, known):
+        cells = "".join(f"<td>{_e(f.get(k, '–'))}</td>" for k in keys)
         lines.append(f"<tr><td>{_e(label(ev))}</td>{cells}</tr>")
     lines.append("</tbody></table></div>")
     return "<h3>What differs between them</h3>\n" + "\n".join(lines)
