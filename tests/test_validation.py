@@ -250,3 +250,23 @@ def test_the_report_page_shows_the_training_curve_of_the_adapters_it_scores(tmp_
 
     assert page.count("Training loss and validation ROUGE against steps") == 1
     assert base64.b64encode(run.chart.read_bytes()).decode() in page
+
+
+def test_wandb_gets_the_validation_curve(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    import wandb
+    from wandb_records import history, run_files
+
+    from samsum_qlora.commands.train import train_adapters
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    overrides = {**VALIDATED, "train.max_steps": 20, "train.report_to": "wandb"}
+    try:
+        train_adapters(load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **overrides)))
+    finally:
+        wandb.teardown()
+    rows = [row for f in run_files(tmp_path / "run") for row in history(f)]
+    curve = [(row["train/global_step"], row["eval/rouge1"]) for row in rows if "eval/rouge1" in row]
+    metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    assert curve == [(e["step"], e["rouge1"]) for e in metrics["validation"]] and len(curve) == 2
