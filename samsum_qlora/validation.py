@@ -10,6 +10,7 @@ metrics (and so the same best step and early stop) as one process would compute.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -89,7 +90,7 @@ class Validator:
                 out[i] = (p.text, p.ended)
 
         batches = s.batches(self.prompts, rank=rt.rank, processes=rt.world_size)
-        with torch.no_grad():
+        with torch.no_grad(), as_eval_runs_it(model):
             s.generate(self.prompts, batches, on_batch, keys=[r["index"] for r in self.rows], progress=False)
         return out
 
@@ -106,6 +107,27 @@ class Validator:
             "ended_share": sum(found[i][1] for i in range(len(self.rows))) / len(self.rows),
             "seconds": round(seconds, 2),
         }
+
+
+@contextlib.contextmanager
+def as_eval_runs_it(model):
+    """The training model computing as eval's does with attached adapters: without the mixed-precision
+    autocast accelerate wraps its forward in for training (a decoding step's CUDA graph cannot capture
+    autocast's cast cache), and with peft casting each adapter's input to the adapter's float32,
+    which training leaves to autocast (`modeling.attach_new_adapters`)."""
+    wrapped = vars(model).get("forward")
+    if wrapped is not None and hasattr(model, "_original_forward"):
+        model.forward = model._original_forward
+    uncast = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", None) is False]
+    for module in uncast:
+        module.cast_input_dtype_enabled = True
+    try:
+        yield model
+    finally:
+        for module in uncast:
+            module.cast_input_dtype_enabled = False
+        if wrapped is not None:
+            model.forward = wrapped
 
 
 def loss_batches(columns: dict, t: TrainArgs, pad_id: int) -> list[dict]:

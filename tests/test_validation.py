@@ -270,3 +270,24 @@ def test_wandb_gets_the_validation_curve(tmp_path, monkeypatch):
     curve = [(row["train/global_step"], row["eval/rouge1"]) for row in rows if "eval/rouge1" in row]
     metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
     assert curve == [(e["step"], e["rouge1"]) for e in metrics["validation"]] and len(curve) == 2
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_validation_summaries_are_evals_own(tmp_path, bf16):
+    """The last evaluation's summaries are what `eval` writes for the published adapters attached
+    (eval.merge_adapters=false): the same prompts, decoding and numbers; with bf16 training too,
+    whose autocast the validation leaves (eval runs without it)."""
+    from samsum_qlora.commands import evaluate
+    from samsum_qlora.commands.train import train_adapters
+
+    if bf16 and not __import__("transformers").utils.is_torch_bf16_available_on_device("cpu"):
+        pytest.skip("this CPU has no bf16")
+    overrides = {**VALIDATED, "train.max_steps": 10, "train.bf16": bf16, "eval.merge_adapters": False}
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **overrides))
+    (last,) = train_adapters(cfg)["validation"]
+    plan = evaluate.plan_eval(cfg, split="validation", limit=4, output_dir=str(tmp_path / "eval"))
+    scored = evaluate.evaluate_model(cfg, plan)
+    assert {k: last[k] for k in ("rouge1", "rouge2", "rougeL", "ended_share")} == {
+        k: scored[k] for k in ("rouge1", "rouge2", "rougeL", "ended_share")
+    }
+    assert last["rouge1"] > 0  # something to agree on
