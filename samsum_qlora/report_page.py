@@ -397,7 +397,7 @@ main { padding: 8px 28px 40px; }
 h2 { font-size: 1.15rem; margin: 26px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
 code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.88em; }
 .split { display: flex; flex-wrap: wrap; gap: 28px; align-items: flex-start; }
-.split > div { flex: 1 1 520px; }
+.split > div { flex: 1 1 520px; min-width: 0; }  /* may shrink below its widest table, which scrolls */
 figure { margin: 0; flex: 0 1 640px; }
 figure img { max-width: 100%; border: 1px solid var(--line); border-radius: 6px; }
 table { border-collapse: collapse; }
@@ -415,6 +415,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .warn { color: var(--warn); }
 .muted { color: var(--muted); }
 .sources { font-size: 0.88rem; color: var(--muted); } .sources ul { margin: 4px 0; padding-left: 20px; }
+.sources code { overflow-wrap: anywhere; }
 button.link { border: 0; background: none; color: var(--accent); cursor: pointer; padding: 0; font: inherit; }
 button.link:hover { text-decoration: underline; }
 table.pairs button.link { white-space: nowrap; }
