@@ -9,7 +9,7 @@ import os
 import signal
 
 import pytest
-from conftest import SMOKE_CONFIG, smoke_overrides
+from conftest import SMOKE_CONFIG, set_args, smoke_overrides
 
 from samsum_qlora import data, run_chart, validation
 from samsum_qlora.config import load_config
@@ -291,3 +291,20 @@ def test_validation_summaries_are_evals_own(tmp_path, bf16):
         k: scored[k] for k in ("rouge1", "rouge2", "rougeL", "ended_share")
     }
     assert last["rouge1"] > 0  # something to agree on
+
+
+@pytest.mark.slow
+def test_a_torchrun_run_validates_and_publishes_its_best_step(tmp_path):
+    from test_distributed import launch
+
+    overrides = {**VALIDATED, "train.max_steps": 6, "train.save_steps": 3, "train.max_tokens_per_batch": 2048}
+    log = launch(["train", *set_args(smoke_overrides(tmp_path, **overrides))], processes=2)
+    run = tmp_path / "run"
+    metrics = json.loads((run / "train_metrics.json").read_text())
+    assert metrics["processes"] == 2 and [e["step"] for e in metrics["validation"]] == [3, 6]
+    assert log.count("validation at step 3/6") == 1  # rank 0 alone prints
+    best = max(metrics["validation"], key=lambda e: e["rouge1"])["step"]  # the first of equals
+    assert metrics["best_step"] == metrics["adapters_step"] == best
+    assert same_weights(
+        adapter_weights(run / "lora_adapters"), adapter_weights(run / "checkpoints" / f"checkpoint-{best}")
+    )
