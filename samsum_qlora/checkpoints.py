@@ -113,12 +113,22 @@ def check_resumable(checkpoint: Path, current: dict[str, Any]) -> None:
 
 
 def finished_training(checkpoint: Path) -> bool:
-    """Whether the checkpoint was saved at the run's last step."""
+    """Whether the checkpoint was saved at the run's last step, or where early stopping ended it."""
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
-        return state["global_step"] >= state["max_steps"] > 0
+        return state["global_step"] >= state["max_steps"] > 0 or stopped_early(state)
     except (OSError, ValueError, KeyError):
         return False
+
+
+def stopped_early(state: dict) -> bool:
+    """The Trainer's EarlyStoppingCallback, as the checkpoint saved it, had run out of patience."""
+    saved = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback")
+    saved = saved[-1] if isinstance(saved, list) else saved
+    if not saved:
+        return False
+    patience, waited = saved["args"]["early_stopping_patience"], saved["attributes"]["early_stopping_patience_counter"]
+    return waited >= patience
 
 
 def start_point(run: RunDir, config: dict[str, Any], *, overwrite: bool, resume: str | None, warn=print) -> Path | None:

@@ -169,6 +169,9 @@ class DataArgs:
         )
 
 
+VALIDATION_METRICS = ("rouge1", "rouge2", "rougeL", "loss")  # train.metric_for_best_model's choices
+
+
 @dataclass
 class TrainArgs:
     """Fields named as in transformers.TrainingArguments pass to it unchanged (the HF docs apply);
@@ -215,6 +218,18 @@ class TrainArgs:
     run_name: str | None = None
     dataloader_num_workers: int = 0
     neftune_noise_alpha: float | None = None  # NEFTune: noise on the input embeddings while training (e.g. 5)
+    # Validation while training: the model being trained writes summaries of held-out dialogues with
+    # eval's decoding (eval.num_beams ...), scored with ROUGE, and its loss on them is computed.
+    # steps: every eval_steps optimizer steps and at the last one; no: never.
+    eval_strategy: str = "no"
+    eval_steps: int | None = None  # null = save_steps, so every evaluated step has its checkpoint
+    # The validation rows: the first validation_rows rows of this split of data.source, or with
+    # null, validation_rows rows drawn (seeded) out of data.train_split, which training then never sees.
+    validation_split: str | None = "validation"
+    validation_rows: int | None = 200  # null = the whole validation split
+    metric_for_best_model: str = "rouge1"  # rouge1 | rouge2 | rougeL | loss: what makes an evaluation best
+    load_best_model_at_end: bool = True  # publish the best evaluation's adapters rather than the last step's
+    early_stopping_patience: int | None = None  # stop after N evaluations without a better metric; null = never
 
     def __post_init__(self):
         self.gradient_checkpointing = _tristate(self.gradient_checkpointing, "train.gradient_checkpointing")
@@ -274,6 +289,44 @@ class TrainArgs:
             "train.logging_steps, train.save_steps and train.save_total_limit must be >= 1",
         )
         self._check_library_names()
+        self._check_validation()
+
+    def _check_validation(self) -> None:
+        _check(
+            self.eval_strategy in ("no", "steps"),
+            f"train.eval_strategy must be steps or no, got {self.eval_strategy!r} (for once an epoch, set "
+            "train.eval_steps to the steps of an epoch, which train prints)",
+        )
+        _check(self.eval_steps is None or self.eval_steps >= 1, f"train.eval_steps must be >= 1, got {self.eval_steps}")
+        _check(
+            self.metric_for_best_model in VALIDATION_METRICS,
+            f"train.metric_for_best_model must be one of {', '.join(VALIDATION_METRICS)}, "
+            f"got {self.metric_for_best_model!r}",
+        )
+        _check(
+            self.validation_rows is None or self.validation_rows >= 1,
+            f"train.validation_rows must be at least 1 (or null for the whole split), got {self.validation_rows}",
+        )
+        _check(
+            self.validation_split is not None or self.validation_rows is not None,
+            "train.validation_rows=null holds out no training row: give a number, or a train.validation_split",
+        )
+        evaluating = self.eval_strategy == "steps"
+        every = self.eval_steps or self.save_steps
+        _check(
+            not (evaluating and self.load_best_model_at_end and self.save_steps % every),
+            f"train.save_steps={self.save_steps} is not a multiple of train.eval_steps={every}: the best step might "
+            f"have no checkpoint to publish; set train.save_steps={every} (or a multiple of it)",
+        )
+        patience = self.early_stopping_patience
+        _check(
+            patience is None or patience >= 1, f"train.early_stopping_patience must be >= 1 (or null), got {patience}"
+        )
+        _check(
+            patience is None or (evaluating and self.load_best_model_at_end),
+            "train.early_stopping_patience needs evaluations and the best of them kept: set "
+            "train.eval_strategy=steps and train.load_best_model_at_end=true",
+        )
 
     def _check_library_names(self) -> None:
         """Names transformers resolves late, deep inside a traceback: refused here instead."""

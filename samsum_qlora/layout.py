@@ -70,6 +70,11 @@ class RunDir:
         return self.root / "train_metrics.json"
 
     @property
+    def chart(self) -> Path:
+        """The run's picture: training loss and validation ROUGE against steps (`run_chart`)."""
+        return self.root / "training_curve.png"
+
+    @property
     def wandb_run_id(self) -> Path:
         """The W&B run this folder logs to: a resume continues the same run."""
         return self.root / "wandb_run_id.txt"

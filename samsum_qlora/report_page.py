@@ -23,6 +23,8 @@ from typing import Protocol
 
 from samsum_qlora.metrics import LEVEL, RESAMPLES, SEED, SHOWN, paired_difference
 
+BASE_KIND = "base"  # predictions.KIND_BASE: the model a tuned one is compared against
+
 TIE = 1e-9  # per-row ROUGE-L closer than this is a tie
 _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
@@ -35,6 +37,7 @@ class Evaluation(Protocol):
     kind: str
     records: list[dict]  # predictions.jsonl as read: index, id, dialogue, reference, prediction, ended
     per_example: dict[str, list[float]]  # metric -> the score of each record, fractions 0-1
+    # optional: facts (adapters, step, decoding, split: `report.facts`) and curve (training_curve.png bytes)
 
     def mean(self, metric: str) -> float: ...
 
@@ -115,16 +118,42 @@ def _new_row(key: str, record: dict, n_evals: int) -> dict:
     }
 
 
+def oriented(evals: list[Evaluation], first: int, second: int) -> tuple[int, int]:
+    """(a, b) for A − B: a tuned or API model minus the base model, whatever the order given;
+    otherwise the later evaluation minus the earlier."""
+    is_base = [ev.kind == BASE_KIND for ev in evals]
+    if is_base[first] and not is_base[second]:
+        return second, first
+    if is_base[second] and not is_base[first]:
+        return first, second
+    return max(first, second), min(first, second)
+
+
+def ended_share(outs: list[dict]) -> float | None:
+    """The share of these summaries that ended at the end of turn (None where none says)."""
+    known = [o["ended"] for o in outs if o and o["ended"] is not None]
+    return sum(known) / len(known) if known else None
+
+
+def better_of(diff: dict) -> str | None:
+    """ "a" or "b": the one ahead on ROUGE-1 by more than the rows' spread (its interval leaves out 0)."""
+    d = diff.get("rouge1")
+    return None if not d else "a" if d["low"] > 0 else "b" if d["high"] < 0 else None
+
+
 def paired_comparisons(evals: list[Evaluation], rows: list[dict], **bootstrap) -> list[dict]:
-    """Each later evaluation against each earlier one, on the rows both scored: the mean of
-    later - earlier per metric with its bootstrap interval (metrics.paired_difference), and how
-    many rows the later one wins, ties and loses by per-row ROUGE-L. {a, b (indices into evals),
-    n, diff: {metric: {mean, low, high}} (empty when n is 0), wins, ties, losses}."""
+    """Each pair of evaluations (`oriented`: tuned minus base) on the rows both scored: the mean of
+    A - B per metric with its bootstrap interval (metrics.paired_difference), how many rows A wins,
+    ties and loses by per-row ROUGE-L, each side's share of summaries that ended, and the better one.
+    {a, b (indices into evals), n, diff: {metric: {mean, low, high}} (empty when n is 0), wins, ties,
+    losses, ended: [A's, B's], better: "a" | "b" | None}."""
     rouge_l = [m for m, _ in SHOWN].index("rougeL")
     out = []
-    for b in range(len(evals)):
-        for a in range(b + 1, len(evals)):
-            both = [(r["out"][a]["scores"], r["out"][b]["scores"]) for r in rows if r["out"][a] and r["out"][b]]
+    for second in range(len(evals)):
+        for first in range(second + 1, len(evals)):
+            a, b = oriented(evals, first, second)
+            shared = [r for r in rows if r["out"][a] and r["out"][b]]
+            both = [(r["out"][a]["scores"], r["out"][b]["scores"]) for r in shared]
             diff = {}
             if both:
                 diff = {
@@ -141,6 +170,8 @@ def paired_comparisons(evals: list[Evaluation], rows: list[dict], **bootstrap) -
                     "wins": sum(d > TIE for d in deltas),
                     "ties": sum(abs(d) <= TIE for d in deltas),
                     "losses": sum(d < -TIE for d in deltas),
+                    "ended": [ended_share([r["out"][k] for r in shared]) for k in (a, b)],
+                    "better": better_of(diff),
                 }
             )
     return out
@@ -182,21 +213,31 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
 def scores_table(evals: list[Evaluation], cis: list[dict[str, tuple[float, float]]]) -> str:
     """The markdown table's numbers: the mean x100 with its interval beneath, 2 decimals."""
     head = "".join(f"<th>{name}</th>" for _, name in SHOWN)
-    lines = [f'<table class="scores"><thead><tr><th>Model</th><th>Type</th><th>n</th>{head}</tr></thead><tbody>']
+    lines = [
+        '<div class="wide"><table class="scores"><thead><tr><th>Model</th><th>Type</th><th>n</th>'
+        f'{head}<th title="summaries that ended at the end of turn">ended</th></tr></thead><tbody>'
+    ]
     for ev, ci in zip(evals, cis):
         cells = "".join(
             f'<td class="num" data-metric="{metric}"><span class="mean">{_pct(ev.mean(metric))}</span>'
             f'<span class="ci">{_pct(ci[metric][0])} – {_pct(ci[metric][1])}</span></td>'
             for metric, _ in SHOWN
         )
+        share = ended_share(
+            [{"ended": r.get("ended") if isinstance(r.get("ended"), bool) else None} for r in ev.records]
+        )
         lines.append(
             f'<tr><td title="{_e(ev.folder)}">{_e(ev.model)}</td><td>{_e(ev.kind)}</td>'
-            f'<td class="num">{len(ev.records)}</td>{cells}</tr>'
+            f'<td class="num">{len(ev.records)}</td>{cells}<td class="num">{_share(share)}</td></tr>'
         )
-    lines.append("</tbody></table>")
+    lines.append("</tbody></table></div>")
     return "\n".join(lines)
 
 
@@ -204,23 +245,48 @@ def pairs_table(evals: list[Evaluation], pairs: list[dict]) -> str:
     """One row per pair: the mean difference (x100) with its interval, wins / ties / losses."""
     head = "".join(f'<th class="num">Δ {name}</th>' for _, name in SHOWN)
     lines = [
-        '<table class="pairs"><thead><tr><th>A</th><th>B</th><th>rows</th>'
-        f"{head}<th>A wins / ties / loses<br><small>by per-row ROUGE-L</small></th><th></th></tr></thead><tbody>"
+        '<div class="wide"><table class="pairs"><thead><tr><th>A</th><th>B</th><th>rows</th>'
+        f"{head}<th>A wins / ties / loses<br><small>by per-row ROUGE-L</small></th>"
+        "<th>ended<br><small>A / B</small></th><th></th></tr></thead><tbody>"
     ]
     for p in pairs:
         a, b = evals[p["a"]], evals[p["b"]]
         if not p["n"]:
-            cells = f'<td colspan="{len(SHOWN) + 1}" class="muted">no rows in common</td><td></td>'
+            cells = f'<td colspan="{len(SHOWN) + 2}" class="muted">no rows in common</td><td></td>'
         else:
             cells = "".join(_diff_cell(p["diff"][metric]) for metric, _ in SHOWN)
             cells += (
                 f'<td class="num wtl"><span class="win">{p["wins"]}</span> / {p["ties"]} / '
                 f'<span class="loss">{p["losses"]}</span></td>'
+                f'<td class="num">{_share(p["ended"][0])} / {_share(p["ended"][1])}</td>'
                 f'<td><button type="button" class="link" data-a="{p["a"]}" data-b="{p["b"]}">browse A − B</button></td>'
             )
-        lines.append(f"<tr><td>{_e(label(a))}</td><td>{_e(label(b))}</td><td class='num'>{p['n']}</td>{cells}</tr>")
-    lines.append("</tbody></table>")
+        names = [f"{_e(label(ev))}{BETTER if p['better'] == side else ''}" for ev, side in ((a, "a"), (b, "b"))]
+        lines.append(f"<tr><td>{names[0]}</td><td>{names[1]}</td><td class='num'>{p['n']}</td>{cells}</tr>")
+    lines.append("</tbody></table></div>")
     return "\n".join(lines)
+
+
+BETTER = ' <span class="better" title="ahead on ROUGE-1 by more than the rows\' spread">better</span>'
+
+
+def differences(evals: list[Evaluation]) -> str:
+    """A table of what differs between the evaluations (adapters, step, decoding, split): only the
+    facts whose values are not the same for all; nothing for one evaluation or identical ones."""
+    known = [getattr(ev, "facts", {}) for ev in evals]
+    keys = [k for k in FACTS if len({f.get(k, "–") for f in known}) > 1]
+    if len(evals) < 2 or not keys:
+        return ""
+    head = "".join(f"<th>{_e(FACTS[k])}</th>" for k in keys)
+    lines = [f'<div class="wide"><table class="differs"><thead><tr><th>Evaluation</th>{head}</tr></thead><tbody>']
+    for ev, f in zip(evals, known):
+        cells = "".join(f"<td>{_e(f.get(k, '–'))}</td>" for k in keys)
+        lines.append(f"<tr><td>{_e(label(ev))}</td>{cells}</tr>")
+    lines.append("</tbody></table></div>")
+    return "<h3>What differs between them</h3>\n" + "\n".join(lines)
+
+
+FACTS = {"adapters": "adapters", "step": "adapters' step", "decoding": "decoding", "split": "split"}
 
 
 def _diff_cell(d: dict[str, float]) -> str:
@@ -230,6 +296,22 @@ def _diff_cell(d: dict[str, float]) -> str:
         f'<td class="num diff {tone}"><span class="mean">{100 * d["mean"]:+.2f}</span>'
         f'<span class="ci">{100 * d["low"]:+.2f} – {100 * d["high"]:+.2f}</span></td>'
     )
+
+
+def training_curves(evals: list[Evaluation]) -> str:
+    """The training run's picture (loss and validation ROUGE against steps) of each evaluation whose
+    adapters have one beside them, once per picture."""
+    shown, out = set(), []
+    for ev in evals:
+        png = getattr(ev, "curve", None)
+        if png and png not in shown:
+            shown.add(png)
+            out.append(
+                f'<figure><img alt="Training loss and validation ROUGE against steps for {_e(label(ev))}" '
+                f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+                f"<figcaption>How {_e(label(ev))} was trained</figcaption></figure>"
+            )
+    return "\n".join(out)
 
 
 def render_page(evals: list[Evaluation], cis: list[dict[str, tuple[float, float]]], chart_png: bytes) -> str:
@@ -249,8 +331,10 @@ def render_page(evals: list[Evaluation], cis: list[dict[str, tuple[float, float]
         resamples=RESAMPLES,
         seed=SEED,
         not_same="" if same_rows else NOT_SAME,
+        differs=differences(evals),
         sources="".join(f"<li><code>{_e(ev.folder)}</code> — {_e(label(ev))}</li>" for ev in evals),
         chart=chart,
+        curves=training_curves(evals),
         pairs=pairs_table(evals, pairs) if pairs else '<p class="muted">One evaluation: nothing to compare.</p>',
         data=script_json(data),
     )
@@ -281,16 +365,20 @@ PAGE = """<!DOCTYPE html>
 <p class="note">F-measure x100, mean over the examples; beneath it the {level}% bootstrap interval
 ({resamples} resamples of the examples, seed {seed}).</p>
 {not_same}
+{differs}
 <details class="sources"><summary>Sources</summary><ul>{sources}</ul></details>
 </div>
 <figure><img alt="Bar chart of ROUGE-1, ROUGE-2 and ROUGE-L per evaluation with {level}% intervals"
 src="data:image/png;base64,{chart}"></figure>
-</div>
+{curves}</div>
 </section>
 <section id="pairs-section">
 <h2>Paired comparison</h2>
-<p class="note">A − B on the rows both scored: the mean difference x100 with its {level}% bootstrap interval
-(green or red where the interval leaves out 0), and on how many rows A's ROUGE-L beats, ties or trails B's.</p>
+<p class="note">A − B on the rows both scored, A the tuned (or API) model where B is the base: the mean
+difference x100 with its {level}% bootstrap interval (green or red where the interval leaves out 0), on
+how many rows A's ROUGE-L beats, ties or trails B's, and the share of each one's summaries that ended at
+the end of turn (the rest ran to eval.max_new_tokens). <span class="better">better</span> marks the one
+ahead on ROUGE-1 by more than the interval.</p>
 {pairs}
 </section>
 <section id="examples-section">
@@ -327,7 +415,7 @@ main { padding: 8px 28px 40px; }
 h2 { font-size: 1.15rem; margin: 26px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
 code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.88em; }
 .split { display: flex; flex-wrap: wrap; gap: 28px; align-items: flex-start; }
-.split > div { flex: 1 1 520px; }
+.split > div { flex: 1 1 520px; min-width: 0; }  /* may shrink below its widest table, which scrolls */
 figure { margin: 0; flex: 0 1 640px; }
 figure img { max-width: 100%; border: 1px solid var(--line); border-radius: 6px; }
 table { border-collapse: collapse; }
@@ -345,6 +433,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .warn { color: var(--warn); }
 .muted { color: var(--muted); }
 .sources { font-size: 0.88rem; color: var(--muted); } .sources ul { margin: 4px 0; padding-left: 20px; }
+.sources code { overflow-wrap: anywhere; }
 button.link { border: 0; background: none; color: var(--accent); cursor: pointer; padding: 0; font: inherit; }
 button.link:hover { text-decoration: underline; }
 table.pairs button.link { white-space: nowrap; }
@@ -379,6 +468,33 @@ table.pairs button.link { white-space: nowrap; }
   border: 1px solid rgba(0, 0, 0, 0.06); white-space: nowrap; }
 .chip.ended { color: var(--muted); background: none; }
 .chip.runon { color: var(--warn); background: #fff8c5; border-color: #eed888; font-weight: 600; }
+.better { font-size: 0.75em; padding: 1px 6px; border-radius: 10px; color: #fff; background: var(--up);
+  white-space: nowrap; font-weight: 600; }
+.wide { max-width: 100%; overflow-x: auto; }
+table.differs { font-size: 0.88rem; margin: 4px 0 10px; }
+table.differs th, table.differs td { padding: 4px 10px; border-bottom: 1px solid var(--line); text-align: left;
+  overflow-wrap: anywhere; }
+h3 { font-size: 1rem; margin: 14px 0 4px; }
+/* a phone: tables scroll sideways inside their box, the page itself never does */
+@media (max-width: 700px) {
+  :root { font-size: 14px; }
+  header.top, main { padding-left: 12px; padding-right: 12px; }
+  .split > div { flex-basis: 100%; }
+  table.scores th, table.scores td, table.pairs th, table.pairs td { padding: 4px 6px; }
+  .toolbar input[type=search] { min-width: 0; flex: 1 1 100%; }
+}
+/* paper: no controls, every example in full, nothing cut at a scroll box */
+@media print {
+  :root { font-size: 11px; }
+  header.top { background: none; }
+  .toolbar, button.link, .fold, .sources { display: none; }
+  .scroller, .wide { max-height: none; overflow: visible; border: 0; }
+  .clamp { display: block; -webkit-line-clamp: none; overflow: visible; }
+  #examples .head { position: static; box-shadow: none; }
+  #examples .row { content-visibility: visible; break-inside: avoid; }
+  .diff.up .mean, .diff.down .mean, .better { print-color-adjust: exact; -webkit-print-color-adjust: exact; }
+  section { break-inside: avoid-page; }
+}
 """
 
 SCRIPT = r"""

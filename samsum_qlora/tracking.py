@@ -90,7 +90,8 @@ def prepare_wandb(
 def log_eval_to_wandb(
     metrics: dict, predictions: list[dict], train_dir: Path, env: MutableMapping[str, str] = os.environ
 ) -> bool:
-    """Log eval/<metric> and a table of the first SAMPLE_ROWS predictions to W&B.
+    """Log <split>/<metric> (test/rouge1 ...) and a table of the first SAMPLE_ROWS predictions to W&B:
+    named by the split, apart from the eval/<metric> curve of the validation while training.
 
     Goes to the active W&B run, else reopens the run whose id `<train_dir>/wandb_run_id.txt`
     holds (the training run). Returns False, logging nothing, when there is neither, when wandb
@@ -114,9 +115,10 @@ def log_eval_to_wandb(
             mode=_mode(env, where),
         )
         opened = True
-    scores = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    split = metrics.get("split") or "test"
+    scores = {f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     rows = [[p.get("id"), p.get("reference"), p.get("prediction")] for p in predictions[:SAMPLE_ROWS]]
-    run.log({**scores, "eval/samples": wandb.Table(columns=["id", "reference", "prediction"], data=rows)})
+    run.log({**scores, f"{split}/samples": wandb.Table(columns=["id", "reference", "prediction"], data=rows)})
     if opened:
         run.finish()
     return True

@@ -34,6 +34,11 @@ OUR_FIELDS = {
     "gradient_checkpointing",
     "bucket_shapes",
     "cuda_graphs",
+    # validation: passed as `evaluation_arguments` decides
+    "eval_strategy",
+    "eval_steps",
+    "metric_for_best_model",
+    "load_best_model_at_end",
 }
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal, what job schedulers expect
 
@@ -139,6 +144,7 @@ def training_arguments(t: TrainArgs, checkpoint_dir: Path, *, cuda: bool, count_
         # step queued before it, and the GPU then idles while Python prepares the next (~14% of a step)
         dataloader_pin_memory=cuda,
         accelerator_config={"non_blocking": cuda},
+        **evaluation_arguments(t),
     )
     if args.n_gpu > 1:  # one process seeing several GPUs: the Trainer would wrap the model in nn.DataParallel
         print(
@@ -147,6 +153,22 @@ def training_arguments(t: TrainArgs, checkpoint_dir: Path, *, cuda: bool, count_
         )
         args._n_gpu = 1
     return args
+
+
+def evaluation_arguments(t: TrainArgs) -> dict[str, Any]:
+    """The Trainer's evaluation settings from ours: none unless `eval_strategy` is steps; evaluations
+    every `eval_steps` (default: at every checkpoint); the best by `metric_for_best_model`, whose
+    evaluations the Trainer reports as eval_<name> (the loss is the one where lower is better)."""
+    if t.eval_strategy == "no":
+        return {"eval_strategy": "no"}
+    return {
+        "eval_strategy": "steps",
+        "eval_steps": t.eval_steps or t.save_steps,
+        "metric_for_best_model": t.metric_for_best_model,
+        "greater_is_better": t.metric_for_best_model != "loss",
+        "load_best_model_at_end": t.load_best_model_at_end,
+        "restore_callback_states_from_checkpoint": True,  # early stopping's count of evaluations since the best
+    }
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -288,9 +310,10 @@ class LossTrainer(Trainer):
       Python prepares the next one.
     """
 
-    def __init__(self, *args, trained_logits_only: bool = True, cuda_graphs: bool = False, **kwargs):
+    def __init__(self, *args, trained_logits_only: bool = True, cuda_graphs: bool = False, validation=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.trained_logits_only = trained_logits_only
+        self.validation = validation  # trainer -> {"loss": ..., "rouge1": ...}: what `evaluate` reports
         self.graphs = step_graphs.GraphedSteps(self._graphed_loss) if cuda_graphs else None
         self._unchecked: list[tuple[int, torch.Tensor, Any]] = []  # (step, loss copied to the CPU, its event)
         self._uncounted_tokens = 0  # this process's real tokens not yet summed over the processes
@@ -321,6 +344,28 @@ class LossTrainer(Trainer):
         return trained_token_loss(
             captured["hidden"], at, ids, base.get_output_embeddings(), num_items_in_batch
         ), outputs
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The Trainer's evaluation, done by `validation` on the model in place: its metrics logged as
+        eval_<name> (into the log history a checkpoint keeps, W&B, the console) and handed to the
+        callbacks (early stopping). Every process calls it at the same step."""
+        if self.validation is None:
+            raise UserError("train.eval_strategy=steps needs validation rows, and none were prepared")
+        self.settle(count=False)  # a diverged loss stops the run before it is scored
+        found = self.validation(self)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in found.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def hidden_loss_sum(self, model, batch: dict) -> tuple[float, int]:
+        """(summed loss, trained tokens) of a collated batch (with `TRAINED_AT`/`TRAINED_IDS`), by the
+        training loss's own computation, without gradients: what a validation loss adds up."""
+        inputs = self._prepare_inputs({k: v for k, v in batch.items() if k not in (REAL_TOKENS, "labels")})
+        at, ids = inputs.pop(TRAINED_AT), inputs.pop(TRAINED_IDS)
+        with torch.no_grad():
+            loss, _ = self._trained_loss(model, inputs, at, ids, None)
+        return float(loss) * len(ids), len(ids)
 
     def _attention(self, model, inputs: dict):
         """Bucketed batches carry no mask (right padding trains nothing): causal attention needs none,
@@ -510,26 +555,83 @@ def format_log(step: int, max_steps: int, logs: dict) -> str:
     return f"step {step}/{max_steps}: {items}"
 
 
+def format_validation(step: int, max_steps: int, logs: dict, best_step: int | None) -> str:
+    """`validation at step 20/40: loss 2.345, ROUGE-1 41.20, ROUGE-2 17.03, ROUGE-L 33.90, 96% ended, 3.1 s (best)`"""
+    scores = ", ".join(f"{label} {100 * logs[f'eval_{key}']:.2f}" for key, label in VALIDATION_SHOWN)
+    best = " (best so far)" if best_step == step else f" (best: step {best_step})" if best_step else ""
+    return (
+        f"validation at step {step}/{max_steps}: loss {logs['eval_loss']:.4f}, {scores}, "
+        f"{100 * logs['eval_ended_share']:.0f}% ended, {logs['eval_seconds']:.1f} s{best}"
+    )
+
+
+VALIDATION_SHOWN = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))
+
+
 class ReadableProgress(ProgressCallback):
-    """The Trainer's progress bar, logging numbers as numbers rather than a dict of strings."""
+    """The Trainer's progress bar, logging numbers as numbers rather than a dict of strings; one line
+    per validation."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None:
-            self.training_bar.write(format_log(state.global_step, state.max_steps, logs or {}))
+        if not state.is_world_process_zero or self.training_bar is None:
+            return
+        logs = logs or {}
+        if "eval_rouge1" in logs:  # the best is decided after the log: say whether this one beats it
+            self.training_bar.write(
+                format_validation(state.global_step, state.max_steps, logs, best_after(args, state, logs))
+            )
+        else:
+            self.training_bar.write(format_log(state.global_step, state.max_steps, logs))
+
+
+def best_after(args, state, logs: dict) -> int | None:
+    """The best evaluated step once this evaluation (`logs`) is counted, as the Trainer will decide it."""
+    if args.metric_for_best_model is None:
+        return None
+    value, best = logs[f"eval_{args.metric_for_best_model}"], state.best_metric
+    better = best is None or (value > best if args.greater_is_better else value < best)
+    return state.global_step if better else state.best_global_step
+
+
+class EvaluateLastStep(TrainerCallback):
+    """An evaluation at the last step too, whatever eval_steps: the final adapters are a candidate."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.eval_strategy == "steps" and state.global_step >= state.max_steps:
+            control.should_evaluate = True
 
 
 def build_trainer(
-    t: TrainArgs, model, train_set, collator, checkpoint_dir: Path, callbacks=(), count_tokens: bool = False
+    t: TrainArgs,
+    model,
+    train_set,
+    collator,
+    checkpoint_dir: Path,
+    callbacks=(),
+    count_tokens: bool = False,
+    validation=None,
 ) -> LossTrainer:
-    """The Trainer exactly as `train` uses it (`bench` times the same one)."""
+    """The Trainer exactly as `train` uses it (`bench` times the same one); `validation` scores the
+    model in place when train.eval_strategy asks (`LossTrainer.evaluate`)."""
+    callbacks = list(callbacks)
+    if validation is None:  # `bench`, and tests: nothing to evaluate with
+        t = dataclasses.replace(t, eval_strategy="no", early_stopping_patience=None)
+    if t.eval_strategy == "steps":
+        from transformers import EarlyStoppingCallback
+
+        callbacks.insert(0, EvaluateLastStep())
+        if t.early_stopping_patience:
+            callbacks.append(EarlyStoppingCallback(t.early_stopping_patience))
     trainer = LossTrainer(
         model=model,
         train_dataset=train_set,
+        eval_dataset=validation.rows if validation is not None else None,  # scored by `validation`, not batched here
         data_collator=collator,
-        callbacks=list(callbacks),
+        callbacks=callbacks,
         args=training_arguments(t, checkpoint_dir, cuda=runtime.has_cuda(), count_tokens=count_tokens),
         trained_logits_only=t.trained_logits_only,
         cuda_graphs=t.cuda_graphs is True,
+        validation=validation,
     )
     trainer.add_callback(SettleBeforeWriting(trainer))
     if trainer.pop_callback(ProgressCallback) is not None:

@@ -292,3 +292,17 @@ TIMED = """() => {
     "did not end": time(() => set("ended", "any", "change")),
   };
 }"""
+
+
+def test_the_page_fits_a_phone_and_prints_without_its_controls(browser, built):
+    _, html = built
+    page, seen = open_page(browser, html.as_uri())
+    page.set_viewport_size({"width": 375, "height": 800})
+    # the page itself never scrolls sideways: wide tables scroll inside their own box
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    boxes = page.eval_on_selector_all("div.wide", "els => els.map(e => e.getBoundingClientRect().right)")
+    assert len(boxes) == 3 and max(boxes) <= 375  # the scores, what differs, the paired comparison
+    page.emulate_media(media="print")
+    assert page.eval_on_selector(".toolbar", "e => getComputedStyle(e).display") == "none"
+    assert page.eval_on_selector(".scroller", "e => getComputedStyle(e).overflowY") == "visible"
+    assert seen["errors"] == []

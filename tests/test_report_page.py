@@ -61,12 +61,48 @@ def test_paired_differences_and_wins_ties_losses_by_hand(run_dir):
         )
 
 
-def test_a_worse_later_evaluation_loses(run_dir):
-    evals = scored(run_dir / "eval", run_dir / "eval-base")  # QLoRA first: the pair is base - QLoRA
+def test_pairs_are_tuned_minus_base_whatever_the_order_given(run_dir):
+    evals = scored(run_dir / "eval", run_dir / "eval-base")  # QLoRA given first: still QLoRA - base
     (pair,) = report_page.paired_comparisons(evals, report_page.example_rows(evals))
-    assert (pair["a"], pair["b"], pair["wins"], pair["ties"], pair["losses"]) == (1, 0, 0, 1, 3)
-    assert pair["diff"]["rougeL"]["mean"] == pytest.approx(-1 / 2)
-    assert pair["diff"]["rougeL"]["high"] <= 0
+    assert (pair["a"], pair["b"], pair["wins"], pair["ties"], pair["losses"]) == (0, 1, 3, 1, 0)
+    assert pair["diff"]["rougeL"]["mean"] == pytest.approx(1 / 2)
+    # neither is base: the later minus the earlier, so a worse later evaluation loses
+    api, qlora = scored(run_dir / "eval", run_dir / "eval-api-gpt-4o-mini")
+    assert report_page.oriented([api, qlora], 1, 0) == (1, 0)
+
+
+def test_the_better_of_a_pair_is_marked_only_past_the_interval():
+    ahead, behind, unclear = (
+        {"rouge1": {"mean": m, "low": lo, "high": hi}}
+        for m, lo, hi in ((0.1, 0.02, 0.2), (-0.1, -0.2, -0.01), (0.01, -0.02, 0.05))
+    )
+    assert [report_page.better_of(d) for d in (ahead, behind, unclear, {})] == ["a", "b", None, None]
+
+
+def test_the_page_shows_ended_shares_what_differs_and_the_better_model(tmp_path):
+    def recs(ended):
+        return [
+            {"index": i, "id": f"t{i}", "dialogue": "d", "reference": REFS[i], "prediction": p, "ended": e}
+            for i, (p, e) in enumerate(zip(ended[0], ended[1]))
+        ]
+
+    beams = {"eval": {"num_beams": 4, "length_penalty": 1.0, "do_sample": False}}
+    for name, kind, config, (predictions, ended) in (
+        ("tuned", "QLoRA adapters", beams, (REFS, [True, True, True, False])),
+        ("base", "base", {"eval": {"num_beams": 1}}, (["x"] * 4, [False, False, True, False])),
+    ):
+        write_records(tmp_path / name, "m", kind, recs((predictions, ended)))
+        meta = files.read_json(tmp_path / name / "metrics.json") | {"split": "test", "config": config}
+        files.write_json(tmp_path / name / "metrics.json", meta)
+    evals = scored(tmp_path / "base", tmp_path / "tuned")
+    (pair,) = report_page.paired_comparisons(evals, report_page.example_rows(evals))
+    assert (evals[pair["a"]].kind, pair["ended"], pair["better"]) == ("QLoRA adapters", [0.75, 0.25], "a")
+    page = report_page.render_page(evals, [report.intervals(e) for e in evals], b"png")
+    assert "<th>decoding</th>" in page and "<td>num_beams=4</td>" in page and "<td>greedy</td>" in page
+    assert "<th>split</th>" not in page  # the same for both: not a difference
+    assert '<td class="num">75%</td>' in page and '<td class="num">75% / 25%</td>' in page
+    assert page.count('<span class="better"') == 2  # the note's sample and the tuned model's mark
+    assert "@media print" in page and "@media (max-width: 700px)" in page
 
 
 def records(*rows):

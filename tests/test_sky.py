@@ -340,7 +340,7 @@ def test_eval_run_scores_the_adapters_on_the_node(shell, trained):
             if f.name == f"run-{run_id.read_text().strip()}.wandb"
             for row in history(f)
         ]
-        assert any("train/loss" in row for row in rows) and any("eval/rouge1" in row for row in rows)
+        assert any("train/loss" in row for row in rows) and any("test/rouge1" in row for row in rows)
 
 
 def test_managed_run_resumes_after_a_preemption_and_skips_when_done(shell, trained, tmp_path):

@@ -104,7 +104,15 @@ def test_eval_scores_and_samples_join_the_training_run_offline(tmp_path, monkeyp
     run_id = (train_dir / "wandb_run_id.txt").read_text().strip()
     monkeypatch.delenv("WANDB_RUN_ID")  # `eval` is another process: only the file remains
 
-    metrics = {"rouge1": 0.41, "rouge2": 0.17, "rougeL": 0.33, "n_examples": 25, "model": "m", "config": {}}
+    metrics = {
+        "rouge1": 0.41,
+        "rouge2": 0.17,
+        "rougeL": 0.33,
+        "n_examples": 25,
+        "model": "m",
+        "split": "test",
+        "config": {},
+    }
     predictions = [{"id": str(i), "reference": f"ref {i}", "prediction": f"pred {i}"} for i in range(25)]
     try:
         assert tracking.log_eval_to_wandb(metrics, predictions, train_dir) is True
@@ -114,13 +122,14 @@ def test_eval_scores_and_samples_join_the_training_run_offline(tmp_path, monkeyp
     (run_file,) = run_files(train_dir)
     assert run_file.name == f"run-{run_id}.wandb"  # the training run's id, not a new run
     (logged,) = history(run_file)
-    assert {k: logged[k] for k in ("eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/n_examples")} == {
-        "eval/rouge1": 0.41,
-        "eval/rouge2": 0.17,
-        "eval/rougeL": 0.33,
-        "eval/n_examples": 25,
+    # under the split's name: eval/<metric> is the validation curve a training run logs
+    assert {k: logged[k] for k in ("test/rouge1", "test/rouge2", "test/rougeL", "test/n_examples")} == {
+        "test/rouge1": 0.41,
+        "test/rouge2": 0.17,
+        "test/rougeL": 0.33,
+        "test/n_examples": 25,
     }
-    assert logged["eval/samples/_type"] == "table-file" and logged["eval/samples/nrows"] == 20
+    assert logged["test/samples/_type"] == "table-file" and logged["test/samples/nrows"] == 20
     for path in train_dir.rglob("*"):
         if path.is_file():
             content = path.read_bytes()

@@ -41,6 +41,8 @@ class Scored:
     kind: str
     per_example: dict[str, list[float]]  # metric -> F-measure per example, fractions 0-1
     records: list[dict] = field(default_factory=list)  # predictions.jsonl's rows, for report.html
+    curve: bytes | None = None  # the training run's training_curve.png, beside the adapters scored
+    facts: dict[str, str] = field(default_factory=dict)  # adapters, step, decoding, split (`facts`)
 
     def mean(self, metric: str) -> float:
         return mean(self.per_example[metric])
@@ -112,6 +114,8 @@ def load_scored(folder: Path) -> Scored:
         kind=str(meta["type"]),
         per_example=per_example,
         records=records,
+        curve=training_curve(meta.get("adapters")),
+        facts=facts(meta),
     )
     for metric, _ in SHOWN:  # a hand-edited or stale folder would make the table disagree with its eval
         if metric in meta and abs(float(meta[metric]) - scored.mean(metric)) > 5e-5:
@@ -121,6 +125,37 @@ def load_scored(folder: Path) -> Scored:
                 file=sys.stderr,
             )
     return scored
+
+
+def facts(meta: dict) -> dict[str, str]:
+    """What an evaluation scored and how, from its metrics.json: the adapters, the training step
+    they are from (their run's train_metrics.json), the decoding settings that differ from greedy,
+    the split. Missing facts are left out (older folders)."""
+    from samsum_qlora.config import DECODING_KEYS, EvalArgs
+
+    out = {}
+    adapters = meta.get("adapters")
+    out["adapters"] = str(adapters) if adapters else "none"
+    trained = RunDir(Path(adapters).parent).train_metrics if adapters else None
+    if trained is not None and trained.is_file():
+        record = files.read_json(trained)
+        step = record.get("adapters_step", record.get("global_step"))
+        if step is not None:
+            out["step"] = f"{step} of {record.get('global_step', step)}"
+    settings = (meta.get("config") or {}).get("eval")
+    if isinstance(settings, dict):
+        plain = EvalArgs()
+        changed = [f"{k}={settings[k]}" for k in DECODING_KEYS if k in settings and settings[k] != getattr(plain, k)]
+        out["decoding"] = ", ".join(changed) or "greedy"
+    if meta.get("split"):
+        out["split"] = str(meta["split"])
+    return out
+
+
+def training_curve(adapters: str | None) -> bytes | None:
+    """The picture `train` drew beside these adapters, when they have one."""
+    path = RunDir(Path(adapters).parent).chart if adapters else None
+    return path.read_bytes() if path is not None and path.is_file() else None
 
 
 def check_each_row_once(path: Path, records: list[dict]) -> None:

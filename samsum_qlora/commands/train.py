@@ -8,13 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
-from samsum_qlora import chat, checkpoints, data, files, layout, modeling, runtime, step_graphs, tracking, training
+from samsum_qlora import (
+    chat,
+    checkpoints,
+    data,
+    files,
+    layout,
+    modeling,
+    run_chart,
+    runtime,
+    step_graphs,
+    tracking,
+    training,
+    validation,
+)
 from samsum_qlora.config import Config, dump_config
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import RunDir
@@ -41,8 +55,10 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
 
     # --- data: rows -> chat template -> tokens and labels ---
     fmt = modeling.chat_format(cfg)
-    columns, stats = encode_training_rows(cfg, fmt, rt)
+    rows, validation_rows = validation.split_rows(cfg)
+    columns, stats = encode_training_rows(cfg, fmt, rt, rows)
     train_args = per_process_args(cfg, run, rt)
+    validator = validation_set(cfg, validation_rows, train_args, rt)
 
     # --- model: the 4-bit base, then fresh LoRA adapters ---
     model, train_args = modeling.training_model(cfg, fmt.tokenizer, train_args)
@@ -51,24 +67,58 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
 
     # --- trainer: checkpoints marked complete, stops on SIGTERM and Ctrl-C ---
     stop = training.StopOnSignal()
-    trainer = make_trainer(train_args, model, columns, pad_id=fmt.pad_id, run=run, config_tree=config_tree, stop=stop)
+    trainer = make_trainer(
+        train_args, model, columns, pad_id=fmt.pad_id, run=run, config_tree=config_tree, stop=stop, validator=validator
+    )
 
-    # --- train ---
+    # --- train (validating as train.eval_strategy says) ---
     started = time.perf_counter()
-    result = fit(trainer, stop, run, resume_from, rt)
+    finish = functools.partial(
+        save_run,
+        cfg,
+        run,
+        trainer,
+        fmt.tokenizer,
+        started=started,
+        stats=stats,
+        resume_from=resume_from,
+        trainable=trainable,
+        args=train_args,
+    )
+    try:
+        result = fit(trainer, stop, run, resume_from, rt)
+    except training.Stopped:
+        publish_best_so_far(trainer, finish, rt)
+        raise
     check_finite(model, trainer.args.learning_rate)
 
     # --- save: the adapters and what a later reader needs, whole or not at all ---
-    seconds = time.perf_counter() - started
-    metrics = train_metrics(
-        trainer, result, seconds, stats, resume_from=resume_from, trainable=trainable, args=train_args
-    )
-    if rt.is_main:
-        with files.disk_full_is_user_error(run.root, "saving the adapters"):
-            publish(cfg, run, model, fmt.tokenizer, metrics)
-        print(f"saved adapters to {run.adapters}; train loss {metrics['train_loss']:.4f}")
+    metrics = finish(result)
     runtime.barrier()  # every process returns once the adapters are in place
     return metrics
+
+
+def save_run(cfg: Config, run: RunDir, trainer, tokenizer, result, *, started: float, **counts) -> dict:
+    """train_metrics.json, the adapters the model holds now and the run's chart (main process);
+    `counts`: train_metrics' keywords."""
+    metrics = train_metrics(trainer, result, time.perf_counter() - started, **counts)
+    if runtime.current().is_main:
+        with files.disk_full_is_user_error(run.root, "saving the adapters"):
+            publish(cfg, run, trainer.model, tokenizer, metrics)
+            run_chart.write(run.chart, trainer.state.log_history, metrics.get("best_step"))
+        step = metrics["adapters_step"]
+        print(f"saved adapters to {run.adapters} (step {step}); train loss {metrics['train_loss']:.4f}")
+    return metrics
+
+
+def publish_best_so_far(trainer, finish, rt: runtime.Runtime) -> None:
+    """A run stopped by a signal after an evaluation still publishes the best evaluated adapters
+    (its checkpoint stays for the rerun, which resumes from the newest one)."""
+    if not (trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint):
+        return
+    if rt.is_main:
+        trainer._load_best_model()  # the Trainer's own end-of-run load, from the best checkpoint
+        finish(None)
 
 
 def start_point(
@@ -104,8 +154,7 @@ def fit(trainer, stop, run: RunDir, resume_from, rt: runtime.Runtime):
     return result
 
 
-def encode_training_rows(cfg: Config, fmt: chat.ChatFormat, rt: runtime.Runtime):
-    rows = data.load_rows(cfg.data.source, cfg.data.train_split, cfg.data.revision)
+def encode_training_rows(cfg: Config, fmt: chat.ChatFormat, rt: runtime.Runtime, rows: list[data.Row]):
     columns, stats = fmt.encode_rows(rows[: cfg.data.max_train_samples], progress=rt.is_main)
     rt.say("data: " + stats.describe(cfg.data.source, cfg.data.max_length))
     if stats.kept == 0:
@@ -125,7 +174,21 @@ def per_process_args(cfg: Config, run: RunDir, rt: runtime.Runtime):
     )
 
 
-def make_trainer(train_args, model, columns: dict, *, pad_id: int, run: RunDir, config_tree: dict, stop):
+def validation_set(cfg: Config, rows: list[data.Row] | None, train_args, rt: runtime.Runtime):
+    """The `Validator` of train.eval_strategy=steps (None without), saying what it scores."""
+    if rows is None:
+        return None
+    validator = validation.Validator(cfg, rows, train_args)
+    t = cfg.train
+    where = t.validation_split or f"rows held out of {cfg.data.train_split}"
+    rt.say(
+        f"validation: {len(validator.rows)} dialogues ({where}) every {t.eval_steps or t.save_steps} steps and at "
+        f"the last; the best by {t.metric_for_best_model}"
+    )
+    return validator
+
+
+def make_trainer(train_args, model, columns: dict, *, pad_id: int, run: RunDir, config_tree: dict, stop, validator):
     callbacks = [stop, training.ManifestCallback(config_tree)]  # the manifest's after every callback asking to save
     if "wandb" in train_args.report_to:
         callbacks.append(training.ConfigToWandb(config_tree))
@@ -137,6 +200,7 @@ def make_trainer(train_args, model, columns: dict, *, pad_id: int, run: RunDir, 
         run.checkpoints,
         callbacks,
         count_tokens=True,
+        validation=validator,
     )
 
 
@@ -152,16 +216,18 @@ def check_finite(model, learning_rate: float) -> None:
 
 
 def train_metrics(trainer, result, seconds: float, stats, *, resume_from, trainable: int, args) -> dict:
+    """What train_metrics.json holds; `result` None: the run was stopped (by a signal) before its end."""
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     whole_run = training.run_loss(trainer.state.log_history)
     seen = trainer.state.num_input_tokens_seen
     counts = {"rows": stats.kept} | {k: v for k, v in dataclasses.asdict(stats).items() if k != "kept"}
     return {
         # the whole run's mean loss; the Trainer's own counts only the steps since a resume
-        "train_loss": result.training_loss if whole_run is None else whole_run,
+        "train_loss": whole_run if whole_run is not None or result is None else result.training_loss,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
-        "global_step": result.global_step,
+        "global_step": trainer.state.global_step,
+        **validation_record(trainer, stopped=result is None),
         "train_seconds": round(seconds, 2),
         "trainable_parameters": trainable,
         **counts,
@@ -182,6 +248,20 @@ def train_metrics(trainer, result, seconds: float, stats, *, resume_from, traina
             "cuda_graphs": args.cuda_graphs,
             "cuda_graphs_captured": len(trainer.graphs.graphs) if trainer.graphs is not None else 0,
         },
+    }
+
+
+def validation_record(trainer, *, stopped: bool) -> dict:
+    """The run's evaluations, its best step, and the step whose adapters are published."""
+    state, args = trainer.state, trainer.args
+    best = state.best_global_step if args.eval_strategy == "steps" else None
+    loaded = bool(best and args.load_best_model_at_end and state.best_model_checkpoint)
+    return {
+        "validation": validation.history(state.log_history),
+        "best_step": best,
+        "metric_for_best_model": args.metric_for_best_model if best else None,
+        "adapters_step": best if loaded else state.global_step,
+        "stopped_early": stopped or state.global_step < state.max_steps,
     }
 
 
