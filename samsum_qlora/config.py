@@ -361,9 +361,10 @@ class EvalArgs:
     max_new_tokens: int = 128  # SAMSum summaries average ~25 tokens
     limit: int | None = None  # score only the first N examples
     output_dir: str | None = None  # default: <train.output_dir>/eval (eval-base with --base-only)
-    # Decoding, each key as transformers' GenerationConfig means it. The default, greedy, runs on
-    # our fast decoder; any other setting runs on transformers' batched `generate` (slower; beams
-    # also take num_beams x the KV cache, so batches hold 1/num_beams of max_tokens_per_batch).
+    # Decoding, each key as transformers' GenerationConfig means it. Greedy (the default), beam
+    # search and sampling run on our fast decoder; repetition controls and sampled beams on
+    # transformers' batched `generate` (slower). Beams take num_beams x the KV cache, so batches
+    # hold 1/num_beams of max_tokens_per_batch.
     num_beams: int = 1  # beam search with this many beams per dialogue; 1 = none
     length_penalty: float = 1.0  # beam search: > 1 favours longer summaries, < 1 shorter ones
     no_repeat_ngram_size: int = 0  # > 0: no n-gram of this many tokens repeats (the dialogue's count too)

@@ -68,6 +68,9 @@ def test_bench_cli_writes_json_with_tutorial_comparison_and_eval(tmp_path):
     # our decoder on the loop's own model, one prompt at a time, computes the loop's arithmetic
     assert e["same_arithmetic_same_outputs"] == 1.0 and 0 <= e["same_outputs_as_loop"] <= 1
     assert r["weights"] == "random" and "weights: random" in result.output and "rouge_sample" not in e
+    b = e["beams"]  # beam search on the same prompts, timed beside greedy
+    assert b["num_beams"] == 4 and b["seconds"] > 0 and b["vs_greedy"] > 0 and 0 < b["new_tokens"] <= 60 * 6
+    assert "beam search, 4 beams (length_penalty 1.0), the same 60 prompts" in result.output and "rouge" not in b
     assert "speed-up over the tutorial's recipe" in result.output
     # every step's time and batch shape, and the epoch as a run spends it, warm-up included
     assert len(r["step_seconds"]) == len(r["step_shapes"]) == 3 and "epoch from the first step" in result.output
@@ -152,6 +155,22 @@ EVAL_FIGURES = {"examples": 4, "max_new_tokens": 8, "batched_seconds": 1.0, "bat
                 "batched_tokens_per_s": 20.0, "ended_share": 1.0, "loop_tokens_per_s": 2.0,
                 "loop_projected_seconds": 10.0, "ratio": 10.0, "loop_sample": 4, "loop_timed": 4,
                 "same_outputs_as_loop": 0.5, "same_arithmetic_same_outputs": 1.0}  # fmt: skip
+
+
+def test_eval_timing_searches_with_evals_beams_or_four_and_shows_both():
+    assert bench.beam_decoding(load_config(None, {}))["num_beams"] == 4
+    asked = {"eval.num_beams": 3, "eval.length_penalty": 0.8, "eval.no_repeat_ngram_size": 3}
+    beams = bench.beam_decoding(load_config(None, asked))
+    assert (beams["num_beams"], beams["length_penalty"], beams["no_repeat_ngram_size"]) == (3, 0.8, 0)
+    scores = {"rouge1": 0.5, "rouge2": 0.25, "rougeL": 0.4, "rougeLsum": 0.4}
+    figures = {"num_beams": 3, "length_penalty": 0.8, "seconds": 1.5, "new_tokens": 30, "ended_share": 0.5,
+               "vs_greedy": 1.5, "rouge": {"greedy": scores, "beams": {**scores, "rouge1": 0.52}}}  # fmt: skip
+    assert bench.beam_lines(figures, EVAL_FIGURES) == [
+        "beam search, 3 beams (length_penalty 0.8), the same 4 prompts: 1.50 s (30 tokens; 50% ended), "
+        "1.50x greedy's 1.00 s",
+        "ROUGE-1/2/L of all 4, greedy: 50.00 / 25.00 / 40.00",
+        "ROUGE-1/2/L of all 4, beams: 52.00 / 25.00 / 40.00",
+    ]
 
 
 def test_the_first_epoch_counts_the_warm_up_as_it_ran():

@@ -131,7 +131,7 @@ def test_full_view_decodes_with_grouped_attention_and_restores_sdpa(trained, mon
     assert model.config._attn_implementation == "sdpa"
 
 
-# --- decoding settings: greedy on our decoder, the rest on transformers' generate ------------------
+# --- decoding settings: greedy, sampling and beams on our decoder, the rest on transformers' generate --
 
 
 def settings(fmt, budget, **kw):
@@ -152,8 +152,8 @@ def test_greedy_through_the_generate_path_equals_our_decoder(trained):
         {"num_beams": 3, "no_repeat_ngram_size": 3, "repetition_penalty": 1.3},
     ],
 )
-def test_beam_search_equals_generate_token_for_token(trained, kw):
-    """Our left-padded batch against transformers' `generate`, one prompt at a time, same settings."""
+def test_generate_batch_equals_generate_one_prompt_at_a_time(trained, kw):
+    """The slow path's left-padded batch against transformers' `generate`, one prompt at a time."""
     model, fmt, prompts = trained
     decoding = settings(fmt, 24, **kw)
     theirs = []
@@ -171,6 +171,146 @@ def test_beam_search_equals_generate_token_for_token(trained, kw):
         theirs.append(generation.cut(out[0, len(prompt) :].tolist(), set(fmt.stop_ids)))
     assert generation.generate_batch(model, prompts, decoding) == theirs
     assert theirs != ours(model, prompts, fmt, 24)  # the settings changed something
+
+
+BEAMS = [
+    {"num_beams": 4},
+    {"num_beams": 4, "length_penalty": 0.5},
+    {"num_beams": 4, "length_penalty": 2.0},
+    {"num_beams": 2, "length_penalty": -1.0},
+    {"num_beams": 3, "early_stopping": True},
+    {"num_beams": 4, "length_penalty": 0.5, "early_stopping": True},
+    {"num_beams": 3, "early_stopping": "never"},
+    {"num_beams": 4, "length_penalty": 2.0, "early_stopping": "never"},
+    {"num_beams": 4, "length_penalty": -0.5, "early_stopping": "never"},
+]
+
+
+def ending_at_full_stops(fmt, budget, **kw):
+    """Decoding that also ends at a full stop (two stop ids: (1 + 2) x beams continuations kept per
+    step). The tiny model's summaries rarely reach their end of turn in 24 tokens; its sentences end
+    after 2 to 15, so hypotheses end early and at different lengths, where length penalty and early
+    stopping act."""
+    (full_stop,) = fmt.tokenizer.encode(".", add_special_tokens=False)
+    return generation.Decoding(budget, (*fmt.stop_ids, full_stop), fmt.pad_id, **kw)
+
+
+@pytest.mark.parametrize("kw", BEAMS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_beam_search_on_our_decoder_equals_generate(trained, kw):
+    """Beam search on our decoder, left-padded batch, against transformers' `generate` on the same
+    batch: the same hypotheses win, token for token, also in the layout a CUDA graph needs."""
+    model, fmt, prompts = trained
+    decoding = ending_at_full_stops(fmt, 24, **kw)
+    theirs = generation.generate_batch(model, prompts, decoding)
+    assert generation.decode_batch(model, prompts, decoding) == theirs
+    longest = max(map(len, prompts))
+    assert generation.decode_batch(model, prompts, decoding, full_view=True, prefill_tokens=3 * longest) == theirs
+    greedy = generation.decode_batch(model, prompts, ending_at_full_stops(fmt, 24))
+    assert theirs != greedy
+
+
+def test_length_penalty_and_early_stopping_change_what_wins(trained):
+    """The settings above act on these prompts: a lower length penalty, or early stopping, picks
+    shorter summaries; "never" searches on for longer ones."""
+    model, fmt, prompts = trained
+
+    def total_length(**kw):
+        return sum(len(d.ids) for d in generation.decode_batch(model, prompts, ending_at_full_stops(fmt, 24, **kw)))
+
+    assert (
+        total_length(num_beams=4, length_penalty=0.5)
+        < total_length(num_beams=4)
+        < total_length(num_beams=4, length_penalty=2.0)
+    )
+    assert (
+        total_length(num_beams=3, early_stopping=True)
+        < total_length(num_beams=3)
+        < total_length(num_beams=3, early_stopping="never")
+    )
+
+
+def test_beam_search_one_prompt_alone_equals_generate_one_at_a_time(trained):
+    model, fmt, prompts = trained
+    decoding = settings(fmt, 24, num_beams=4, length_penalty=0.5)
+    batched = generation.decode_batch(model, prompts, decoding)
+    alone = [generation.decode_batch(model, [p], decoding)[0] for p in prompts]
+    assert alone == [generation.generate_batch(model, [p], decoding)[0] for p in prompts]
+    assert alone == batched  # left padding does not move a hypothesis on this model
+
+
+def test_beam_steps_reorder_the_cache_rows(trained, monkeypatch):
+    """Beams change places: a step's cache rows follow the beams they continue (not the identity)."""
+    model, fmt, prompts = trained
+    sources = []
+    real = generation.SlotCache.reorder
+    monkeypatch.setattr(
+        generation.SlotCache, "reorder", lambda c, rows, start: sources.append(rows) or real(c, rows, start)
+    )
+    generation.decode_batch(model, prompts[:3], settings(fmt, 12, num_beams=4), full_view=True)
+    identity = torch.arange(12)
+    assert sources and any(not torch.equal(s, identity) for s in sources)
+    assert all(torch.equal(s // 4, identity // 4) for s in sources)  # a beam continues a beam of its own prompt
+
+
+@pytest.mark.parametrize("kw", [{"temperature": 1.5, "top_p": 0.95}, {"top_p": 0.8}, {"temperature": 0.7}, {}])
+def test_sampling_on_our_decoder_draws_what_generate_draws(trained, kw):
+    """Same seed, same logits, same warpers, same draws: token for token, batched and left-padded."""
+    model, fmt, prompts = trained
+    decoding = settings(fmt, 16, do_sample=True, seed=11, **kw)
+    theirs = generation.generate_batch(model, prompts, decoding, seed=123)
+    assert generation.decode_batch(model, prompts, decoding, seed=123) == theirs
+    assert generation.decode_batch(model, prompts, decoding, seed=124) != theirs
+
+
+def test_sampling_in_the_graph_layout_draws_from_the_warped_distribution(trained):
+    """Where the logits may differ from `generate`'s in the last bits (the layout a CUDA graph needs),
+    exact equality is not promised: the first token of one prompt drawn 3,000 times follows the
+    temperature / top-p distribution (its 5 likeliest tokens, and the rest together), and never
+    leaves the nucleus."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    model, fmt, prompts = trained
+    decoding = settings(fmt, 1, do_sample=True, temperature=2.0, top_p=0.9, seed=5)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompts[0]])).logits[:, -1].float()
+    probs = torch.softmax(TopPLogitsWarper(0.9)(None, TemperatureLogitsWarper(2.0)(None, logits)), -1)[0]
+    drawn = generation.decode_batch(model, [prompts[0]] * 3000, decoding, full_view=True)
+    tokens = torch.tensor([d.ids[0] if d.ids else fmt.stop_ids[0] for d in drawn])
+    share = torch.bincount(tokens, minlength=len(probs)) / len(tokens)
+    assert share[probs == 0].sum() == 0
+    likeliest = probs.topk(5).indices
+    rest = torch.ones_like(probs, dtype=torch.bool)
+    rest[likeliest] = False
+    expected = torch.cat([probs[likeliest], probs[rest].sum()[None]])
+    seen = torch.cat([share[likeliest], share[rest].sum()[None]])
+    assert expected[-1] > 0.1 and expected[0] > 0.05  # a real choice to make
+    assert 0.5 * (seen - expected).abs().sum() < 0.05  # total variation; ~0.02 expected from 3,000 draws
+
+
+def test_only_the_slow_settings_leave_our_decoder_and_say_so(trained, capsys, monkeypatch):
+    model, fmt, prompts = trained
+    called = []
+    monkeypatch.setattr(generation, "generate_batch", lambda m, b, d, seed: called.append(d) or [None] * len(b))
+    kinds = [
+        {"num_beams": 4, "length_penalty": 0.5},
+        {"do_sample": True, "top_p": 0.9},
+        {"no_repeat_ngram_size": 3},
+        {"num_beams": 2, "repetition_penalty": 1.2},
+        {"num_beams": 2, "do_sample": True},
+    ]
+    said = []
+    for kw in kinds:
+        generation.generate(model, prompts, [[0, 1]], settings(fmt, 4, **kw), graphs=False, on_batch=lambda i, d: None,
+                            progress=False)  # fmt: skip
+        said.append(capsys.readouterr().err.strip())
+    assert [d.num_beams for d in called] == [1, 2, 2]
+    assert said[:2] == ["", ""]
+    assert said[2:] == [
+        "note: eval.no_repeat_ngram_size decodes on transformers' generate, slower than our decoder",
+        "note: eval.repetition_penalty decodes on transformers' generate, slower than our decoder",
+        "note: eval.do_sample with eval.num_beams > 1 (sampled beams) decodes on transformers' generate, slower "
+        "than our decoder",
+    ]
 
 
 def test_seeded_sampling_repeats_whatever_else_is_batched(trained):

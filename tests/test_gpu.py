@@ -221,6 +221,42 @@ def test_cuda_graph_steps_equal_plain_steps(shape_dir, tmp_path):
     assert all(len(d.ids) > 0 for d in graphed)
 
 
+def test_cuda_graph_beam_and_sampled_steps_equal_plain_steps(shape_dir, tmp_path, monkeypatch):
+    """Beam search's captured step (the cache rows following their beams, then the forward) and a
+    sampled one, replayed: the same tokens as the same steps run plainly on the same layout. Two
+    frequent tokens end hypotheses too, so beams end at several lengths (random weights rarely
+    reach an end of turn)."""
+    from collections import Counter
+
+    import torch
+
+    from samsum_qlora import chat, data, generation, modeling
+
+    cfg = gpu_cfg(shape_dir, tmp_path / "g")
+    fmt = chat.ChatFormat.build(modeling.load_tokenizer(cfg.model), cfg.data)
+    prompts = [fmt.prompt(r["dialogue"]) for r in data.load_rows(str(REF / "samsum"), "test")[:32]]
+    model = modeling.load_generation_model(cfg.model, cfg.quantization, None, merge=True)
+    greedy = generation.decode_batch(model, prompts, generation.Decoding(24, fmt.stop_ids, fmt.pad_id), graphs=True)
+    stops = (*fmt.stop_ids, *(t for t, _ in Counter(t for d in greedy for t in d.ids).most_common(2)))
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+    for kw in (
+        {"num_beams": 4},
+        {"num_beams": 4, "length_penalty": 0.6, "early_stopping": True},
+        {"num_beams": 2, "early_stopping": "never"},
+        {"do_sample": True, "temperature": 0.8, "top_p": 0.9},
+    ):
+        decoding = generation.Decoding(24, stops, fmt.pad_id, **kw)
+        graphed = generation.decode_batch(model, prompts, decoding, graphs=True)
+        assert len(replays) >= 2, kw  # the steps were replayed
+        replays.clear()
+        plain = generation.decode_batch(model, prompts, decoding, graphs=False, full_view=True)
+        print(f"GPU graphed {kw}: {sum(d.ended for d in graphed)} of {len(graphed)} ended")
+        assert graphed == plain, kw
+        assert sum(d.ended for d in graphed) > 0
+
+
 def test_flat_fused_rope_equals_transformers_rope_on_gpu():
     """liger-kernel's RoPE over the flattened batch rotates as transformers' RoPE does, forward and
     backward, in float32 and in bf16: each within its dtype's rounding of the exact rotation."""

@@ -136,3 +136,25 @@ def test_cpu_demo_learns_on_real_weights(smollm2, tmp_path):
     with model.disable_adapter():
         base = held_out_loss()
     assert trained < base - 0.1, (base, trained)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("length_penalty", [1.0, 0.6])
+def test_beam_search_on_our_decoder_equals_generate_on_real_weights(smollm2, length_penalty):
+    """4 beams on real weights in float32, three real dialogues left-padded into one batch: our
+    decoder keeps the hypotheses transformers' `generate` keeps, token for token, in both cache
+    layouts (the one a CUDA graph needs too)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from samsum_qlora import generation, modeling
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    eos = modeling.generation_eos(modeling.ModelArgs(name=str(smollm2)))
+    fmt = chat.ChatFormat.build(AutoTokenizer.from_pretrained(smollm2), DataArgs(), eos)
+    prompts = [fmt.prompt(r["dialogue"]) for r in data.load_rows(str(REFERENCE / "samsum"), "test")[:3]]
+    decoding = generation.Decoding(40, fmt.stop_ids, fmt.pad_id, num_beams=4, length_penalty=length_penalty)
+    theirs = generation.generate_batch(model, prompts, decoding)
+    assert generation.decode_batch(model, prompts, decoding) == theirs
+    assert generation.decode_batch(model, prompts, decoding, full_view=True) == theirs
+    assert any(d.ended for d in theirs) and len({len(p) for p in prompts}) == 3  # real endings, real padding

@@ -4,7 +4,7 @@ The weights are `--model-dir`'s, or `model.name`'s architecture with random weig
 download); the sequence lengths are the configured data's, tokenised for real. Training runs the
 model `train` builds through the Trainer `train` builds; generation runs `eval`'s own
 `Summarizer`. `--compare tutorial` times the tutorial's recipe in the same process; `--eval` times
-`eval`'s generation against the tutorial's per-example loop.
+`eval`'s generation against the tutorial's per-example loop, greedy, and beam search beside it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from samsum_qlora import chat, data, files, generation, modeling, runtime, train
 from samsum_qlora.config import TUTORIAL_RECIPE, Config, EvalArgs, with_overrides
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import RANDOM_MARK
-from samsum_qlora.metrics import LEVEL, SHOWN, means, paired_difference, rouge_per_example
+from samsum_qlora.metrics import LEVEL, SHOWN, means, paired_difference, rouge, rouge_per_example
 from samsum_qlora.summarizer import Summarizer
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -351,7 +351,8 @@ def time_generation(
 ) -> dict:
     """`eval`'s batched generation of every prompt at eval.max_new_tokens with real stopping,
     against the tutorial's per-example loop on the split's first `loop_sample` prompts, shared by
-    `loop_workers` processes."""
+    `loop_workers` processes; then beam search on every prompt (`beams`)."""
+    beams = beam_decoding(cfg)
     cfg = with_overrides(cfg, {"model": {"name": str(model_dir)}, "eval": greedy_decoding(cfg)})
     adapters = adapters or random_adapters(cfg, workdir / "adapters")
     summarizer = Summarizer(cfg, adapters)
@@ -383,6 +384,39 @@ def time_generation(
         texts = {"batched": [fmt.decode(fast[i].ids) for i in sample], "loop": [fmt.decode(loop[i]) for i in sample]}
         figures["rouge_sample"] = compare_rouge(texts, [chat.clean(rows[i]["summary"]) for i in sample])
         figures["sample_outputs"] = [{"row": i, "batched": b, "loop": lp} for i, b, lp in zip(sample, *texts.values())]
+    figures["beams"] = time_beams(with_overrides(cfg, {"eval": beams}), adapters, prompts, fast, fast_s, rows)
+    return figures
+
+
+def beam_decoding(cfg: Config) -> dict:
+    """The beam search `bench --eval` times beside greedy: eval's num_beams and length_penalty when it
+    searches with beams, else 4 beams (the shipped SmolLM2 recipe's); no sampling or repetition controls."""
+    greedy = {key: value for key, value in EvalArgs().decoding().items() if key != "seed"}
+    e = cfg.eval
+    searched = {"num_beams": e.num_beams, "length_penalty": e.length_penalty} if e.num_beams > 1 else {"num_beams": 4}
+    return greedy | searched
+
+
+def time_beams(cfg: Config, adapters: Path, prompts: list[list[int]], greedy: dict, greedy_s: float, rows) -> dict:
+    """Beam search on every prompt, as `eval` runs it, against greedy's time; with real weights the
+    ROUGE of both on every row."""
+    summarizer = Summarizer(cfg, adapters)
+    beamed, seconds = time_batched(summarizer, prompts)
+    figures = {
+        "num_beams": cfg.eval.num_beams,
+        "length_penalty": cfg.eval.length_penalty,
+        "seconds": round(seconds, 2),
+        "new_tokens": sum(len(d.ids) + d.ended for d in beamed.values()),
+        "ended_share": round(sum(d.ended for d in beamed.values()) / len(beamed), 4),
+        "vs_greedy": round(seconds / greedy_s, 2),
+    }
+    if weights_label(Path(cfg.model.name)) != "random":
+        refs = [chat.clean(r["summary"]) for r in rows]
+        order = range(len(prompts))
+        figures["rouge"] = {
+            path: rouge([summarizer.fmt.decode(found[i].ids) for i in order], refs)
+            for path, found in (("greedy", greedy), ("beams", beamed))
+        }
     return figures
 
 
@@ -529,6 +563,8 @@ def eval_lines(e: dict) -> list[str]:
         f"batched {100 * e['same_outputs_as_loop']:.1f}%, our decoder one at a time on the loop's model "
         f"{100 * e['same_arithmetic_same_outputs']:.1f}%",
     ]
+    if "beams" in e:
+        lines += beam_lines(e["beams"], e)
     if "rouge_sample" in e:
         shown = [k for k, _ in SHOWN]
         for path in ("batched", "loop"):
@@ -541,4 +577,16 @@ def eval_lines(e: dict) -> list[str]:
                 f"{100 * d[k]['mean']:+.2f} ({100 * d[k]['low']:+.2f} to {100 * d[k]['high']:+.2f})" for k in shown
             )
         )
+    return lines
+
+
+def beam_lines(b: dict, greedy: dict) -> list[str]:
+    lines = [
+        f"beam search, {b['num_beams']} beams (length_penalty {b['length_penalty']}), the same {greedy['examples']} "
+        f"prompts: {b['seconds']:.2f} s ({b['new_tokens']:,} tokens; {100 * b['ended_share']:.0f}% ended), "
+        f"{b['vs_greedy']:.2f}x greedy's {greedy['batched_seconds']:.2f} s"
+    ]
+    for path, scores in b.get("rouge", {}).items():
+        shown = " / ".join(f"{100 * scores[k]:.2f}" for k, _ in SHOWN)
+        lines.append(f"ROUGE-1/2/L of all {greedy['examples']}, {path}: {shown}")
     return lines
