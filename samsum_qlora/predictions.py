@@ -188,19 +188,22 @@ def saver(sink, todo: list[dict], into: dict[int, dict]) -> Save:
     from samsum_qlora.chat import clean
 
     def save(positions: list[int], predictions: list[Prediction]) -> None:
+        records = []
         for i, p in zip(positions, predictions):
             row = todo[i]
-            record = {
-                "index": row["index"],
-                "id": row["id"],
-                "dialogue": clean(row["dialogue"]),  # for the report page's example browser
-                "reference": clean(row["summary"]),
-                "prediction": p.text,
-                "ended": p.ended,
-            }
-            into[row["index"]] = record
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-        sink.flush()
+            records.append(
+                {
+                    "index": row["index"],
+                    "id": row["id"],
+                    "dialogue": clean(row["dialogue"]),  # for the report page's example browser
+                    "reference": clean(row["summary"]),
+                    "prediction": p.text,
+                    "ended": p.ended,
+                }
+            )
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        files.append_whole(sink.fileno(), lines.encode("utf-8"))  # a full disk cuts no record in half
+        into.update((r["index"], r) for r in records)
 
     return save
 

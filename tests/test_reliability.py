@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SAMPLE_DATA, TINY_MODEL, set_args, smoke_overrides
+from conftest import ROOT, SAMPLE_DATA, TINY_MODEL, fill, set_args, smoke_overrides
 from test_cli import one_line_error, run_cli
 
 from samsum_qlora import checkpoints
@@ -324,3 +324,86 @@ def test_full_disk_while_saving_a_checkpoint_and_the_adapters(tmp_path, monkeypa
     last_line_error(result, "while saving the adapters; free some space, then rerun the same command")
     assert nothing_published(tmp_path / "b" / "run")
     assert not list((tmp_path / "b" / "run").glob("*.json")) and not list((tmp_path / "b" / "run").glob(".*pending"))
+
+
+# --- full disks, crowded folders, signals ---------------------------------------------------------
+
+
+def enospc(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def report_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())} if out.is_dir() else {}
+
+
+@pytest.mark.parametrize("disk_full", ["tmpfs", "injected"])
+def test_report_on_a_full_disk_replaces_all_three_files_or_none(tmp_path, request, monkeypatch, disk_full):
+    from test_report import ROWS, write_eval
+
+    from samsum_qlora import files
+
+    for name, (model, kind, answers) in ROWS.items():
+        write_eval(tmp_path / "run" / name, model, kind, answers)
+    disk = request.getfixturevalue("small_disk") if disk_full == "tmpfs" else tmp_path
+    out = disk / "report"
+    assert run_cli(["report", str(tmp_path / "run" / "eval-base"), "--out", str(out)]).exit_code == 0
+    old = report_files(out)
+    assert set(old) == {"report.md", "report.png", "report.html"}
+    if disk_full == "tmpfs":
+        fill(disk)
+    else:
+        real = files.write_bytes
+        monkeypatch.setattr(
+            files, "write_bytes", lambda p, d: enospc() if p.name.endswith(".png.pending") else real(p, d)
+        )
+    for folder in (out, disk / "empty-report"):
+        result = run_cli(["report", str(tmp_path / "run"), "--out", str(folder)])
+        one_line_error(result, f"no space left on the device of {folder} while writing the report")
+    assert report_files(out) == old  # the old report whole, no new report.md beside it
+    assert report_files(disk / "empty-report") == {}
+
+
+def test_eval_on_a_full_disk_keeps_whole_predictions_and_resumes(tmp_path, small_disk):
+    args = [*set_args(smoke_overrides(tmp_path, **{"eval.batch_size": 4, "eval.max_new_tokens": 8})), "--base-only"]
+    args += ["--output-dir", str(small_disk / "eval")]
+    fill(small_disk)
+    room = 3 * 4096  # the lock, what the folder scores and one page of predictions: a batch or two
+    os.truncate(small_disk / "filler", (small_disk / "filler").stat().st_size - room)
+    full = run_cli(["eval", *args])
+    last_line_error(full, "while saving predictions; free some space, then rerun the same command: it resumes")
+    lines = (small_disk / "eval" / "predictions.partial.jsonl").read_text().split("\n")
+    assert lines[-1] == "" and len(lines[:-1]) % 4 == 0 and lines[:-1]  # whole batches, no record cut
+    assert len({json.loads(line)["index"] for line in lines[:-1]}) == len(lines) - 1
+    (small_disk / "filler").unlink()
+    rerun = run_cli(["eval", *args])
+    assert rerun.exit_code == 0 and f"resuming: {len(lines) - 1} predictions" in rerun.output
+    assert json.loads((small_disk / "eval" / "metrics.json").read_text())["n_examples"] == 12
+
+
+@pytest.mark.parametrize("left_behind", ["", "dead pid"])
+def test_a_refusal_names_the_live_holder_even_before_it_wrote_its_pid(tmp_path, left_behind):
+    """The winner takes the claim, then writes its pid over what was there (nothing, or the pid of a
+    run killed earlier): a loser reading in between waits for the live pid."""
+    import fcntl
+    import threading
+
+    from samsum_qlora import files
+    from samsum_qlora.errors import UserError
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / ".samsum-qlora.lock"
+    lock.write_text(dead.stdout if left_behind else "")
+    winner = os.open(lock, os.O_RDWR)
+    fcntl.flock(winner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the claim taken, its pid not yet written
+    late = threading.Timer(0.3, lambda: os.pwrite(winner, f"{os.getpid()}\n".encode(), 0))
+    late.start()
+    try:
+        with pytest.raises(UserError, match=rf"in use by another samsum-qlora eval \(pid {os.getpid()}\)"):
+            with files.hold(lock, "eval"):
+                pass
+    finally:
+        late.join()
+        os.close(winner)

@@ -90,7 +90,7 @@ def merge_adapters(adapters: Path, out: Path, *, cfg: Config | None = None, dtyp
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     cfg, source = base_config(adapters, cfg)
     modeling.check_adapters_fit(adapters, cfg.model.name, modeling.read_config(cfg.model))
-    with files.hold(layout.merge_lock(out), "merge"):  # a second merge into --out is refused, naming this one
+    with files.hold(layout.merge_lock(out), "merge", out):  # a second merge into --out is refused, naming this one
         if out.is_dir() and any(out.iterdir()):
             raise UserError(f"--out {out} exists and is not empty; choose a new folder")
         return _merge(adapters, out, cfg, source, dtype)
