@@ -407,3 +407,78 @@ def test_a_refusal_names_the_live_holder_even_before_it_wrote_its_pid(tmp_path, 
     finally:
         late.join()
         os.close(winner)
+
+
+def default_sigint() -> None:
+    """In the child: Ctrl-C's default action, though a background job or a runner may have the
+    tests ignoring it (an ignored signal stays ignored across exec, and Python then never raises
+    KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def hooked(hook: str, args: list[str], **env) -> subprocess.CompletedProcess:
+    """The CLI in a child process that first runs `hook`: Python that wraps a function so that it
+    acts (sends a signal) at a chosen moment of the command."""
+    code = f"import os, signal, sys\n{hook}\nfrom samsum_qlora.commands.cli import main\nmain()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env={**cli_env(), **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=default_sigint,
+    )
+
+
+def signal_when_called(module: str, name: str, sig: str) -> str:
+    """A hook: `module.name` (a function, or a class's method: "Class.method") sends `sig` to its
+    own process, then does what it did."""
+    owner, _, attr = f"m.{name}".rpartition(".")
+    return (
+        f"import {module} as m\nreal = {owner}.{attr}\n"
+        f"def hooked(*a, **k):\n    os.kill(os.getpid(), signal.{sig})\n    return real(*a, **k)\n"
+        f"{owner}.{attr} = hooked"
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_adapters(tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapters")
+    assert run_cli(["train", *set_args(smoke_overrides(out, **{"train.max_steps": 2}))]).exit_code == 0
+    return out / "run" / "lora_adapters"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+@pytest.mark.parametrize("command", ["merge", "preprocess", "report", "bench"])
+def test_every_command_stops_on_a_signal_with_one_line_and_nothing_half_written(
+    tmp_path, trained_adapters, command, sig, code
+):
+    from test_report import ROWS, write_eval
+
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    if command == "merge":  # while the merged model is being staged
+        args = ["merge", "--adapters", str(trained_adapters), "--out", str(out)]
+        hook, kept = signal_when_called("samsum_qlora.files", "write_json", sig), "nothing was written"
+    elif command == "preprocess":
+        args = ["preprocess", *set_args(smoke_overrides(tmp_path)), "--out", str(out)]
+        hook, kept = signal_when_called("datasets", "Dataset.save_to_disk", sig), "nothing was written"
+    elif command == "report":
+        for name, (model, kind, answers) in ROWS.items():
+            write_eval(tmp_path / "run" / name, model, kind, answers)
+        args = ["report", str(tmp_path / "run"), "--out", str(out)]
+        hook, kept = signal_when_called("samsum_qlora.files", "write_all_or_none", sig), "no report file was replaced"
+    else:  # once the random weights are in the temporary folder
+        args = ["bench", *set_args(smoke_overrides(tmp_path)), "--steps", "1", "--json", str(out / "b.json")]
+        hook = signal_when_called("samsum_qlora.commands.bench", "time_training", sig)
+        kept = "the temporary weights were removed and nothing was written"
+    stopped = hooked(hook, args, TMPDIR=str(tmp))
+    assert stopped.returncode == code, stopped.stderr
+    assert "Aborted" not in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == f"stopped: stopped by {sig}; {kept}: rerun the same command"
+    assert [p for p in out.rglob("*") if not p.is_dir()] == [] and list(
+        tmp.iterdir()
+    ) == []  # report's, bench's --json: folders
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging, no lock
