@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SAMPLE_DATA, TINY_MODEL, fill, set_args, smoke_overrides
+from conftest import ROOT, SAMPLE_DATA, SMOKE_CONFIG, TINY_MODEL, fill, set_args, smoke_overrides
 from test_cli import one_line_error, run_cli
 
 from samsum_qlora import checkpoints
@@ -482,3 +482,73 @@ def test_every_command_stops_on_a_signal_with_one_line_and_nothing_half_written(
         tmp.iterdir()
     ) == []  # report's, bench's --json: folders
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging, no lock
+
+
+# --- long dialogues -----------------------------------------------------------------------------
+
+MEETING = "Ana: shall we meet at the cafe near the station at five tomorrow?\n"
+
+
+def test_a_10_mb_dialogue_is_cut_before_it_is_tokenised(tmp_path):
+    """Rendering and tokenising a 10 MB dialogue whole took 2.6 GB (a prompt) and 3.4 GB (a training
+    row) of memory here; only a bounded beginning can reach data.max_length tokens."""
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from pathlib import Path
+from conftest import SMOKE_CONFIG, smoke_overrides
+from samsum_qlora import modeling
+from samsum_qlora.config import load_config
+
+fmt = modeling.chat_format(load_config(SMOKE_CONFIG, smoke_overrides(Path({str(tmp_path)!r}))))
+dialogue = {MEETING!r} * (10_000_000 // {len(MEETING)})
+ids, cut = fmt.fit_prompt(dialogue)
+columns, stats = fmt.encode_rows([{{"id": "x", "dialogue": dialogue, "summary": "They meet at five."}}], progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(peak, len(ids), cut, len(columns["input_ids"][0]), stats.truncated)
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, timeout=300)
+    peak, prompt_tokens, cut, row_tokens, truncated = done.stdout.split()
+    assert int(peak) < 1024**3, f"peak {int(peak) / 1024**2:.0f} MiB"
+    assert (int(prompt_tokens), cut, int(row_tokens), truncated) == (512, "True", 512, "1")
+
+
+def test_cutting_to_the_character_budget_first_changes_no_token(tmp_path):
+    import dataclasses
+
+    from samsum_qlora import modeling
+    from samsum_qlora.config import load_config
+
+    fmt = modeling.chat_format(load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"data.max_length": 96})))
+    unbounded = dataclasses.replace(fmt, _char_budget=None)
+    assert fmt._char_budget == 2 * 97 * 25  # the tiny tokenizer's longest entry: 25 characters
+    rows = [json.loads(line) for line in (SAMPLE_DATA / "test.jsonl").read_text().splitlines()]
+    for dialogue in [MEETING * 2000, "".join(r["dialogue"] for r in rows) * 20, rows[0]["dialogue"]]:
+        assert len(dialogue) > fmt._char_budget or dialogue == rows[0]["dialogue"]
+        assert fmt.fit_prompt(dialogue) == unbounded.fit_prompt(dialogue)
+        assert fmt.encode(dialogue, "Bo is late.") == unbounded.encode(dialogue, "Bo is late.")
+
+
+def test_eval_and_summarize_say_which_dialogues_were_cut(tmp_path):
+    """train counted them; eval and summarize cut them without a word."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in (SAMPLE_DATA / "test.jsonl").read_text().splitlines()][:3]
+    rows[1]["dialogue"] = MEETING * 200  # ~3,000 tokens, past data.max_length=512
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = set_args(smoke_overrides(tmp_path, **{"data.source": str(data), "eval.max_new_tokens": 4}))
+    warning = (
+        "warning: 1 of 3 dialogues are longer than data.max_length=512 tokens with the prompt: only their "
+        'beginning is summarised (their records say "truncated": true)'
+    )
+    evaluated = run_cli(["eval", *args, "--base-only"])
+    assert evaluated.exit_code == 0 and warning in evaluated.stderr.splitlines(), evaluated.stderr
+    out = tmp_path / "run" / "eval-base"
+    assert json.loads((out / "metrics.json").read_text())["truncated_dialogues"] == 1
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r.get("truncated") for r in records] == [None, True, None]
+    source = tmp_path / "dialogues.jsonl"
+    source.write_text("".join(json.dumps({"dialogue": r["dialogue"]}) + "\n" for r in rows))
+    summarized = run_cli(["summarize", str(source), *args, "--base-only"])
+    assert summarized.exit_code == 0 and warning in summarized.stderr.splitlines(), summarized.stderr
+    assert [json.loads(line).get("truncated") for line in summarized.stdout.splitlines()] == [None, True, None]
