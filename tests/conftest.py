@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,12 @@ REFERENCE = ROOT.parent / "shared" / "reference"  # beside the checkout on dev m
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+# A background job (or a runner) may start the tests with Ctrl-C ignored. An ignored signal stays
+# ignored in every child, and Python then never raises KeyboardInterrupt: the tests that press
+# Ctrl-C, in this process or in a child, need its default back (a handler is reset at exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ def spawn(args: list[str]) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
 
 
@@ -552,3 +553,27 @@ def test_eval_and_summarize_say_which_dialogues_were_cut(tmp_path):
     summarized = run_cli(["summarize", str(source), *args, "--base-only"])
     assert summarized.exit_code == 0 and warning in summarized.stderr.splitlines(), summarized.stderr
     assert [json.loads(line).get("truncated") for line in summarized.stdout.splitlines()] == [None, True, None]
+
+
+def test_the_ctrl_c_tests_pass_when_the_tests_run_with_ctrl_c_ignored():
+    """As under `pytest &` in a script, or a runner that ignores SIGINT."""
+    ignored = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_evaluate.py",
+            "-k",
+            "ctrl_c and SIGINT",
+        ],
+        env=cli_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert ignored.returncode == 0 and "1 passed" in ignored.stdout, ignored.stdout[-2000:]
