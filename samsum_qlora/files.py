@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -94,11 +95,34 @@ def write_all_or_none(contents: dict[Path, bytes]) -> None:
         for path, data in contents.items():
             staged[path] = path.with_name(f".{path.name}.pending")
             write_bytes(staged[path], data)
-        for path, temporary in staged.items():
-            os.replace(temporary, path)
+        with _signals_wait():  # a Ctrl-C must not land between two renames
+            for path, temporary in staged.items():
+                os.replace(temporary, path)
     finally:
         for temporary in staged.values():
             temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_wait() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive during the block (a few renames) act when it ends. (Blocking
+    them with a signal mask would not do: another thread of the process would take them.)"""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles them
+        yield
+        return
+    arrived: list[int] = []
+    before = {
+        s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in arrived:
+            os.kill(os.getpid(), s)  # now, to the handler that was there
 
 
 def append_whole(fd: int, data: bytes) -> None:

@@ -470,7 +470,10 @@ def test_every_command_stops_on_a_signal_with_one_line_and_nothing_half_written(
         for name, (model, kind, answers) in ROWS.items():
             write_eval(tmp_path / "run" / name, model, kind, answers)
         args = ["report", str(tmp_path / "run"), "--out", str(out)]
-        hook, kept = signal_when_called("samsum_qlora.files", "write_all_or_none", sig), "no report file was replaced"
+        hook, kept = (
+            signal_when_called("samsum_qlora.files", "write_all_or_none", sig),
+            "the report files are all the old ones or all new",
+        )
     else:  # once the random weights are in the temporary folder
         args = ["bench", *set_args(smoke_overrides(tmp_path)), "--steps", "1", "--json", str(out / "b.json")]
         hook = signal_when_called("samsum_qlora.commands.bench", "time_training", sig)
@@ -577,3 +580,23 @@ def test_the_ctrl_c_tests_pass_when_the_tests_run_with_ctrl_c_ignored():
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     assert ignored.returncode == 0 and "1 passed" in ignored.stdout, ignored.stdout[-2000:]
+
+
+def test_a_signal_during_the_reports_renames_waits_for_all_three(tmp_path, monkeypatch):
+    from samsum_qlora import files, runtime
+
+    paths = [tmp_path / name for name in ("report.md", "report.png", "report.html")]
+    for path in paths:
+        path.write_text("old")
+    rename = os.replace
+
+    def signalled_rename(src, dst):
+        if Path(dst) == paths[0]:
+            os.kill(os.getpid(), signal.SIGTERM)  # lands now, between the first rename and the next
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", signalled_rename)
+    with pytest.raises(runtime.Terminated), runtime.sigterm_interrupts():
+        files.write_all_or_none({path: b"new" for path in paths})
+    assert [path.read_text() for path in paths] == ["new"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)

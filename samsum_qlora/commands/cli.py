@@ -235,7 +235,7 @@ def preprocess(config_path, overrides, split, out_dir, show):
     show_default=True,
     help="Also write report.html: the table, the chart, paired comparisons and every example, in one page.",
 )
-@_stops_on_signals("no report file was replaced", "rerun the same command")
+@_stops_on_signals("the report files are all the old ones or all new", "rerun the same command")
 def report(dirs, out_dir, html):
     """Compare evaluations: the ROUGE table with bootstrap 95% intervals, as Markdown and a chart,
     and a self-contained web page to browse the examples (open report.html in a browser).
