@@ -452,7 +452,7 @@ def trained_adapters(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
-@pytest.mark.parametrize("command", ["merge", "preprocess", "report", "bench"])
+@pytest.mark.parametrize("command", ["merge", "preprocess", "report", "bench", "summarize"])
 def test_every_command_stops_on_a_signal_with_one_line_and_nothing_half_written(
     tmp_path, trained_adapters, command, sig, code
 ):
@@ -474,6 +474,11 @@ def test_every_command_stops_on_a_signal_with_one_line_and_nothing_half_written(
             signal_when_called("samsum_qlora.files", "write_all_or_none", sig),
             "the report files are all the old ones or all new",
         )
+    elif command == "summarize":  # while generating
+        args = ["summarize", str(SAMPLE_DATA / "test.jsonl"), *set_args(smoke_overrides(tmp_path)), "--base-only"]
+        args += ["--out", str(out / "summaries.jsonl")]
+        hook = signal_when_called("samsum_qlora.summarizer", "Summarizer.generate", sig)
+        kept = "nothing was written"
     else:  # once the random weights are in the temporary folder
         args = ["bench", *set_args(smoke_overrides(tmp_path)), "--steps", "1", "--json", str(out / "b.json")]
         hook = signal_when_called("samsum_qlora.commands.bench", "time_training", sig)
