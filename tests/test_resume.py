@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, SMOKE_CONFIG, set_args, smoke_overrides
 from safetensors.torch import load_file
+from test_reliability import hooked
 
 from samsum_qlora import checkpoints
 from samsum_qlora.commands import train
@@ -172,15 +173,6 @@ def test_resume_given_the_checkpoints_folder_lists_the_checkpoints_in_it(tmp_pat
     ]:
         with pytest.raises(UserError, match=re.escape(f"--resume {given} {needle}")):
             checkpoints.start_point(run, {}, overwrite=True, resume=str(given))
-
-
-def hooked(hook: str, args: list[str]) -> subprocess.CompletedProcess:
-    """The CLI in a child process that first runs `hook` (Python that replaces a function with one
-    that acts at a chosen moment: a kill, a full disk)."""
-    code = f"import os, signal, sys\n{hook}\nfrom samsum_qlora.commands.cli import main\nmain()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest.mark.slow
