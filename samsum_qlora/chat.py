@@ -102,6 +102,16 @@ def fit_dialogue(
     return None
 
 
+def char_budget(tokenizer, max_length: int) -> int:
+    """Characters of a dialogue that surely hold more than `max_length` tokens: a dialogue is cut
+    to these before it is rendered and tokenised (a 10 MB one took 2.8 GB of memory whole), which
+    changes none of the tokens that fit. A token covers at most as many characters as its
+    vocabulary entry has (byte-level BPE writes a byte as one character, SentencePiece a space
+    as one); twice that, for normalisers that join characters."""
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    return 2 * (max_length + 1) * longest
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -140,6 +150,7 @@ class ChatFormat:
     stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
     _specials: frozenset[str] = field(default=frozenset(), repr=False)
+    _char_budget: int | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, tokenizer, data: DataArgs, generation_eos: Iterable[int] = ()) -> ChatFormat:
@@ -152,6 +163,7 @@ class ChatFormat:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         fmt.stop_ids = tuple(dict.fromkeys([fmt.end_of_turn, *generation_eos, *eos]))
         fmt.pad_id = pad_id(tokenizer)
+        fmt._char_budget = char_budget(tokenizer, data.max_length)
         return fmt
 
     # --- rendering ---
@@ -224,10 +236,19 @@ class ChatFormat:
     def prompt(self, dialogue: str) -> list[int]:
         """Prompt ids for generation: the template's rendering of the task and the dialogue, ending
         in the assistant's header, the dialogue's tail cut to fit data.max_length."""
-        fitted = fit_dialogue(self.tokenizer, self.plain(dialogue), self._prompt_ids, self.max_length)
+        return self.fit_prompt(dialogue)[0]
+
+    def fit_prompt(self, dialogue: str) -> tuple[list[int], bool]:
+        """`prompt(dialogue)`, and whether the dialogue's tail was cut to fit."""
+        plain = self.plain(dialogue)
+        fitted = fit_dialogue(self.tokenizer, self._bounded(plain), self._prompt_ids, self.max_length)
         if fitted is None:
             raise UserError(f"data.max_length={self.max_length} is too short for even the prompt template")
-        return fitted[1]
+        used, ids = fitted
+        return ids, used != plain
+
+    def _bounded(self, dialogue: str) -> str:
+        return dialogue if self._char_budget is None else dialogue[: self._char_budget]
 
     def _prompt_ids(self, dialogue: str) -> list[int]:
         return self.ids(self.render(self.messages(dialogue), True))
@@ -250,6 +271,7 @@ class ChatFormat:
     def _encode_plain(self, dialogue: str, summary: str) -> Encoded | None:
         if not dialogue or not summary:
             return None
+        whole, dialogue = dialogue, self._bounded(dialogue)
         prompt_text = self.render(self.messages(dialogue), True)
         full_text = self.render(self.messages(dialogue, summary), False)
         completion = self._completion(prompt_text, full_text)
@@ -264,7 +286,7 @@ class ChatFormat:
         bos = self.tokenizer.bos_token_id
         if bos is not None and prompt[:2] == [bos, bos]:
             raise UserError(f"the chat template of {self.name} writes two BOS tokens; {TEMPLATE_HINT}")
-        return Encoded(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, truncated=used != dialogue)
+        return Encoded(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, truncated=used != whole)
 
     def encode_rows(self, rows: list[dict[str, str]], progress: bool = True) -> tuple[dict[str, list], EncodeStats]:
         """Encode many rows; returns columns (id, input_ids, labels) and what was skipped and why."""

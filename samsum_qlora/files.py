@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,59 @@ def write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_all_or_none(contents: dict[Path, bytes]) -> None:
+    """Several files that belong together (a report's three): each written under a temporary
+    name first, then all renamed into place, so a failure (a full disk) leaves the old ones as
+    they were and none of the new."""
+    staged: dict[Path, Path] = {}
+    try:
+        for path, data in contents.items():
+            staged[path] = path.with_name(f".{path.name}.pending")
+            write_bytes(staged[path], data)
+        with _signals_wait():  # a Ctrl-C must not land between two renames
+            for path, temporary in staged.items():
+                os.replace(temporary, path)
+    finally:
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_wait() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive during the block (a few renames) act when it ends. (Blocking
+    them with a signal mask would not do: another thread of the process would take them.)"""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles them
+        yield
+        return
+    arrived: list[int] = []
+    before = {
+        s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in arrived:
+            os.kill(os.getpid(), s)  # now, to the handler that was there
+
+
+def append_whole(fd: int, data: bytes) -> None:
+    """Append `data` to the open file `fd` whole or not at all: a write the disk cannot take is
+    undone, so the file never ends in a record cut in half."""
+    size = os.fstat(fd).st_size
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
         raise
 
 
@@ -164,11 +219,32 @@ def staged_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _holder(fd: int) -> str:
+    """The pid the holder of the claim on `fd`'s file wrote there. It writes it just after taking
+    the claim, over what an earlier, killed holder left: wait a moment for a live one."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text.isdigit() and _alive(int(text)) or time.monotonic() > deadline:
+            return text or "unknown"
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process
+    return True
+
+
 @contextlib.contextmanager
-def hold(lock: Path, command: str) -> Iterator[None]:
-    """This process's exclusive claim, through the file `lock`, on the folder it names (a run or
-    eval folder's `.lock`, a merge's beside its --out): a second run into it refuses, naming this
-    one's pid.
+def hold(lock: Path, command: str, folder: Path | None = None) -> Iterator[None]:
+    """This process's exclusive claim, through the file `lock`, on `folder` (default: the lock's
+    own folder; a run or eval folder's `.lock`, a merge's beside its --out): a second run into it
+    refuses, naming this one's pid.
 
     The kernel drops the claim when the process ends, however it ends, so a killed run never
     leaves a stale one; a run that ends removes the file too (still holding it: a process that
@@ -182,10 +258,10 @@ def hold(lock: Path, command: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = _holder(fd)
             os.close(fd)
             raise UserError(
-                f"{lock.parent} is in use by another samsum-qlora {command} (pid {holder}); "
+                f"{folder or lock.parent} is in use by another samsum-qlora {command} (pid {holder}); "
                 "wait for it to finish or choose another folder"
             ) from None
         except OSError:
@@ -194,8 +270,9 @@ def hold(lock: Path, command: str) -> Iterator[None]:
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break  # the claim is on the file that is there
         os.close(fd)  # the holder removed it on its way out: claim the new one
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # a full disk: the claim holds all the same, unnamed
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     try:
         yield
     finally:
@@ -207,21 +284,24 @@ def hold(lock: Path, command: str) -> Iterator[None]:
 def _disk_full(error: BaseException, folder: Path) -> bool:
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    # torch's and safetensors' writers report a failed write without its errno
-    if "No space left" in str(error) or "write failed" in str(error):
+    # torch's and safetensors' writers report a failed write without its errno, and safetensors
+    # with an exception class of its own (SafetensorError)
+    if "No space left on device" in str(error):
+        return True
+    if "write failed" in str(error):
         with contextlib.suppress(OSError):
             return shutil.disk_usage(folder).free < 256 * 1024**2
     return False
 
 
 @contextlib.contextmanager
-def disk_full_is_user_error(folder: Path, doing: str) -> Iterator[None]:
-    """A write that fails because the disk is full becomes one line that says so."""
+def disk_full_is_user_error(folder: Path, doing: str, then: str = "rerun the same command") -> Iterator[None]:
+    """A write that fails because the disk is full becomes one line that says so, and what to do."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
         if _disk_full(e, folder):
             raise UserError(
-                f"no space left on the device of {folder} while {doing}; free some space, then rerun the same command"
+                f"no space left on the device of {folder} while {doing}; free some space, then {then}"
             ) from None
         raise

@@ -32,6 +32,7 @@ MIN_ENDED = 0.9  # below this share of summaries that reached their end of turn,
 class Prediction:
     text: str
     ended: bool  # the model closed its turn (or the API said "stop"), rather than running out of tokens
+    truncated: bool = False  # the dialogue's tail was cut to fit data.max_length tokens
 
 
 # A predictor writes a summary for each of `rows` (any order, any batching) and reports each
@@ -188,19 +189,23 @@ def saver(sink, todo: list[dict], into: dict[int, dict]) -> Save:
     from samsum_qlora.chat import clean
 
     def save(positions: list[int], predictions: list[Prediction]) -> None:
+        records = []
         for i, p in zip(positions, predictions):
             row = todo[i]
-            record = {
-                "index": row["index"],
-                "id": row["id"],
-                "dialogue": clean(row["dialogue"]),  # for the report page's example browser
-                "reference": clean(row["summary"]),
-                "prediction": p.text,
-                "ended": p.ended,
-            }
-            into[row["index"]] = record
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-        sink.flush()
+            records.append(
+                {
+                    "index": row["index"],
+                    "id": row["id"],
+                    "dialogue": clean(row["dialogue"]),  # for the report page's example browser
+                    "reference": clean(row["summary"]),
+                    "prediction": p.text,
+                    "ended": p.ended,
+                }
+                | ({"truncated": True} if p.truncated else {})  # only the dialogue's beginning was summarised
+            )
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        files.append_whole(sink.fileno(), lines.encode("utf-8"))  # a full disk cuts no record in half
+        into.update((r["index"], r) for r in records)
 
     return save
 
@@ -233,6 +238,8 @@ def publish(cfg: Config, plan: EvalPlan, folder: EvalDir, chosen: Scorable, done
         "split": plan.split,
         "skipped_empty_dialogue": chosen.empty_dialogue,
         "skipped_empty_reference": chosen.empty_reference,
+        # dialogues whose tail was cut to fit data.max_length tokens (marked "truncated" in predictions.jsonl)
+        "truncated_dialogues": sum(bool(r.get("truncated")) for r in records),
         **extra,
         "config": cfg.to_dict(),
     }

@@ -8,6 +8,7 @@ wraps it as the `predictions.Predict` an evaluation calls.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +30,19 @@ class Summarizer:
 
     def prompts(self, dialogues: list[str]) -> list[list[int]]:
         """Prompt ids, the dialogue's tail cut to fit data.max_length, as in training."""
-        return [self.fmt.prompt(d) for d in dialogues]
+        return self.fitted_prompts(dialogues)[0]
+
+    def fitted_prompts(self, dialogues: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """`prompts(dialogues)`, and which dialogues were cut; how many is said on stderr."""
+        fitted = [self.fmt.fit_prompt(d) for d in dialogues]
+        cut = [truncated for _, truncated in fitted]
+        if any(cut):
+            print(
+                f"warning: {sum(cut)} of {len(cut)} dialogues are longer than data.max_length={self.fmt.max_length} "
+                'tokens with the prompt: only their beginning is summarised (their records say "truncated": true)',
+                file=sys.stderr,
+            )
+        return [ids for ids, _ in fitted], cut
 
     def batches(self, prompts: list[list[int]], *, rank: int = 0, processes: int = 1) -> list[list[int]]:
         """The batches one process would generate, longest first; with `processes` > 1, only
@@ -74,8 +87,8 @@ class Summarizer:
             keys=keys,
         )
 
-    def text(self, decoded: generation.Decoded) -> Prediction:
-        return Prediction(self.fmt.decode(decoded.ids), decoded.ended)
+    def text(self, decoded: generation.Decoded, *, truncated: bool = False) -> Prediction:
+        return Prediction(self.fmt.decode(decoded.ids), decoded.ended, truncated)
 
 
 def adapters_to_use(cfg: Config, adapters: str | None, base_only: bool) -> Path | None:
@@ -116,13 +129,13 @@ def local_predictor(cfg: Config, adapters: Path | None, *, rank: int = 0, proces
 
     def predict(rows: list[dict], save: Save) -> None:
         summarizer = Summarizer(cfg, adapters)
-        prompts = summarizer.prompts([r["dialogue"] for r in rows])
+        prompts, cut = summarizer.fitted_prompts([r["dialogue"] for r in rows])
         batches = summarizer.batches(prompts, rank=rank, processes=processes)
         if not batches:
             return  # fewer batches than processes: nothing for this one, so no model to load
 
         def on_batch(indices, decoded):
-            save(indices, [summarizer.text(d) for d in decoded])
+            save(indices, [summarizer.text(d, truncated=cut[i]) for i, d in zip(indices, decoded)])
 
         summarizer.generate(prompts, batches, on_batch, keys=[r["index"] for r in rows], progress=rank == 0)
 

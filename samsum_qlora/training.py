@@ -501,6 +501,21 @@ def run_loss(log_history: list[dict]) -> float | None:
     return total / last if last else None
 
 
+def take_finished(trainer: Trainer, checkpoint: Path):
+    """The run a checkpoint saved at its last step holds, as `trainer.train()` would have returned it:
+    the checkpoint's adapters loaded into the model and its state (log history, tokens seen) taken
+    as the trainer's. Asked to resume from such a checkpoint, the Trainer trains one step past
+    max_steps."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return TrainOutput(trainer.state.global_step, run_loss(trainer.state.log_history), {})
+
+
 class StopOnSignal(TrainerCallback):
     """SIGTERM (clouds send it before taking a spot machine) or Ctrl-C: finish the step, save a
     checkpoint, stop. A second Ctrl-C stops at once."""

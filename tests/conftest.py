@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,12 @@ REFERENCE = ROOT.parent / "shared" / "reference"  # beside the checkout on dev m
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+# A background job (or a runner) may start the tests with Ctrl-C ignored. An ignored signal stays
+# ignored in every child, and Python then never raises KeyboardInterrupt: the tests that press
+# Ctrl-C, in this process or in a child, need its default back (a handler is reset at exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +86,26 @@ def sdpa_calls(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     monkeypatch.setattr(masking_utils, "is_tracing", lambda *a, **k: True)
     return seen
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a tmpfs of a few MB, for a disk that really fills up (mounting needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]
+    if shutil.which("mount") is None or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected-ENOSPC tests cover the writes")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk: Path) -> None:
+    """Leave no byte free on `disk`."""
+    with (disk / "filler").open("wb", buffering=0) as f:
+        for size in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as e:
+                assert e.errno == 28  # ENOSPC

@@ -1,10 +1,11 @@
 """Merging trained tiny adapters: the saved model computes what base + adapters computed."""
 
 import json
+import re
 
 import pytest
 import torch
-from conftest import SMOKE_CONFIG, TINY_MODEL, set_args, smoke_overrides
+from conftest import SMOKE_CONFIG, TINY_MODEL, fill, set_args, smoke_overrides
 from test_cli import one_line_error, run_cli
 
 from samsum_qlora.commands import merge, train
@@ -136,7 +137,8 @@ def test_a_second_merge_into_the_same_out_is_refused_with_the_holders_pid(adapte
     out = tmp_path / "merged"
     monkeypatch.setattr(modeling, "load_model", must_not_load)
     with files.hold(layout.merge_lock(out), "merge"):  # as a merge in another process holds it
-        with pytest.raises(UserError, match=rf"in use by another samsum-qlora merge \(pid {os.getpid()}\)"):
+        held = rf"^{re.escape(str(out))} is in use by another samsum-qlora merge \(pid {os.getpid()}\)"
+        with pytest.raises(UserError, match=held):  # --out, not the folder it is in
             merge.merge_adapters(adapters, out)
     assert list(tmp_path.iterdir()) == []  # neither --out, nor a staging folder, nor the lock
 
@@ -176,3 +178,28 @@ def test_a_base_with_a_smaller_vocabulary_is_refused_before_its_logits(tmp_path)
     with pytest.raises(UserError, match="the tokenizer has 1,0.. tokens but the model embeds only 300"):
         merge.merge_adapters(adapters, tmp_path / "merged", cfg=cfg)
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("disk_full", ["tmpfs", "injected"])
+def test_merge_on_a_full_disk_is_one_line_and_leaves_nothing(adapters, tmp_path, request, monkeypatch, disk_full):
+    """safetensors reports a full disk with an error class of its own."""
+    if disk_full == "tmpfs":
+        disk = request.getfixturevalue("small_disk")
+        fill(disk)
+    else:
+        import transformers.modeling_utils
+        from safetensors import SafetensorError
+
+        def full(*args, **kwargs):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        disk = tmp_path
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    result = run_cli(["merge", "--adapters", str(adapters), "--out", str(disk / "merged")])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: no space left on the device of {disk} while saving the merged model; free some space")
+    )
+    assert sorted(p.name for p in disk.iterdir()) == (["filler"] if disk_full == "tmpfs" else [])

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SAMPLE_DATA, TINY_MODEL, set_args, smoke_overrides
+from conftest import ROOT, SAMPLE_DATA, SMOKE_CONFIG, TINY_MODEL, fill, set_args, smoke_overrides
 from test_cli import one_line_error, run_cli
 
 from samsum_qlora import checkpoints
@@ -35,6 +35,7 @@ def spawn(args: list[str]) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
 
 
@@ -324,3 +325,283 @@ def test_full_disk_while_saving_a_checkpoint_and_the_adapters(tmp_path, monkeypa
     last_line_error(result, "while saving the adapters; free some space, then rerun the same command")
     assert nothing_published(tmp_path / "b" / "run")
     assert not list((tmp_path / "b" / "run").glob("*.json")) and not list((tmp_path / "b" / "run").glob(".*pending"))
+
+
+# --- full disks, crowded folders, signals ---------------------------------------------------------
+
+
+def enospc(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def report_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())} if out.is_dir() else {}
+
+
+@pytest.mark.parametrize("disk_full", ["tmpfs", "injected"])
+def test_report_on_a_full_disk_replaces_all_three_files_or_none(tmp_path, request, monkeypatch, disk_full):
+    from test_report import ROWS, write_eval
+
+    from samsum_qlora import files
+
+    for name, (model, kind, answers) in ROWS.items():
+        write_eval(tmp_path / "run" / name, model, kind, answers)
+    disk = request.getfixturevalue("small_disk") if disk_full == "tmpfs" else tmp_path
+    out = disk / "report"
+    assert run_cli(["report", str(tmp_path / "run" / "eval-base"), "--out", str(out)]).exit_code == 0
+    old = report_files(out)
+    assert set(old) == {"report.md", "report.png", "report.html"}
+    if disk_full == "tmpfs":
+        fill(disk)
+    else:
+        real = files.write_bytes
+        monkeypatch.setattr(
+            files, "write_bytes", lambda p, d: enospc() if p.name.endswith(".png.pending") else real(p, d)
+        )
+    for folder in (out, disk / "empty-report"):
+        result = run_cli(["report", str(tmp_path / "run"), "--out", str(folder)])
+        one_line_error(result, f"no space left on the device of {folder} while writing the report")
+    assert report_files(out) == old  # the old report whole, no new report.md beside it
+    assert report_files(disk / "empty-report") == {}
+
+
+def test_eval_on_a_full_disk_keeps_whole_predictions_and_resumes(tmp_path, small_disk):
+    args = [*set_args(smoke_overrides(tmp_path, **{"eval.batch_size": 4, "eval.max_new_tokens": 8})), "--base-only"]
+    args += ["--output-dir", str(small_disk / "eval")]
+    fill(small_disk)
+    room = 3 * 4096  # the lock, what the folder scores and one page of predictions: a batch or two
+    os.truncate(small_disk / "filler", (small_disk / "filler").stat().st_size - room)
+    full = run_cli(["eval", *args])
+    last_line_error(full, "while saving predictions; free some space, then rerun the same command: it resumes")
+    lines = (small_disk / "eval" / "predictions.partial.jsonl").read_text().split("\n")
+    assert lines[-1] == "" and len(lines[:-1]) % 4 == 0 and lines[:-1]  # whole batches, no record cut
+    assert len({json.loads(line)["index"] for line in lines[:-1]}) == len(lines) - 1
+    (small_disk / "filler").unlink()
+    rerun = run_cli(["eval", *args])
+    assert rerun.exit_code == 0 and f"resuming: {len(lines) - 1} predictions" in rerun.output
+    assert json.loads((small_disk / "eval" / "metrics.json").read_text())["n_examples"] == 12
+
+
+@pytest.mark.parametrize("left_behind", ["", "dead pid"])
+def test_a_refusal_names_the_live_holder_even_before_it_wrote_its_pid(tmp_path, left_behind):
+    """The winner takes the claim, then writes its pid over what was there (nothing, or the pid of a
+    run killed earlier): a loser reading in between waits for the live pid."""
+    import fcntl
+    import threading
+
+    from samsum_qlora import files
+    from samsum_qlora.errors import UserError
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / ".samsum-qlora.lock"
+    lock.write_text(dead.stdout if left_behind else "")
+    winner = os.open(lock, os.O_RDWR)
+    fcntl.flock(winner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the claim taken, its pid not yet written
+    late = threading.Timer(0.3, lambda: os.pwrite(winner, f"{os.getpid()}\n".encode(), 0))
+    late.start()
+    try:
+        with pytest.raises(UserError, match=rf"in use by another samsum-qlora eval \(pid {os.getpid()}\)"):
+            with files.hold(lock, "eval"):
+                pass
+    finally:
+        late.join()
+        os.close(winner)
+
+
+def default_sigint() -> None:
+    """In the child: Ctrl-C's default action, though a background job or a runner may have the
+    tests ignoring it (an ignored signal stays ignored across exec, and Python then never raises
+    KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def hooked(hook: str, args: list[str], **env) -> subprocess.CompletedProcess:
+    """The CLI in a child process that first runs `hook`: Python that wraps a function so that it
+    acts (sends a signal) at a chosen moment of the command."""
+    code = f"import os, signal, sys\n{hook}\nfrom samsum_qlora.commands.cli import main\nmain()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env={**cli_env(), **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=default_sigint,
+    )
+
+
+def signal_when_called(module: str, name: str, sig: str) -> str:
+    """A hook: `module.name` (a function, or a class's method: "Class.method") sends `sig` to its
+    own process, then does what it did."""
+    owner, _, attr = f"m.{name}".rpartition(".")
+    return (
+        f"import {module} as m\nreal = {owner}.{attr}\n"
+        f"def hooked(*a, **k):\n    os.kill(os.getpid(), signal.{sig})\n    return real(*a, **k)\n"
+        f"{owner}.{attr} = hooked"
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_adapters(tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapters")
+    assert run_cli(["train", *set_args(smoke_overrides(out, **{"train.max_steps": 2}))]).exit_code == 0
+    return out / "run" / "lora_adapters"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+@pytest.mark.parametrize("command", ["merge", "preprocess", "report", "bench", "summarize"])
+def test_every_command_stops_on_a_signal_with_one_line_and_nothing_half_written(
+    tmp_path, trained_adapters, command, sig, code
+):
+    from test_report import ROWS, write_eval
+
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    if command == "merge":  # while the merged model is being staged
+        args = ["merge", "--adapters", str(trained_adapters), "--out", str(out)]
+        hook, kept = signal_when_called("samsum_qlora.files", "write_json", sig), "nothing was written"
+    elif command == "preprocess":
+        args = ["preprocess", *set_args(smoke_overrides(tmp_path)), "--out", str(out)]
+        hook, kept = signal_when_called("datasets", "Dataset.save_to_disk", sig), "nothing was written"
+    elif command == "report":
+        for name, (model, kind, answers) in ROWS.items():
+            write_eval(tmp_path / "run" / name, model, kind, answers)
+        args = ["report", str(tmp_path / "run"), "--out", str(out)]
+        hook, kept = (
+            signal_when_called("samsum_qlora.files", "write_all_or_none", sig),
+            "the report files are all the old ones or all new",
+        )
+    elif command == "summarize":  # while generating
+        args = ["summarize", str(SAMPLE_DATA / "test.jsonl"), *set_args(smoke_overrides(tmp_path)), "--base-only"]
+        args += ["--out", str(out / "summaries.jsonl")]
+        hook = signal_when_called("samsum_qlora.summarizer", "Summarizer.generate", sig)
+        kept = "nothing was written"
+    else:  # once the random weights are in the temporary folder
+        args = ["bench", *set_args(smoke_overrides(tmp_path)), "--steps", "1", "--json", str(out / "b.json")]
+        hook = signal_when_called("samsum_qlora.commands.bench", "time_training", sig)
+        kept = "the temporary weights were removed and nothing was written"
+    stopped = hooked(hook, args, TMPDIR=str(tmp))
+    assert stopped.returncode == code, stopped.stderr
+    assert "Aborted" not in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == f"stopped: stopped by {sig}; {kept}: rerun the same command"
+    assert [p for p in out.rglob("*") if not p.is_dir()] == [] and list(
+        tmp.iterdir()
+    ) == []  # report's, bench's --json: folders
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging, no lock
+
+
+# --- long dialogues -----------------------------------------------------------------------------
+
+MEETING = "Ana: shall we meet at the cafe near the station at five tomorrow?\n"
+
+
+def test_a_10_mb_dialogue_is_cut_before_it_is_tokenised(tmp_path):
+    """Rendering and tokenising a 10 MB dialogue whole took 2.6 GB (a prompt) and 3.4 GB (a training
+    row) of memory here; only a bounded beginning can reach data.max_length tokens."""
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from pathlib import Path
+from conftest import SMOKE_CONFIG, smoke_overrides
+from samsum_qlora import modeling
+from samsum_qlora.config import load_config
+
+fmt = modeling.chat_format(load_config(SMOKE_CONFIG, smoke_overrides(Path({str(tmp_path)!r}))))
+dialogue = {MEETING!r} * (10_000_000 // {len(MEETING)})
+ids, cut = fmt.fit_prompt(dialogue)
+columns, stats = fmt.encode_rows([{{"id": "x", "dialogue": dialogue, "summary": "They meet at five."}}], progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(peak, len(ids), cut, len(columns["input_ids"][0]), stats.truncated)
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, timeout=300)
+    peak, prompt_tokens, cut, row_tokens, truncated = done.stdout.split()
+    assert int(peak) < 1024**3, f"peak {int(peak) / 1024**2:.0f} MiB"
+    assert (int(prompt_tokens), cut, int(row_tokens), truncated) == (512, "True", 512, "1")
+
+
+def test_cutting_to_the_character_budget_first_changes_no_token(tmp_path):
+    import dataclasses
+
+    from samsum_qlora import modeling
+    from samsum_qlora.config import load_config
+
+    fmt = modeling.chat_format(load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"data.max_length": 96})))
+    unbounded = dataclasses.replace(fmt, _char_budget=None)
+    assert fmt._char_budget == 2 * 97 * 25  # the tiny tokenizer's longest entry: 25 characters
+    rows = [json.loads(line) for line in (SAMPLE_DATA / "test.jsonl").read_text().splitlines()]
+    for dialogue in [MEETING * 2000, "".join(r["dialogue"] for r in rows) * 20, rows[0]["dialogue"]]:
+        assert len(dialogue) > fmt._char_budget or dialogue == rows[0]["dialogue"]
+        assert fmt.fit_prompt(dialogue) == unbounded.fit_prompt(dialogue)
+        assert fmt.encode(dialogue, "Bo is late.") == unbounded.encode(dialogue, "Bo is late.")
+
+
+def test_eval_and_summarize_say_which_dialogues_were_cut(tmp_path):
+    """train counted them; eval and summarize cut them without a word."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in (SAMPLE_DATA / "test.jsonl").read_text().splitlines()][:3]
+    rows[1]["dialogue"] = MEETING * 200  # ~3,000 tokens, past data.max_length=512
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = set_args(smoke_overrides(tmp_path, **{"data.source": str(data), "eval.max_new_tokens": 4}))
+    warning = (
+        "warning: 1 of 3 dialogues are longer than data.max_length=512 tokens with the prompt: only their "
+        'beginning is summarised (their records say "truncated": true)'
+    )
+    evaluated = run_cli(["eval", *args, "--base-only"])
+    assert evaluated.exit_code == 0 and warning in evaluated.stderr.splitlines(), evaluated.stderr
+    out = tmp_path / "run" / "eval-base"
+    assert json.loads((out / "metrics.json").read_text())["truncated_dialogues"] == 1
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r.get("truncated") for r in records] == [None, True, None]
+    source = tmp_path / "dialogues.jsonl"
+    source.write_text("".join(json.dumps({"dialogue": r["dialogue"]}) + "\n" for r in rows))
+    summarized = run_cli(["summarize", str(source), *args, "--base-only"])
+    assert summarized.exit_code == 0 and warning in summarized.stderr.splitlines(), summarized.stderr
+    assert [json.loads(line).get("truncated") for line in summarized.stdout.splitlines()] == [None, True, None]
+
+
+def test_the_ctrl_c_tests_pass_when_the_tests_run_with_ctrl_c_ignored():
+    """As under `pytest &` in a script, or a runner that ignores SIGINT."""
+    ignored = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_evaluate.py",
+            "-k",
+            "ctrl_c and SIGINT",
+        ],
+        env=cli_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert ignored.returncode == 0 and "1 passed" in ignored.stdout, ignored.stdout[-2000:]
+
+
+def test_a_signal_during_the_reports_renames_waits_for_all_three(tmp_path, monkeypatch):
+    from samsum_qlora import files, runtime
+
+    paths = [tmp_path / name for name in ("report.md", "report.png", "report.html")]
+    for path in paths:
+        path.write_text("old")
+    rename = os.replace
+
+    def signalled_rename(src, dst):
+        if Path(dst) == paths[0]:
+            os.kill(os.getpid(), signal.SIGTERM)  # lands now, between the first rename and the next
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", signalled_rename)
+    with pytest.raises(runtime.Terminated), runtime.sigterm_interrupts():
+        files.write_all_or_none({path: b"new" for path in paths})
+    assert [path.read_text() for path in paths] == ["new"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, SMOKE_CONFIG, set_args, smoke_overrides
 from safetensors.torch import load_file
+from test_reliability import hooked
 
 from samsum_qlora import checkpoints
 from samsum_qlora.commands import train
@@ -56,8 +57,10 @@ def start_and_signal(out: Path, sig: int, *flags: str) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout)
 
 
-def finish(out: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command(out, *flags), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+def finish(out: Path, *flags: str, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(out, *flags, **extra), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -170,3 +173,33 @@ def test_resume_given_the_checkpoints_folder_lists_the_checkpoints_in_it(tmp_pat
     ]:
         with pytest.raises(UserError, match=re.escape(f"--resume {given} {needle}")):
             checkpoints.start_point(run, {}, overwrite=True, resume=str(given))
+
+
+@pytest.mark.slow
+def test_killed_while_publishing_the_last_step_publishes_that_checkpoint_as_it_is(tmp_path):
+    """kill -9 once the last checkpoint is complete and the adapters are being staged: the rerun
+    publishes that checkpoint, not one step more (a constant rate would show a further step)."""
+    steps = {
+        "train.max_steps": 6,
+        "train.save_steps": 3,
+        "train.logging_steps": 1,
+        "train.lr_scheduler_type": "constant",
+    }
+    straight = subprocess.run(command(tmp_path / "a", **steps), env=env(), cwd=ROOT, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    kill_at_staging = (
+        "from samsum_qlora import files\nfiles.staged_dir = lambda final: os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    killed = hooked(kill_at_staging, command(tmp_path / "b", **steps)[3:])
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "b" / "run"
+    assert not (run / "lora_adapters").exists() and checkpoints.problem(run / "checkpoints" / "checkpoint-6") is None
+    rerun = finish(tmp_path / "b", **steps)
+    assert rerun.returncode == 0, rerun.stderr
+    want, got = (json.loads((t / "run" / "train_metrics.json").read_text()) for t in (tmp_path / "a", tmp_path / "b"))
+    for key in ("global_step", "tokens_seen", "train_loss", "first_logged_loss", "last_logged_loss", "rows"):
+        assert got[key] == want[key], key
+    assert got["global_step"] == 6
+    adapters = "lora_adapters/adapter_model.safetensors"
+    assert (run / adapters).read_bytes() == (tmp_path / "a" / "run" / adapters).read_bytes()
+    assert f"{run / 'checkpoints' / 'checkpoint-6'} is the run's last step: publishing it as it is" in rerun.stdout

@@ -239,6 +239,7 @@ def show_config(config_path, overrides):
 @click.option("--split", default="train", show_default=True, help="Split to tokenise.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where save_to_disk writes.")
 @click.option("--show", type=int, default=0, help="Print N examples with the trained tokens marked.")
+@_stops_on_signals("nothing was written", "rerun the same command")
 def preprocess(config_path, overrides, split, out_dir, show):
     """Tokenise a split exactly as training does and save it (needs only the tokenizer).
 
@@ -265,6 +266,7 @@ def preprocess(config_path, overrides, split, out_dir, show):
     show_default=True,
     help="Also write report.html: the table, the chart, paired comparisons and every example, in one page.",
 )
+@_stops_on_signals("the report files are all the old ones or all new", "rerun the same command")
 def report(dirs, out_dir, html):
     """Compare evaluations: the ROUGE table with bootstrap 95% intervals, as Markdown and a chart,
     and a self-contained web page to browse the examples (open report.html in a browser).
@@ -299,6 +301,7 @@ def report(dirs, out_dir, html):
     help="Dtype to store the merged weights in (default: the base checkpoint's own). The merge and "
     "its check always run in float32.",
 )
+@_stops_on_signals("nothing was written", "rerun the same command")
 def merge(config_path, overrides, adapters, out_dir, dtype):
     """Merge LoRA adapters into the base weights and save a plain model.
 
@@ -400,6 +403,7 @@ def export(config_path, overrides, adapters, out_dir, outtypes, llama_cpp):
     type=click.Path(file_okay=False),
     help="Trained adapters for --eval (default: random ones with an effect).",
 )
+@_stops_on_signals("the temporary weights were removed and nothing was written", "rerun the same command")
 def bench(
     config_path,
     overrides,

@@ -76,13 +76,19 @@ def evaluate_model(cfg: Config, plan: EvalPlan, *, overwrite: bool = False, pred
     created = not plan.output_dir.exists()
     folder = EvalDir(files.ensure_writable_dir(plan.output_dir))
     try:
-        with files.hold(folder.lock, "eval"):
+        with files.hold(folder.lock, "eval"), disk_full_stops(folder.root):
             return _score(cfg, plan, folder, chosen, overwrite=overwrite, predict=predict)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
                 folder.root.rmdir()  # only when this run left nothing in it
         raise
+
+
+def disk_full_stops(root: Path):
+    return files.disk_full_is_user_error(
+        root, "saving predictions", "rerun the same command: it resumes from the predictions saved so far"
+    )
 
 
 def _score(cfg: Config, plan: EvalPlan, folder: EvalDir, chosen: data.Scorable, *, overwrite, predict) -> dict:
@@ -93,7 +99,7 @@ def _score(cfg: Config, plan: EvalPlan, folder: EvalDir, chosen: data.Scorable, 
     started, extra = time.perf_counter(), {}
     if todo:
         try:
-            with folder.partial().open("a", encoding="utf-8") as sink:
+            with folder.partial().open("ab", buffering=0) as sink:
                 save = predictions.saver(sink, todo, done)
                 extra = (predict or local_predictor(cfg, plan.adapters))(todo, save) or {}
         except BaseException:
@@ -121,7 +127,7 @@ def _evaluate_sharded(cfg: Config, plan: EvalPlan, chosen: data.Scorable, *, ove
         todo, started, share = [by_index[i] for i in outcome["todo"]], time.perf_counter(), {}
         if todo:
             files.ensure_writable_dir(folder.root)  # on another node's disk, too
-            with folder.partial(rt.rank).open("a", encoding="utf-8") as sink:
+            with disk_full_stops(folder.root), folder.partial(rt.rank).open("ab", buffering=0) as sink:
                 predict = local_predictor(cfg, plan.adapters, rank=rt.rank, processes=rt.world_size)
                 predict(todo, predictions.saver(sink, todo, share))
         shares = runtime.gather_to_main(share)

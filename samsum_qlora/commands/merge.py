@@ -91,7 +91,7 @@ def merge_adapters(adapters: Path, out: Path, *, cfg: Config | None = None, dtyp
     cfg, source = base_config(adapters, cfg)
     layout.check_adapters_base(adapters, cfg.model.name)
     modeling.check_adapters_fit(adapters, cfg.model.name, modeling.read_config(cfg.model))
-    with files.hold(layout.merge_lock(out), "merge"):  # a second merge into --out is refused, naming this one
+    with files.hold(layout.merge_lock(out), "merge", out):  # a second merge into --out is refused, naming this one
         if out.is_dir() and any(out.iterdir()):
             raise UserError(f"--out {out} exists and is not empty; choose a new folder")
         return _merge(adapters, out, cfg, source, dtype)

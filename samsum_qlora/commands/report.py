@@ -290,8 +290,9 @@ def write_report(paths: list[Path], out_dir: Path, *, html: bool = True) -> str:
     png = render_chart(rows, cis)
     page = render_page(rows, cis, png) if html else None
     out = ReportDir(files.ensure_writable_dir(out_dir))
-    files.write_text(out.markdown, markdown)
-    files.write_bytes(out.chart, png)
+    written = {out.markdown: markdown.encode("utf-8"), out.chart: png}
     if page is not None:
-        files.write_text(out.page, page)
+        written[out.page] = page.encode("utf-8")
+    with files.disk_full_is_user_error(out_dir, "writing the report", "rerun the same command (nothing was replaced)"):
+        files.write_all_or_none(written)  # never a new report.md beside an old report.html
     return markdown

@@ -59,6 +59,8 @@ def output_record(record: dict[str, Any], prediction: Prediction | None) -> dict
     out = {("reference" if key == "summary" else key): value for key, value in record.items()}
     out["summary"] = prediction.text if prediction else None
     out["ended"] = prediction.ended if prediction else False
+    if prediction and prediction.truncated:
+        out["truncated"] = True  # only the dialogue's beginning, data.max_length tokens, was summarised
     return out
 
 
@@ -118,10 +120,10 @@ def summarize_dialogues(
     started, results = time.perf_counter(), {}
     with contextlib.redirect_stdout(sys.stderr):  # a library's print() must not reach the JSON Lines
         model = summarizer.Summarizer(cfg, folder)
-        prompts = model.prompts([records[i]["dialogue"] for i in todo])
+        prompts, cut = model.fitted_prompts([records[i]["dialogue"] for i in todo])
 
         def on_batch(positions, decoded):
-            results.update({todo[p]: model.text(d) for p, d in zip(positions, decoded)})
+            results.update({todo[p]: model.text(d, truncated=cut[p]) for p, d in zip(positions, decoded)})
 
         model.generate(prompts, model.batches(prompts), on_batch, keys=todo)
     lines = [output_record(r, results.get(i)) for i, r in enumerate(records)]

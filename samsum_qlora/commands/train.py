@@ -139,6 +139,11 @@ def start_point(
 
 def fit(trainer, stop, run: RunDir, resume_from, rt: runtime.Runtime):
     """trainer.train(), resuming where asked; a signal ends it with a checkpoint and `Stopped`."""
+    if resume_from is not None and checkpoints.finished_training(resume_from):
+        # trained to the end, cut off before publishing: the Trainer would train a step past the end
+        stop.restore()
+        rt.say(f"{resume_from} is the run's last step: publishing it as it is")
+        return training.take_finished(trainer, resume_from)
     if resume_from is not None:
         rt.say(f"resuming from {resume_from} (step {layout.checkpoint_step(resume_from)})")
     try:
