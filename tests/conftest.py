@@ -109,3 +109,14 @@ def fill(disk: Path) -> None:
                     f.write(b"\0" * size)
             except OSError as e:
                 assert e.errno == 28  # ENOSPC
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test starts from the same environment: commands set W&B's variables in os.environ
+    (WANDB_DIR, WANDB_RUN_ID, ...) for the libraries they call, and one test's run folder must not
+    become the next test's."""
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)

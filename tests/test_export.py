@@ -259,7 +259,9 @@ def test_smollm2_gguf_reads_back_with_its_chat_rules(smollm2_export):
         "Modelfile",
         "README.md",
         "merge.json",
+        "model-bf16.gguf",
         "model-f16.gguf",
+        "model-f32.gguf",
         "model-q8_0.gguf",
     ]
     assert info["gguf"]["model-q8_0.gguf"] < 0.6 * info["gguf"]["model-f16.gguf"]

@@ -164,7 +164,9 @@ def test_empty_predictions_are_counted_and_warned_about(tmp_path, capsys):
     )
     assert metrics["empty_predictions"] == 2 and metrics["ended_share"] == 0.5
     out = capsys.readouterr().out
-    assert "warning: 2 of 4 predictions are empty" in out and "warning: only 2 of 4 summaries ended" in out
+    assert "warning: 2 of 4 predictions are empty" in out
+    # the embedded tiny model's summaries rarely end (random weights): a note says so, not a warning
+    assert "note: 2 of 4 summaries ended" in out and "warning: only" not in out
 
 
 @pytest.mark.parametrize(
@@ -513,7 +515,13 @@ fmt = modeling.chat_format(load_config(SMOKE_CONFIG, smoke_overrides(Path({str(t
 dialogue = {MEETING!r} * (10_000_000 // {len(MEETING)})
 ids, cut = fmt.fit_prompt(dialogue)
 columns, stats = fmt.encode_rows([{{"id": "x", "dialogue": dialogue, "summary": "They meet at five."}}], progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# this process's own high-water mark: ru_maxrss keeps the forking parent's (pytest's, GBs late in a
+# run) across exec on Linux; VmHWM belongs to the new address space
+status = Path("/proc/self/status")
+if status.exists():
+    peak = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:")) * 1024
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(peak, len(ids), cut, len(columns["input_ids"][0]), stats.truncated)
 """
     done = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, timeout=300)

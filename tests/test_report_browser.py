@@ -241,6 +241,7 @@ def thousand_rows(n=1000) -> list[Synthetic]:
     dialogues = [
         "\n".join(f"P{k}: " + " ".join(rng.choices(words, k=12)) for k in range(rng.randint(3, 18))) for _ in range(n)
     ]
+    references = [" ".join(rng.choices(words, k=15)) for _ in dialogues]  # a row's reference is the same in every eval
     evals = []
     for k, kind in enumerate(("base", "API", "QLoRA adapters")):
         records = [
@@ -248,7 +249,7 @@ def thousand_rows(n=1000) -> list[Synthetic]:
                 "index": i,
                 "id": f"r{i}",
                 "dialogue": d,
-                "reference": " ".join(rng.choices(words, k=15)),
+                "reference": references[i],
                 "prediction": " ".join(rng.choices(words, k=rng.randint(5, 40))),
                 "ended": rng.random() > 0.1,
             }
