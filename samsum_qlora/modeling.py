@@ -189,6 +189,10 @@ def load_model(m: ModelArgs, q: QuantArgs, *, training: bool):
                 dtype=torch_dtype(q.bnb_4bit_compute_dtype),
                 attn_implementation=m.attn_implementation,
                 device_map={"": device},  # one process = one device
+                # transformers >= 5.25 swaps layers for kernels fetched from the Hub at load when
+                # `kernels` is installed (it is a dependency of 5.25): offline, loading fails on a GPU;
+                # online, unmeasured remote code would replace the RoPE our fast path patches
+                use_kernels=False,
             )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):

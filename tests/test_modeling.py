@@ -70,6 +70,25 @@ def test_4bit_load_and_lora_count_on_tiny_model(tmp_path):
     assert trainable == expected == 7168
 
 
+def test_the_model_loads_without_hub_kernels(tmp_path, monkeypatch):
+    """transformers 5.25 fetches layer kernels from the Hub at load by default: offline, loading on a
+    GPU failed ("Version 2 of 'kernels-community/rotary' is not available in the local cache")."""
+    from transformers import AutoModelForCausalLM
+
+    asked = {}
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        asked.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    model = modeling.load_model(cfg.model, cfg.quantization, training=False)
+    assert asked["use_kernels"] is False
+    assert not getattr(model, "use_kernels", False)
+
+
 def test_dequantize_once_holds_exactly_the_nf4_weights(tmp_path):
     import bitsandbytes as bnb
 
