@@ -232,8 +232,8 @@ def smollm2_export(smollm2, llama_cpp_source, tmp_path_factory):  # noqa: F811
 
     folder = tmp_path_factory.mktemp("smollm2-export")
     cfg = load_config(None, {"model.name": str(smollm2), "quantization.load_in_4bit": False})
+    torch.manual_seed(0)  # before peft draws lora_A: the same adapters in every process
     model = with_adapters(cfg)
-    torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)  # peft starts B at zero: no effect to carry
@@ -397,9 +397,13 @@ def test_llama_cpp_summarises_as_the_merged_model(llama_cpp, smollm2_export, mer
     r1_ours, r1_theirs = (100 * rouge(texts, references)["rouge1"] for texts in (ours, theirs))
     print(f"{outtype}: {same} of {len(ours)} summaries identical; ROUGE-1 {r1_theirs:.2f} against {r1_ours:.2f}")
     assert len(ours) == PROOF_ROWS
+    # These random adapters ramble to the token limit, so one differing summary moves ROUGE-1 by ~0.5:
+    # token identity is the steadier measure. Measured here: f32 50, f16 48, bf16 44 of 50.
     if outtype == "f32":
         assert same == len(ours)
-    elif outtype == "f16":  # 11 bits of mantissa: measured 48 of 50 identical here
-        assert same >= 0.9 * len(ours) and abs(r1_theirs - r1_ours) <= 0.3
-    else:  # bf16's 8 bits and q8_0's blocks move near-tie choices (44 and 16 of 50 identical here): scores only
+    elif outtype == "f16":  # 11 bits of mantissa
+        assert same >= 0.9 * len(ours)
+    elif outtype == "bf16":  # 8 bits: more near-tie choices move
+        assert same >= 0.7 * len(ours)
+    else:
         assert abs(r1_theirs - r1_ours) <= 0.3
