@@ -29,6 +29,7 @@ import urllib.request
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from samsum_qlora import runtime
 from samsum_qlora.chat import build_messages
 from samsum_qlora.config import ApiArgs, Config, EvalArgs
 from samsum_qlora.errors import UserError
@@ -319,12 +320,15 @@ def _gather(futures: dict[Future, int], save: Save, stop: threading.Event, desc:
 
     def keep(future: Future) -> None:  # on this thread only, so `save` and the sums need no lock
         answer, used, retries = future.result()
-        saved.add(future)  # first: a Ctrl-C landing inside `save` must not have the cleanup save it twice
-        save([futures[future]], [answer])
-        for k in USAGE_KEYS:
-            usage[k] += used[k]
-        usage["answers"] += 1
-        usage["retries"] += retries
+        # Whole or not at all: a Ctrl-C between the write and the mark would lose a paid answer
+        # (marked, never written) or save it twice (written, not marked).
+        with runtime.interrupts_deferred():
+            save([futures[future]], [answer])
+            saved.add(future)
+            for k in USAGE_KEYS:
+                usage[k] += used[k]
+            usage["answers"] += 1
+            usage["retries"] += retries
 
     try:
         for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="row"):

@@ -272,6 +272,29 @@ def test_ctrl_c_keeps_the_answers_in_flight_and_asks_nothing_new(tmp_path, serve
     assert fake.count() == 12 and metrics["api_usage"]["answers"] == 12 - asked
 
 
+def test_a_ctrl_c_landing_while_an_answer_is_saved_neither_loses_nor_repeats_it():
+    """The CI race the test above once lost: Ctrl-C pressed as an answer is being written. The
+    answer is written once and counted, then the interrupt takes effect; the rest are kept too."""
+    import signal
+    from concurrent.futures import Future
+
+    futures = {}
+    for i in range(3):
+        f = Future()
+        f.set_result((Prediction(f"summary {i}", ended=True), {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}, 0))
+        futures[f] = i
+    written = []
+
+    def save(positions, predictions):
+        if not written:
+            signal.raise_signal(signal.SIGINT)  # lands here, before the write
+        written.extend(positions)
+
+    with pytest.raises(KeyboardInterrupt):
+        api._gather(futures, save, threading.Event(), "test")
+    assert sorted(written) == [0, 1, 2]  # each paid answer saved exactly once
+
+
 def test_rejected_key_fails_at_once_without_echoing_it(tmp_path, serve):
     fake = FakeApi(script={r["id"]: [(401, {})] for r in TEST_ROWS}, error_message=f"Incorrect API key provided: {KEY}")
     base = serve(fake)
