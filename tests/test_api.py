@@ -278,10 +278,10 @@ def test_a_ctrl_c_landing_while_an_answer_is_saved_neither_loses_nor_repeats_it(
     import signal
     from concurrent.futures import Future
 
-    futures = {}
+    futures, used = {}, {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
     for i in range(3):
         f = Future()
-        f.set_result((Prediction(f"summary {i}", ended=True), {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}, 0))
+        f.set_result((Prediction(f"summary {i}", ended=True), used, 0))
         futures[f] = i
     written = []
 
