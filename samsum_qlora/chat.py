@@ -19,6 +19,7 @@ import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from samsum_qlora.errors import UserError
@@ -37,6 +38,23 @@ TEMPLATE_HINT = "set model.chat_template to a Jinja chat template (text or a .ji
 def clean(text: str) -> str:
     """SAMSum mixes \\r\\n and \\n; the templates trim the ends anyway."""
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def read_template(value: str) -> str:
+    """model.chat_template: a Jinja template's text (it has a "{"), or the path of a file holding one."""
+    if "{" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.chat_template: {value} is not a file; give a .jinja file or the template's text")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"model.chat_template: {path} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save it as UTF-8"
+        ) from None
 
 
 def build_messages(

@@ -86,30 +86,13 @@ def load_tokenizer(m: ModelArgs):
     except (OSError, ValueError) as e:
         raise UserError(f"could not load a tokenizer from {m.name}: {str(e).splitlines()[0]}") from None
     if m.chat_template is not None:
-        tokenizer.chat_template = read_template(m.chat_template)
+        tokenizer.chat_template = chat.read_template(m.chat_template)
     if not tokenizer.chat_template:
         raise UserError(
             f"the tokenizer of {m.name} has no chat template; set model.chat_template to a Jinja "
             "chat template (text or a .jinja file), or use an Instruct model"
         )
     return tokenizer
-
-
-def read_template(value: str) -> str:
-    """model.chat_template: a Jinja template's text (it has a "{"), or the path of a file holding one."""
-    if "{" in value:
-        return value
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise UserError(f"model.chat_template: {value} is not a file; give a .jinja file or the template's text")
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(
-            f"model.chat_template: {path} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save it as UTF-8"
-        ) from None
 
 
 def chat_format(cfg: Config) -> chat.ChatFormat:

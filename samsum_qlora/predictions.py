@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from samsum_qlora import files, layout, tracking
+from samsum_qlora import chat, files, layout, tracking
 from samsum_qlora.config import Config
 from samsum_qlora.data import Scorable
 from samsum_qlora.errors import UserError
@@ -106,8 +106,6 @@ def counted_settings(cfg: Config, *, api: bool) -> dict:
 
 def identity(cfg: Config, plan: EvalPlan, rows: list[dict]) -> dict:
     """Everything that decides the predictions. Equal identities, equal predictions."""
-    from samsum_qlora.modeling import read_template
-
     ident = {
         "model": plan.model,
         "type": plan.kind,
@@ -124,7 +122,7 @@ def identity(cfg: Config, plan: EvalPlan, rows: list[dict]) -> dict:
         ident |= {
             "model_files": _files_stamp(local) if local.is_dir() else None,
             # the template named by a path is identified by what the file holds now
-            "chat_template_sha256": None if template is None else _sha256(read_template(template).encode()),
+            "chat_template_sha256": None if template is None else _sha256(chat.read_template(template).encode()),
             "adapters": None
             if plan.adapters is None
             else {
@@ -186,7 +184,6 @@ def saver(sink, todo: list[dict], into: dict[int, dict]) -> Save:
     """The `save` a predictor of `todo` calls (with positions in `todo`): each finished batch goes
     to `into` by row index and is appended to the partial file at once, so an interruption loses
     at most that batch."""
-    from samsum_qlora.chat import clean
 
     def save(positions: list[int], predictions: list[Prediction]) -> None:
         records = []
@@ -196,8 +193,8 @@ def saver(sink, todo: list[dict], into: dict[int, dict]) -> Save:
                 {
                     "index": row["index"],
                     "id": row["id"],
-                    "dialogue": clean(row["dialogue"]),  # for the report page's example browser
-                    "reference": clean(row["summary"]),
+                    "dialogue": chat.clean(row["dialogue"]),  # for the report page's example browser
+                    "reference": chat.clean(row["summary"]),
                     "prediction": p.text,
                     "ended": p.ended,
                 }

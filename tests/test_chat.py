@@ -252,12 +252,11 @@ def test_a_chat_template_file_that_is_not_utf8_is_one_line_naming_its_line(tmp_p
     from conftest import set_args, smoke_overrides
     from test_cli import one_line_error, runner
 
-    from samsum_qlora import modeling
     from samsum_qlora.commands.cli import main
 
     template = tmp_path / "latin1.jinja"
     template.write_bytes("{# Vorlage #}\n{# für Llama #}\n{{ messages }}".encode("latin-1"))  # a traceback before
     with pytest.raises(UserError, match=r"latin1.jinja line 2 is not UTF-8 \(byte 0xfc\): save it as UTF-8"):
-        modeling.read_template(str(template))
+        chat.read_template(str(template))
     args = set_args(smoke_overrides(tmp_path, **{"model.chat_template": str(template)}))
     one_line_error(runner().invoke(main, ["summarize", "--base-only", *args], input="A: hi"), "line 2 is not UTF-8")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from samsum_qlora import data, files, modeling, runtime, summarizer
+from samsum_qlora import chat, data, files, runtime, summarizer
 from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
 from samsum_qlora.predictions import Prediction
@@ -110,7 +110,7 @@ def summarize_dialogues(
             )
         files.ensure_writable_file(out)
     if cfg.model.chat_template is not None:
-        modeling.read_template(cfg.model.chat_template)  # a file that cannot be read is said before any work
+        chat.read_template(cfg.model.chat_template)  # a file that cannot be read is said before any work
     todo = [i for i, r in enumerate(records) if (r.get("dialogue") or "").strip()]
     if not todo:
         raise UserError(f"every dialogue in {where} is empty: nothing to summarise")
