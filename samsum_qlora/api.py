@@ -1,6 +1,6 @@
 """Any OpenAI-compatible Chat Completions endpoint as the model under evaluation.
 
-`predictor(...)` returns a `predictions.Predict`, so loading the split, resuming, scoring and the
+`predictor(...)` returns a `predictor.Predict`, so loading the split, resuming, scoring and the
 output files are the local evaluation's own. The requests carry the same system instruction and
 dialogue our models see (`chat.build_messages`), greedy (temperature 0) or, with
 `eval.do_sample`, sampled with eval's temperature, top_p and seed, capped at `eval.max_new_tokens`;
@@ -33,7 +33,7 @@ from samsum_qlora import runtime
 from samsum_qlora.chat import build_messages
 from samsum_qlora.config import ApiArgs, Config, EvalArgs
 from samsum_qlora.errors import UserError
-from samsum_qlora.predictions import Predict, Prediction, Save
+from samsum_qlora.predictor import Predict, Prediction, Save
 
 DEFAULT_BASE = ApiArgs.base
 KEY_ENV = "OPENAI_API_KEY"
@@ -269,7 +269,7 @@ def complete(
 
 
 def predictor(cfg: Config, *, model: str, key: str | None, backoff: float = 1.0, max_wait: float = 60.0) -> Predict:
-    """A `predictions.Predict` that asks `api.base`/chat/completions for every row, `api.concurrency`
+    """A `predictor.Predict` that asks `api.base`/chat/completions for every row, `api.concurrency`
     at a time, with the task instruction and answer length eval gives our own models.
 
     Checks everything it can before returning, so a bad option fails before any file is written.

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,22 +22,9 @@ from samsum_qlora.data import Scorable
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir
 from samsum_qlora.metrics import results_table, rouge
+from samsum_qlora.predictor import Prediction, Save
 
-KIND_BASE, KIND_QLORA, KIND_API = "base", "QLoRA adapters", "API"
 MIN_ENDED = 0.9  # below this share of summaries that reached their end of turn, eval warns
-
-
-@dataclass
-class Prediction:
-    text: str
-    ended: bool  # the model closed its turn (or the API said "stop"), rather than running out of tokens
-    truncated: bool = False  # the dialogue's tail was cut to fit data.max_length tokens
-
-
-# A predictor writes a summary for each of `rows` (any order, any batching) and reports each
-# finished batch through `save(positions in rows, predictions)`; it may return extra metrics.
-Save = Callable[[list[int], list[Prediction]], None]
-Predict = Callable[[list[dict], Save], "dict | None"]
 
 
 @dataclass

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from samsum_qlora.metrics import LEVEL, RESAMPLES, SEED, SHOWN, paired_difference
-
-BASE_KIND = "base"  # predictions.KIND_BASE: the model a tuned one is compared against
+from samsum_qlora.predictor import KIND_BASE  # the model a tuned one is compared against
 
 TIE = 1e-9  # per-row ROUGE-L closer than this is a tie
 _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
@@ -121,7 +120,7 @@ def _new_row(key: str, record: dict, n_evals: int) -> dict:
 def oriented(evals: list[Evaluation], first: int, second: int) -> tuple[int, int]:
     """(a, b) for A − B: a tuned or API model minus the base model, whatever the order given;
     otherwise the later evaluation minus the earlier."""
-    is_base = [ev.kind == BASE_KIND for ev in evals]
+    is_base = [ev.kind == KIND_BASE for ev in evals]
     if is_base[first] and not is_base[second]:
         return second, first
     if is_base[second] and not is_base[first]:

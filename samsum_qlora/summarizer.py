@@ -3,7 +3,7 @@
 
 `Summarizer` loads once (the base, dequantised NF4 on the fast path, with the adapters merged or
 attached unless scoring the base alone) and decodes many prompts in batches; `local_predictor`
-wraps it as the `predictions.Predict` an evaluation calls.
+wraps it as the `predictor.Predict` an evaluation calls.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from samsum_qlora import batching, generation, layout, modeling
 from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
-from samsum_qlora.predictions import Predict, Prediction, Save
+from samsum_qlora.predictor import Predict, Prediction, Save
 
 
 class Summarizer:

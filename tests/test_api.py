@@ -17,7 +17,7 @@ from samsum_qlora.config import load_config, with_overrides
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir
 from samsum_qlora.metrics import rouge
-from samsum_qlora.predictions import Prediction
+from samsum_qlora.predictor import Prediction
 
 KEY = "sk-test-secret-123"
 TEST_ROWS = data.load_rows(str(SAMPLE_DATA), "test")

@@ -30,7 +30,7 @@ from samsum_qlora.commands import evaluate
 from samsum_qlora.config import TrainArgs, load_config
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir
-from samsum_qlora.predictions import Prediction
+from samsum_qlora.predictor import Prediction
 
 # `samsum-qlora ARGS` as the CLI runs it, recording what this process did into $RECORD: the LoRA
 # weights it holds after `train`, the prompts (indices) it generated for in `eval`.

@@ -10,7 +10,7 @@ from samsum_qlora.config import load_config
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir
 from samsum_qlora.metrics import rouge
-from samsum_qlora.predictions import Prediction
+from samsum_qlora.predictor import Prediction
 
 
 @pytest.fixture(scope="module")

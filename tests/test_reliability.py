@@ -150,7 +150,7 @@ def test_empty_predictions_are_counted_and_warned_about(tmp_path, capsys):
 
     from samsum_qlora.commands import evaluate
     from samsum_qlora.config import load_config
-    from samsum_qlora.predictions import Prediction
+    from samsum_qlora.predictor import Prediction
 
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     plan = evaluate.plan_eval(cfg, base_only=True, limit=4)

@@ -12,7 +12,7 @@ from test_report import REFS, ROWS, write_eval
 from samsum_qlora import chat, data, files, metrics, report_page
 from samsum_qlora.commands import evaluate, report
 from samsum_qlora.config import load_config
-from samsum_qlora.predictions import Prediction
+from samsum_qlora.predictor import Prediction
 
 HOSTILE = "Eve: </script><script>alert(1)</script> <!-- & \u2028\u2029 <b>bold</b>"
 

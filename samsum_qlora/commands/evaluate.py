@@ -11,11 +11,12 @@ import contextlib
 import time
 from pathlib import Path
 
-from samsum_qlora import data, files, predictions, runtime
+from samsum_qlora import data, files, predictions, predictor, runtime
 from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir, RunDir
-from samsum_qlora.predictions import EvalPlan, Predict
+from samsum_qlora.predictions import EvalPlan
+from samsum_qlora.predictor import Predict
 from samsum_qlora.summarizer import adapters_to_use, check_context, local_predictor
 
 
@@ -43,11 +44,11 @@ def plan_eval(
         if adapters or base_only:
             raise UserError("--api-model scores a remote model: drop --adapters/--base-only")
         out = output_dir or cfg.eval.output_dir or run.eval_dir(api_model=api_model)
-        kind, base = predictions.KIND_API, api.normalise_base(cfg.api.base)
+        kind, base = predictor.KIND_API, api.normalise_base(cfg.api.base)
         return EvalPlan(api_model.strip(), kind, None, split, limit, Path(out), api_base=base)
     adapter_dir = adapters_to_use(cfg, adapters, base_only)
     out = output_dir or cfg.eval.output_dir or run.eval_dir(base_only=base_only)
-    kind = predictions.KIND_BASE if base_only else predictions.KIND_QLORA
+    kind = predictor.KIND_BASE if base_only else predictor.KIND_QLORA
     return EvalPlan(cfg.model.name, kind, adapter_dir, split, limit, Path(out))
 
 

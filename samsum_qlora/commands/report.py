@@ -26,7 +26,7 @@ from samsum_qlora.metrics import (
     rouge_per_example,
     table_cell,
 )
-from samsum_qlora.predictions import KIND_API, KIND_BASE, KIND_QLORA
+from samsum_qlora.predictor import KIND_API, KIND_BASE, KIND_QLORA
 from samsum_qlora.report_page import label, render_page, row_keys
 
 KIND_ORDER = (KIND_BASE, KIND_API, KIND_QLORA)  # the tutorial's row order within one run folder

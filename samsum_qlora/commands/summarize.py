@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 from samsum_qlora import chat, data, files, runtime, summarizer
 from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
-from samsum_qlora.predictions import Prediction
+from samsum_qlora.predictor import Prediction
 
 
 def say(message: str) -> None:
