@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from samsum_qlora import chat, files, layout, tracking
+from samsum_qlora import chat, files, layout
 from samsum_qlora.config import Config
 from samsum_qlora.data import Scorable
 from samsum_qlora.errors import UserError
@@ -245,6 +245,4 @@ def publish(cfg: Config, plan: EvalPlan, folder: EvalDir, chosen: Scorable, done
     if empty:
         print(f"warning: {empty} of {len(records)} predictions are empty; ROUGE counts them as 0")
     print(f"wrote {folder.metrics} and {folder.predictions}")
-    if tracking.log_eval_to_wandb(metrics, records, Path(cfg.train.output_dir)):
-        print("logged the scores and sample predictions to the training run's W&B run")
     return metrics

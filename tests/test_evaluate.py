@@ -414,3 +414,24 @@ def test_summaries_that_never_end_are_explained_on_the_embedded_tiny_model(tmp_p
         f"note: 0 of 3 summaries ended at the end of turn, the rest ran to eval.max_new_tokens={budget}: expected"
     )
     assert (explained in out, "warning: only 0 of 3 summaries ended" in out) == (embedded, not embedded)
+
+
+def test_eval_adds_its_scores_and_predictions_to_the_training_runs_wandb_run(tmp_path, monkeypatch, capsys):
+    """The command logs what it wrote, once: metrics.json's values, predictions.jsonl's rows in
+    dataset order, and the training run's folder, whose wandb_run_id.txt names the W&B run."""
+    from samsum_qlora import tracking
+
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
+    logged = []
+    monkeypatch.setattr(tracking, "log_eval_to_wandb", lambda *args: logged.append(args) or True)
+
+    def echo_reference(todo, save):
+        save(list(range(len(todo)))[::-1], answers(*[r["summary"] for r in todo][::-1]))
+
+    plan = evaluate.plan_eval(cfg, base_only=True, limit=4)
+    metrics = evaluate.evaluate_model(cfg, plan, predict=echo_reference)
+    ((scores, records, train_dir),) = logged
+    assert scores == metrics == json.loads((plan.output_dir / "metrics.json").read_text())
+    assert records == [json.loads(line) for line in (plan.output_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3] and train_dir == tmp_path / "run"
+    assert capsys.readouterr().out.endswith("logged the scores and sample predictions to the training run's W&B run\n")

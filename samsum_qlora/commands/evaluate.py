@@ -11,7 +11,7 @@ import contextlib
 import time
 from pathlib import Path
 
-from samsum_qlora import data, files, predictions, predictor, runtime
+from samsum_qlora import data, files, predictions, predictor, runtime, tracking
 from samsum_qlora.config import Config
 from samsum_qlora.errors import UserError
 from samsum_qlora.layout import EvalDir, RunDir
@@ -107,7 +107,7 @@ def _score(cfg: Config, plan: EvalPlan, folder: EvalDir, chosen: data.Scorable, 
             predictions.forget_unscored(folder)  # what was saved stays, for the rerun to resume
             raise
     extra["generation_seconds"] = round(time.perf_counter() - started, 2)
-    return predictions.publish(cfg, plan, folder, chosen, done, extra)
+    return publish(cfg, plan, folder, chosen, done, extra)
 
 
 def _evaluate_sharded(cfg: Config, plan: EvalPlan, chosen: data.Scorable, *, overwrite: bool) -> dict:
@@ -155,4 +155,14 @@ def _resume_for_all(cfg, plan, folder: EvalDir, chosen: data.Scorable, overwrite
 def _publish_shares(cfg, plan, folder, chosen: data.Scorable, done, shares, seconds) -> dict:
     for share in shares:
         done.update(share)
-    return predictions.publish(cfg, plan, folder, chosen, done, {"generation_seconds": round(seconds, 2)})
+    return publish(cfg, plan, folder, chosen, done, {"generation_seconds": round(seconds, 2)})
+
+
+def publish(cfg: Config, plan: EvalPlan, folder: EvalDir, chosen: data.Scorable, done: dict[int, dict], extra) -> dict:
+    """Score and write the results (`predictions.publish`), then add the scores and the first
+    predictions to the training run's W&B run, when it has one."""
+    metrics = predictions.publish(cfg, plan, folder, chosen, done, extra)
+    records = [done[r["index"]] for r in chosen.rows]  # as predictions.jsonl holds them
+    if tracking.log_eval_to_wandb(metrics, records, Path(cfg.train.output_dir)):
+        print("logged the scores and sample predictions to the training run's W&B run")
+    return metrics
