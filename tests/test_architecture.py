@@ -1,6 +1,7 @@
 """The shape of the package: the commands sit in `commands/` on a flat library and never import each
 other (the CLI aside), the library never imports a command and has no import cycle, the device is
-asked about in one module, and every function reads in one screen."""
+asked about in one module, `report` reaches nothing on the model's side, and every function reads in
+one screen."""
 
 import ast
 import re
@@ -45,6 +46,44 @@ def is_command(name: str) -> bool:
     return name.startswith("commands.")
 
 
+def closure(name: str) -> set[str]:
+    """Every module of ours that `name` imports, directly or through others (lazy imports too)."""
+    edges, seen, todo = graph(), set(), [name]
+    while todo:
+        for dep in edges[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+MODEL_LIBRARIES = {"torch", "transformers", "peft", "bitsandbytes"}
+# config asks transformers only for the names it accepts (optimizers, schedulers, Hub kernels), and only
+# while it checks a config that names them: it holds no model code, and every command reads a config.
+NAMES_ONLY = {"config"}
+
+
+def libraries(path: Path) -> set[str]:
+    """The top-level names of what `path` imports from outside, anywhere in it (lazy imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def torch_side() -> set[str]:
+    """Our modules on the model's side: each one whose source imports torch, transformers, peft or
+    bitsandbytes anywhere (lazy imports too; NAMES_ONLY aside), and each module that imports one of
+    those, directly or through others."""
+    edges = graph()
+    side = {name for name, path in modules().items() if libraries(path) & MODEL_LIBRARIES} - NAMES_ONLY
+    while grown := {name for name, deps in edges.items() if deps & side} - side:
+        side |= grown
+    return side
+
+
 def test_every_command_lives_in_commands_and_the_cli_knows_each():
     commands = {n for n in modules() if is_command(n)} - {"commands.cli"}
     assert commands >= {"commands.train", "commands.evaluate", "commands.bench", "commands.report"}
@@ -74,6 +113,18 @@ def test_the_library_has_no_import_cycle():
         return any(d == target or (d not in seen and reaches(d, target, (*seen, d))) for d in edges.get(start, ()))
 
     assert sorted(m for m in edges if reaches(m, m)) == []
+
+
+def test_the_model_side_is_what_loads_runs_or_trains_a_model():
+    side = torch_side()
+    assert side >= {"modeling", "generation", "training", "step_graphs", "summarizer", "runtime", "batching"}
+    assert side.isdisjoint({"config", "metrics", "files", "layout", "predictor", "report_page", "errors"})
+
+
+def test_report_reaches_no_module_on_the_models_side():
+    """`report` re-scores text and draws a page: it needs no torch, so it imports nothing that does
+    (tests/test_report.py runs it and finds no torch loaded)."""
+    assert sorted(closure("commands.report") & torch_side()) == []
 
 
 def test_only_runtime_asks_whether_there_is_a_gpu():
