@@ -3,9 +3,13 @@ and its escaping. The page in a real browser is tests/test_report_browser.py."""
 
 import base64
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
-from conftest import SMOKE_CONFIG, smoke_overrides
+from conftest import ROOT, SMOKE_CONFIG, smoke_overrides
 from test_cli import run_cli
 from test_report import REFS, ROWS, write_eval
 
@@ -241,3 +245,39 @@ def test_the_page_counts_one_evaluation_in_the_singular(tmp_path):
     evals = scored(tmp_path / "a")
     page = report_page.render_page(evals, [report.intervals(e) for e in evals], b"png")
     assert "<p>1 evaluation, 1 dialogue · written by" in page  # "1 evaluations, 1 dialogues"
+
+
+PAGE = ROOT / "samsum_qlora" / "assets" / "page"
+PAGE_FILES = ("page.html", "page.css", "page.js")
+
+
+def test_the_page_is_its_files_filled_in(run_dir):
+    evals = scored(run_dir)
+    page = report_page.render_page(evals, [report.intervals(e) for e in evals], b"png")
+    skeleton, css, script = ((PAGE / name).read_text() for name in PAGE_FILES)
+    assert f"<style>\n{css}</style>" in page and f"<script>\n{script}</script>" in page
+    head, tail = skeleton.split("$css")[0], skeleton.split("$script")[1]
+    assert page.startswith(head) and page.endswith(tail)
+
+
+@pytest.mark.slow
+def test_a_built_wheel_carries_the_page_files(tmp_path):
+    """The page's files are package data: read from the wheel itself, imported as a zip, they are whole."""
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "samsum_qlora", src / "samsum_qlora", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src)
+    build = ["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)]
+    subprocess.run([sys.executable, "-m", "pip", *build], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("samsum_qlora-*.whl")
+    code = "import sys, samsum_qlora.report_page as p; print(p.__file__); "
+    code += "print(*map(p.page_file, sys.argv[1:]), sep='')"
+    env = {**os.environ, "PYTHONPATH": str(wheel)}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *PAGE_FILES], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    where, text = result.stdout.split("\n", 1)
+    assert where == str(wheel / "samsum_qlora" / "report_page.py")  # the wheel's own, not this checkout's
+    assert text == "".join((PAGE / name).read_text() for name in PAGE_FILES) + "\n"
