@@ -1,8 +1,9 @@
 """`samsum-qlora eval`: generate summaries for a split and score them with ROUGE.
 
 plan (what is scored, where it goes) -> rows -> predictions already saved -> the rest generated
-(our model in batches, or an API model) -> metrics.json and predictions.jsonl. Under torchrun each
-process generates its share of the batches and rank 0 writes the results (`_evaluate_sharded`).
+(our model in batches, or an API model) -> metrics.json and predictions.jsonl -> the scores added to
+the training run's W&B run. Under torchrun each process generates its share of the batches and rank 0
+writes the results (`_evaluate_sharded`).
 """
 
 from __future__ import annotations
@@ -158,7 +159,9 @@ def _publish_shares(cfg, plan, folder, chosen: data.Scorable, done, shares, seco
     return publish(cfg, plan, folder, chosen, done, {"generation_seconds": round(seconds, 2)})
 
 
-def publish(cfg: Config, plan: EvalPlan, folder: EvalDir, chosen: data.Scorable, done: dict[int, dict], extra) -> dict:
+def publish(
+    cfg: Config, plan: EvalPlan, folder: EvalDir, chosen: data.Scorable, done: dict[int, dict], extra: dict
+) -> dict:
     """Score and write the results (`predictions.publish`), then add the scores and the first
     predictions to the training run's W&B run, when it has one."""
     metrics = predictions.publish(cfg, plan, folder, chosen, done, extra)
