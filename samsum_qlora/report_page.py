@@ -320,7 +320,9 @@ def training_curves(evals: list[Evaluation]) -> str:
 @functools.cache
 def page_file(name: str) -> str:
     """page.html (the skeleton, with $names to fill), page.css or page.js, as the package ships them."""
-    return resources.files("samsum_qlora").joinpath("assets", "page", name).read_text(encoding="utf-8")
+    # one name per joinpath: several at once need Python 3.11 in every resource reader
+    folder = resources.files("samsum_qlora").joinpath("assets").joinpath("page")
+    return folder.joinpath(name).read_text(encoding="utf-8")
 
 
 def render_page(evals: list[Evaluation], cis: list[dict[str, tuple[float, float]]], chart_png: bytes) -> str:
