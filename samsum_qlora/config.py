@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from samsum_qlora import hf_compat
 from samsum_qlora.errors import UserError
 
 DEFAULT_INSTRUCTION = "Summarize the following dialogue in one or two sentences."
@@ -89,13 +90,11 @@ class ModelArgs:
             f"'org/name'), got {self.attn_implementation!r}",
         )
         if "/" in self.attn_implementation:
-            from transformers.utils import import_utils
-
+            lowest, excluded = hf_compat.hub_kernels_pin()
             _check(
-                import_utils.is_kernels_available(),
+                hf_compat.hub_kernels_available(),
                 f"model.attn_implementation {self.attn_implementation!r} is a Hub kernel, which needs the kernels "
-                f"package (pip install 'kernels>={import_utils.KERNELS_MIN_VERSION},"
-                f"<{import_utils.KERNELS_MAX_VERSION}'); or use one of {', '.join(ATTENTION)}",
+                f"package (pip install 'kernels>={lowest},<{excluded}'); or use one of {', '.join(ATTENTION)}",
             )
 
 

@@ -20,7 +20,6 @@ attention mask decodes this way.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from samsum_qlora import hf_compat
 from samsum_qlora.batching import generation_batches, pad
 from samsum_qlora.modeling import sdpa_swapped
 
@@ -113,7 +113,7 @@ class SlotCache:
     written yet: fixed shapes and addresses; a prefill chunk (`chunk`) writes its rows' keys where
     the batch's left padding puts them and attends to its own. Without: grown by concatenation,
     exactly as transformers' `DynamicCache` grows, so a step runs the same kernels on the same
-    layout as `generate` does."""
+    layout as `generate` does. What transformers calls on it, duck-typed, is `hf_compat.CACHE_PROTOCOL`."""
 
     def __init__(self, capacity: int, full_view: bool, device, rows: int):
         self.capacity, self.full_view, self.rows = capacity, full_view, rows
@@ -177,13 +177,6 @@ class SlotCache:
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.filled + query_length, 0
-
-
-def cache_keyword(model) -> str:
-    """The forward's name for the KV cache: `cache` in newer transformers, `past_key_values` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(base, "model", base)
-    return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
 
 
 DECODE_ATTENTION = "samsum_decode"
@@ -263,7 +256,7 @@ def _decode(model, prompts, decoding: Decoding, *, graphs: bool, full_view: bool
     cache = SlotCache(width + max_new_tokens, full_view, device, rows)
     valid = torch.zeros(rows, width + max_new_tokens, dtype=torch.bool, device=device)
     valid[:, :width] = real.bool()
-    kwarg = cache_keyword(model)
+    kwarg = hf_compat.cache_keyword(model)
 
     def forward(input_ids, positions, mask):
         out = model(

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from samsum_qlora import chat, layout, runtime
+from samsum_qlora import chat, hf_compat, layout, runtime
 from samsum_qlora.config import Config, LoraArgs, ModelArgs, QuantArgs, TrainArgs
 from samsum_qlora.errors import UserError
 
@@ -172,10 +172,7 @@ def load_model(m: ModelArgs, q: QuantArgs, *, training: bool):
                 dtype=torch_dtype(q.bnb_4bit_compute_dtype),
                 attn_implementation=m.attn_implementation,
                 device_map={"": device},  # one process = one device
-                # transformers >= 5.25 swaps layers for kernels fetched from the Hub at load when
-                # `kernels` is installed (it is a dependency of 5.25): offline, loading fails on a GPU;
-                # online, unmeasured remote code would replace the RoPE our fast path patches
-                use_kernels=False,
+                **hf_compat.NO_HUB_KERNELS,  # the kernels measured here, offline too
             )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
@@ -254,7 +251,7 @@ def sdpa_swapped(model, name: str, attention, mask=None):
     with `mask`; with no mask function it gets no mask at all (transformers' rule for external
     kernels). Other implementations are left alone."""
     config = model.config
-    if config._attn_implementation != "sdpa":
+    if hf_compat.attn_implementation(config) != "sdpa":
         yield
         return
     from transformers import AttentionInterface
@@ -263,11 +260,11 @@ def sdpa_swapped(model, name: str, attention, mask=None):
     AttentionInterface.register(name, attention)
     if mask is not None:
         AttentionMaskInterface.register(name, mask)
-    config._attn_implementation = name
+    hf_compat.set_attn_implementation(config, name)
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        hf_compat.set_attn_implementation(config, "sdpa")
 
 
 def unmasked_causal_attention(model):
@@ -299,9 +296,7 @@ def apply_fused_kernels(model) -> bool:
         model=model, rope=False, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
     )
     if FUSED_ROPE:  # as liger patches it: the module's function, for every Llama in the process
-        from transformers.models.llama import modeling_llama
-
-        modeling_llama.apply_rotary_pos_emb = flat_rope(liger.liger_rotary_pos_emb)
+        hf_compat.use_llama_rope(flat_rope(liger.liger_rotary_pos_emb))
     return True
 
 
@@ -318,7 +313,7 @@ def compile_fused_kernels(config, attn_implementation: str, dtype_name: str, dev
     small = copy.deepcopy(config)
     small.num_hidden_layers, small.use_cache = 1, False
     small.vocab_size, small.pad_token_id = 128, None  # no fused kernel in the embedding: 0.5 GB saved
-    small._attn_implementation = attn_implementation
+    hf_compat.set_attn_implementation(small, attn_implementation)
     # the class itself, not from_config: that one sets the process's default dtype, which the main
     # thread's loading relies on
     with torch.device("meta"):  # the architecture without initialising (or allocating) anything
@@ -380,7 +375,7 @@ def dequantize_base(model, dtype_name: str):
                 if child.bias is not None:
                     plain.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
                 setattr(parent, name, plain)
-    model.is_loaded_in_4bit = False  # peft and the Trainer now treat it as a plain model
+    hf_compat.mark_dequantized(model)  # peft and the Trainer now treat it as a plain model
     return model
 
 
@@ -440,7 +435,7 @@ def training_model(cfg: Config, tokenizer, t: TrainArgs | None = None):
         gradient_checkpointing=t.gradient_checkpointing is True,
         half_precision=t.bf16 or t.fp16,
     )
-    in_4bit = bool(getattr(model.get_base_model(), "is_loaded_in_4bit", False))
+    in_4bit = hf_compat.loaded_in_4bit(model.get_base_model())
     tokens = t.max_tokens_per_batch or t.per_device_train_batch_size * cfg.data.max_length
     free = runtime.free_memory()
     chosen, why = should_checkpoint(t, model.config, in_4bit=in_4bit, tokens=tokens, free=free)
@@ -519,9 +514,7 @@ def attach_new_adapters(model, lora: LoraArgs, q: QuantArgs, *, gradient_checkpo
     if half_precision:
         # Autocast already runs the adapter matmuls in half precision; peft's own cast of every
         # adapter input to float32 only adds copies (kept for backward) and kernels.
-        for module in model.modules():
-            if hasattr(module, "cast_input_dtype_enabled"):
-                module.cast_input_dtype_enabled = False
+        hf_compat.stop_adapter_input_casts(model)
     return model
 
 

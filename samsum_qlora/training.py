@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from samsum_qlora import batching, checkpoints, layout, modeling, runtime, step_graphs
+from samsum_qlora import batching, checkpoints, hf_compat, layout, modeling, runtime, step_graphs
 from samsum_qlora.batching import pad
 from samsum_qlora.chat import IGNORE_INDEX
 from samsum_qlora.config import TrainArgs
@@ -151,7 +151,7 @@ def training_arguments(t: TrainArgs, checkpoint_dir: Path, *, cuda: bool, count_
             f"note: {args.n_gpu} GPUs visible to one process; training on one. "
             f"torchrun --nproc_per_node {args.n_gpu} uses them all"
         )
-        args._n_gpu = 1
+        hf_compat.train_on_one_gpu(args)
     return args
 
 
@@ -361,7 +361,7 @@ class LossTrainer(Trainer):
     def hidden_loss_sum(self, model, batch: dict) -> tuple[float, int]:
         """(summed loss, trained tokens) of a collated batch (with `TRAINED_AT`/`TRAINED_IDS`), by the
         training loss's own computation, without gradients: what a validation loss adds up."""
-        inputs = self._prepare_inputs({k: v for k, v in batch.items() if k not in (REAL_TOKENS, "labels")})
+        inputs = hf_compat.prepare_inputs(self, {k: v for k, v in batch.items() if k not in (REAL_TOKENS, "labels")})
         at, ids = inputs.pop(TRAINED_AT), inputs.pop(TRAINED_IDS)
         with torch.no_grad():
             loss, _ = self._trained_loss(model, inputs, at, ids, None)
@@ -381,12 +381,12 @@ class LossTrainer(Trainer):
         """The step through `step_graphs`, or None where the Trainer's own must run: graphs off, or
         a batch or loss scaling other than the ones the graphs compute (one process, the loss
         divided by the optimizer step's trained tokens, no mask)."""
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        scaled = hf_compat.loss_is_scaled_for_ga(self)
         if (
             self.graphs is None
             or not self.graphs.on
             or num_items_in_batch is None
-            or not self.model_accepts_loss_kwargs
+            or not hf_compat.model_accepts_loss_kwargs(self)
             or scaled is False
             or self.args.world_size > 1
             or TRAINED_AT not in inputs
@@ -395,7 +395,7 @@ class LossTrainer(Trainer):
         ):
             return None
         model.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs = hf_compat.prepare_inputs(self, inputs)
         with self.compute_loss_context_manager():
             return self.graphs.step(
                 model, inputs["input_ids"], inputs[TRAINED_AT], inputs[TRAINED_IDS], num_items_in_batch
@@ -426,7 +426,7 @@ class LossTrainer(Trainer):
                     f"train.learning_rate (now {self.args.learning_rate:g}); nothing was published"
                 )
 
-    def _track_num_input_tokens(self, inputs):
+    def _track_num_input_tokens(self, inputs):  # overrides the Trainer's: hf_compat.OVERRIDDEN_TRAINER_METHODS
         """The Trainer's count of real tokens, as the collator counted them on the CPU, instead of
         summed on the GPU and read back every step; under torchrun the processes' counts are summed
         only when the count is logged or saved (`settle`)."""
@@ -585,7 +585,7 @@ VALIDATION_SHOWN = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "RO
 
 class ReadableProgress(ProgressCallback):
     """The Trainer's progress bar, logging numbers as numbers rather than a dict of strings; one line
-    per validation."""
+    per validation. Writes through the bar its base class keeps (`hf_compat.PROGRESS_BAR`)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None:

@@ -15,7 +15,7 @@ import math
 import random
 import time
 
-from samsum_qlora import batching, data, metrics, runtime, training
+from samsum_qlora import batching, data, hf_compat, metrics, runtime, training
 from samsum_qlora.config import Config, TrainArgs
 from samsum_qlora.data import Row
 from samsum_qlora.errors import UserError
@@ -116,16 +116,15 @@ def as_eval_runs_it(model):
     autocast's cast cache), and with peft casting each adapter's input to the adapter's float32,
     which training leaves to autocast (`modeling.attach_new_adapters`)."""
     wrapped = vars(model).get("forward")
-    if wrapped is not None and hasattr(model, "_original_forward"):
-        model.forward = model._original_forward
-    uncast = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", None) is False]
-    for module in uncast:
-        module.cast_input_dtype_enabled = True
+    plain = hf_compat.forward_without_autocast(model)
+    if plain is not None:
+        model.forward = plain
+    uncast = hf_compat.uncast_adapter_layers(model)
+    hf_compat.set_input_casts(uncast, True)
     try:
         yield model
     finally:
-        for module in uncast:
-            module.cast_input_dtype_enabled = False
+        hf_compat.set_input_casts(uncast, False)
         if wrapped is not None:
             model.forward = wrapped
 

@@ -1,7 +1,8 @@
 """The shape of the package: the commands sit in `commands/` on a flat library and never import each
 other (the CLI aside), the library never imports a command and has no import cycle, the device is
-asked about in one module, `report` reaches nothing on the model's side, and every function reads in
-one screen."""
+asked about in one module, transformers' (peft's, accelerate's) private surface is named in one
+module (hf_compat), `report` reaches nothing on the model's side, and every function reads in one
+screen."""
 
 import ast
 import re
@@ -46,9 +47,14 @@ def is_command(name: str) -> bool:
     return name.startswith("commands.")
 
 
+def model_side_graph() -> dict[str, set[str]]:
+    """graph(), where NAMES_ONLY modules reach hf_compat only for the names it checks (below)."""
+    return {name: deps - {"hf_compat"} if name in NAMES_ONLY else deps for name, deps in graph().items()}
+
+
 def closure(name: str) -> set[str]:
     """Every module of ours that `name` imports, directly or through others (lazy imports too)."""
-    edges, seen, todo = graph(), set(), [name]
+    edges, seen, todo = model_side_graph(), set(), [name]
     while todo:
         for dep in edges[todo.pop()] - seen:
             seen.add(dep)
@@ -58,7 +64,8 @@ def closure(name: str) -> set[str]:
 
 MODEL_LIBRARIES = {"torch", "transformers", "peft", "bitsandbytes"}
 # config asks transformers only for the names it accepts (optimizers, schedulers, Hub kernels), and only
-# while it checks a config that names them: it holds no model code, and every command reads a config.
+# while it checks a config that names them (through hf_compat's Hub-kernel name checks): it holds no
+# model code, and every command reads a config.
 NAMES_ONLY = {"config"}
 
 
@@ -77,7 +84,7 @@ def torch_side() -> set[str]:
     """Our modules on the model's side: each one whose source imports torch, transformers, peft or
     bitsandbytes anywhere (lazy imports too; NAMES_ONLY aside), and each module that imports one of
     those, directly or through others."""
-    edges = graph()
+    edges = model_side_graph()
     side = {name for name, path in modules().items() if libraries(path) & MODEL_LIBRARIES} - NAMES_ONLY
     while grown := {name for name, deps in edges.items() if deps & side} - side:
         side |= grown
@@ -148,3 +155,82 @@ def test_every_function_is_shorter_than_60_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 >= 60:
                 long.append(f"{path.name}:{node.name}")
     assert long == []
+
+
+# What transformers, peft and accelerate keep private (or undocumented) and the package leans on:
+# named in samsum_qlora/hf_compat.py alone, so that an upgrade is checked in one place.
+LIBRARY_SURFACE = re.compile(
+    r"(?<!hf_compat\.)\b(_attn_implementation|apply_rotary_pos_emb|_n_gpu|_track_num_input_tokens|_prepare_inputs"
+    r"|_load_best_model|loss_is_scaled_for_ga|model_accepts_loss_kwargs|training_bar|use_kernels|is_loaded_in_4bit"
+    r"|cast_input_dtype_enabled|_original_forward|KERNELS_M(IN|AX)_VERSION|is_kernels_available)\b|inspect\.signature"
+)
+# (module, the line's text): where Python itself needs the name outside hf_compat
+SURFACE_ALLOWED = {
+    # an override must be a method of the subclass, under the Trainer's name; hf_compat lists it
+    # (OVERRIDDEN_TRAINER_METHODS) and tests/test_hf_compat.py checks the Trainer still calls it
+    ("training", "def _track_num_input_tokens(self, inputs):"),
+    # ReadableProgress is a ProgressCallback: it writes through the bar its base class keeps on self
+    # (hf_compat.PROGRESS_BAR, checked there)
+    ("training", "if not state.is_world_process_zero or self.training_bar is None:"),
+    ("training", "self.training_bar.write("),
+    ("training", "self.training_bar.write(format_log(state.global_step, state.max_steps, logs))"),
+}
+
+
+def test_only_hf_compat_names_the_libraries_private_surface():
+    found = set()
+    for name, path in modules().items():
+        if name == "hf_compat":
+            continue
+        for line in path.read_text().splitlines():
+            if LIBRARY_SURFACE.search(line):
+                found.add((name, line.split("  #")[0].strip()))
+    assert found - SURFACE_ALLOWED == set()
+
+
+def defined_names(trees) -> set[str]:
+    """Every name the package defines: functions, classes, class attributes, attributes set on self."""
+    names = set()
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            body = node.body if isinstance(node, ast.ClassDef) else [node]
+            for stmt in body:
+                targets = stmt.targets if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
+                for t in targets if isinstance(targets, list) else [targets] if targets else []:
+                    for e in t.elts if isinstance(t, ast.Tuple) else [t]:
+                        if isinstance(e, ast.Name) and isinstance(node, ast.ClassDef):
+                            names.add(e.id)
+                        elif isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id == "self":
+                            names.add(e.attr)
+    return names
+
+
+def private_names_used(tree) -> set[str]:
+    """`x._name`, and `getattr(x, "_name")` and its kin: the private attributes a module reaches for."""
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            used.add(node.attr)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr", "setattr"):
+            if len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+                used.add(node.args[1].value)
+    return {n for n in used if n.startswith("_") and not n.startswith("__")}
+
+
+# other libraries' private names, none of transformers, peft or accelerate, with the reason
+OTHER_PRIVATE = {
+    "_foreach_copy_": "torch's fused list copy (step_graphs), stable across releases",
+    "_foreach_add_": "torch's fused list add (step_graphs), stable across releases",
+    "_instances": "tqdm's open bars, closed when the CLI is interrupted (commands.cli)",
+}
+
+
+def test_no_module_but_hf_compat_reaches_for_another_librarys_private_attribute():
+    """A private attribute used outside hf_compat is one the package defines itself, or one of
+    OTHER_PRIVATE."""
+    trees = {name: ast.parse(path.read_text()) for name, path in modules().items()}
+    ours = defined_names(trees.values()) | set(OTHER_PRIVATE)
+    reached = {name: sorted(private_names_used(tree) - ours) for name, tree in trees.items() if name != "hf_compat"}
+    assert {name: used for name, used in reached.items() if used} == {}

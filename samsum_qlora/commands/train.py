@@ -20,6 +20,7 @@ from samsum_qlora import (
     checkpoints,
     data,
     files,
+    hf_compat,
     layout,
     modeling,
     run_chart,
@@ -117,7 +118,7 @@ def publish_best_so_far(trainer, finish, rt: runtime.Runtime) -> None:
     if not (trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint):
         return
     if rt.is_main:
-        trainer._load_best_model()  # the Trainer's own end-of-run load, from the best checkpoint
+        hf_compat.load_best_model(trainer)  # the Trainer's own end-of-run load, from the best checkpoint
         finish(None)
 
 
@@ -248,7 +249,7 @@ def train_metrics(trainer, result, seconds: float, stats, *, resume_from, traina
         },
         # what the config's "auto" settings chose on this machine
         "chosen": {
-            "dequantize_once": not getattr(trainer.model.get_base_model(), "is_loaded_in_4bit", False),
+            "dequantize_once": not hf_compat.loaded_in_4bit(trainer.model.get_base_model()),
             "gradient_checkpointing": args.gradient_checkpointing,
             "cuda_graphs": args.cuda_graphs,
             "cuda_graphs_captured": len(trainer.graphs.graphs) if trainer.graphs is not None else 0,
