@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from samsum_qlora import chat, hf_compat, layout, runtime
+from samsum_qlora import chat, choices, hf_compat, layout, runtime
 from samsum_qlora.config import Config, LoraArgs, ModelArgs, QuantArgs, TrainArgs
 from samsum_qlora.errors import UserError
 
@@ -379,78 +379,33 @@ def dequantize_base(model, dtype_name: str):
     return model
 
 
-def size(n: int) -> str:
-    """Bytes as a person reads them: GiB, or MiB below a tenth of one."""
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
-
-
-# Activation memory per token, layer and hidden unit of a training step, measured on an H200 with the
-# Llama-3.2-1B shape at 4,096-token batches (docs/performance.md): what `should_checkpoint` expects.
-ACTIVATION_BYTES = {"dequantized": 45, "4-bit": 67}
-
-
-def activation_bytes(model_config, *, in_4bit: bool, tokens: int) -> int:
-    """What a training step of `tokens` keeps for backward, by ACTIVATION_BYTES."""
-    per_unit = ACTIVATION_BYTES["4-bit" if in_4bit else "dequantized"]
-    return tokens * model_config.num_hidden_layers * model_config.hidden_size * per_unit
-
-
-def graphs_fit(activations: int, free: int | None) -> bool:
-    """Room for CUDA graphs of the training step: their memory pool keeps a second batch's
-    activations beside the eager steps' ones, and both must fit in 90% of the free memory."""
-    return free is None or 2 * activations <= 0.9 * free
-
-
-def should_checkpoint(t: TrainArgs, model_config, *, in_4bit: bool, tokens: int, free: int | None) -> tuple[bool, str]:
-    """(recompute activations in backward?, why). `train.gradient_checkpointing` auto: on when a
-    batch of `tokens` would keep more activations than 90% of the memory still free; never on a CPU."""
-    if t.gradient_checkpointing != "auto":
-        return bool(t.gradient_checkpointing), ""
-    if free is None:
-        return False, ""
-    need = activation_bytes(model_config, in_4bit=in_4bit, tokens=tokens)
-    chosen = need > 0.9 * free
-    return chosen, (
-        f"train.gradient_checkpointing=auto: {'on' if chosen else 'off'}, since a batch of {tokens:,} tokens "
-        f"would keep about {size(need)} of activations and {size(free)} is free on the GPU"
-    )
-
-
 def training_model(cfg: Config, tokenizer, t: TrainArgs | None = None):
-    """(the model `train` trains and `bench` times, its TrainArgs with every auto decided): the base as
-    configured, checked against the tokenizer, with fresh LoRA adapters. `t`: this process's TrainArgs
-    (default cfg.train)."""
+    """(the model `train` trains and `bench` times, its TrainArgs with every auto decided, the
+    `choices.Choices` made): the base as configured, checked against the tokenizer, with fresh LoRA
+    adapters. `t`: this process's TrainArgs (default cfg.train)."""
     t = t or cfg.train
     compiling = start_compiling_fused_kernels(cfg.model, cfg.quantization)
     try:
         model = load_model(cfg.model, cfg.quantization, training=True)
-    finally:  # done before the auto choices read the free memory (the first in attach_new_adapters)
+    finally:  # done before the choices read the free memory
         if compiling:  # and before any step runs, or an error ends the process
             compiling.join()
     check_vocabulary(model, tokenizer)
+    q = cfg.quantization
+    dequantized = dequantized_bytes(model, q.bnb_4bit_compute_dtype) if q.load_in_4bit else 0
+    chosen = choices.for_training(
+        cfg, t, model.config, loaded_in_4bit=hf_compat.loaded_in_4bit(model), dequantized=dequantized
+    )
     model = attach_new_adapters(
         model,
         cfg.lora,
-        cfg.quantization,
+        q,
+        dequantize=chosen.dequantize_once,
         gradient_checkpointing=t.gradient_checkpointing is True,
         half_precision=t.bf16 or t.fp16,
     )
-    in_4bit = hf_compat.loaded_in_4bit(model.get_base_model())
-    tokens = t.max_tokens_per_batch or t.per_device_train_batch_size * cfg.data.max_length
-    free = runtime.free_memory()
-    chosen, why = should_checkpoint(t, model.config, in_4bit=in_4bit, tokens=tokens, free=free)
-    if why:
-        runtime.current().say(why)
-    t = dataclasses.replace(t, gradient_checkpointing=chosen)
-    from samsum_qlora import step_graphs  # torch, imported when a model trains
-
-    room = graphs_fit(activation_bytes(model.config, in_4bit=in_4bit, tokens=tokens), free)
-    graphs, why = step_graphs.should_capture(
-        t, cfg.lora.lora_dropout, cuda=runtime.has_cuda(), processes=runtime.current().world_size, room=room
-    )
-    if why:
-        runtime.current().say(why)
-    return model, dataclasses.replace(t, cuda_graphs=graphs)
+    t = dataclasses.replace(t, gradient_checkpointing=chosen.gradient_checkpointing, cuda_graphs=chosen.cuda_graphs)
+    return model, t, chosen
 
 
 def dequantized_bytes(model, dtype_name: str) -> int:
@@ -461,44 +416,22 @@ def dequantized_bytes(model, dtype_name: str) -> int:
     return sum(m.in_features * m.out_features * itemsize for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
 
 
-def should_dequantize(q: QuantArgs, needed: int, free: int | None) -> tuple[bool, str]:
-    """(dequantise the 4-bit base once?, why). `quantization.dequantize_once` auto: yes when the
-    copy takes at most half of the memory still free, so activations keep the other half; always
-    on a CPU (its RAM is not the limit; bitsandbytes' CPU matmuls are)."""
-    if not q.load_in_4bit:
-        return False, ""
-    if q.dequantize_once != "auto":
-        return bool(q.dequantize_once), ""
-    plain = f"{size(needed)} in {q.bnb_4bit_compute_dtype}"
-    if free is None:
-        return True, f"quantization.dequantize_once=auto: the 4-bit base is dequantised once ({plain}; a CPU)"
-    left = f"{size(free)} free on the GPU"
-    if needed <= free / 2:
-        return True, f"quantization.dequantize_once=auto: the 4-bit base is dequantised once ({plain}, {left})"
-    return False, (
-        f"quantization.dequantize_once=auto: the base stays in 4 bits, dequantised at each matmul "
-        f"(a copy would take {plain} of the {left}); slower, but it fits"
-    )
+def dequantize_as_configured(model, q: QuantArgs) -> bool:
+    """Whether `quantization.dequantize_once` (auto: `choices.for_generation`) dequantises this
+    loaded base once."""
+    return q.load_in_4bit and choices.for_generation(q, dequantized_bytes(model, q.bnb_4bit_compute_dtype))
 
 
-def dequantize_if_chosen(model, q: QuantArgs) -> bool:
-    """Dequantise the loaded 4-bit base once when `should_dequantize` says so, saying why when auto
-    chose; returns whether it did."""
-    needed = dequantized_bytes(model, q.bnb_4bit_compute_dtype) if q.load_in_4bit else 0
-    chosen, why = should_dequantize(q, needed, runtime.free_memory())
-    if why:
-        runtime.current().say(why)
-    if chosen:
-        dequantize_base(model, q.bnb_4bit_compute_dtype)
-    return chosen
-
-
-def attach_new_adapters(model, lora: LoraArgs, q: QuantArgs, *, gradient_checkpointing: bool, half_precision: bool):
+def attach_new_adapters(
+    model, lora: LoraArgs, q: QuantArgs, *, dequantize: bool, gradient_checkpointing: bool, half_precision: bool
+):
     """Fresh LoRA adapters on the base: the QLoRA recipe (prepare_model_for_kbit_training on the
-    4-bit model), or on the dequantised copy for the fast path."""
+    4-bit model), or, with `dequantize`, on a dequantised copy for the fast path."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if q.load_in_4bit and not dequantize_if_chosen(model, q):
+    if q.load_in_4bit and dequantize:
+        dequantize_base(model, q.bnb_4bit_compute_dtype)
+    elif q.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -571,7 +504,9 @@ def load_generation_model(m: ModelArgs, q: QuantArgs, adapters: Path | None, *, 
     adapters attached, or merged in, unless scoring the base alone. Attached adapters stay float32,
     as in the tutorial's per-example loop; buffers (RoPE's float32 frequencies) are left alone."""
     model = load_model(m, q, training=False)
-    fast = q.load_in_4bit and dequantize_if_chosen(model, q)
+    fast = dequantize_as_configured(model, q)
+    if fast:
+        dequantize_base(model, q.bnb_4bit_compute_dtype)
     if adapters is not None:
         # Merging into 4-bit weights would requantise them: only a dequantised or plain base merges.
         model = attach_saved_adapters(model, adapters, m.name, merge=merge and (fast or not q.load_in_4bit))

@@ -17,44 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from samsum_qlora.config import TrainArgs
-from samsum_qlora.errors import UserError
-
-
-def should_capture(
-    t: TrainArgs, lora_dropout: float, *, cuda: bool, processes: int, room: bool = True
-) -> tuple[bool, str]:
-    """(capture the step as CUDA graphs?, why). `train.cuda_graphs` auto: on for one CUDA GPU
-    with bucketed shapes and the trained-positions loss, where nothing in a step draws random
-    numbers or recomputes activations, and the GPU has `room` for the graphs' memory pool (a second
-    batch's activations); true asks for it wherever it can run at all."""
-    hard = [
-        (not cuda, "needs a CUDA GPU"),
-        (processes > 1, "does not run under torchrun (DDP reduces gradients during backward)"),
-        (not t.bucket_shapes, "needs train.bucket_shapes=true (a graph per batch shape)"),
-        (not t.trained_logits_only, "needs train.trained_logits_only=true"),
-        (t.fp16, "does not run with train.fp16 (its loss scaling is the Trainer's backward)"),
-    ]
-    soft = [
-        (lora_dropout > 0, "lora.lora_dropout is above 0"),
-        (bool(t.neftune_noise_alpha), "NEFTune is on"),
-        (t.gradient_checkpointing is True, "gradient checkpointing is on"),
-        (not room, "the graphs' memory pool (a second batch's activations) would crowd the GPU"),
-    ]
-    blocker = next((why for applies, why in hard if applies), "")
-    if t.cuda_graphs is False:
-        return False, ""
-    if t.cuda_graphs is True:
-        if blocker:
-            raise UserError(f"train.cuda_graphs=true {blocker}; use --set train.cuda_graphs=auto")
-        return True, ""
-    if not cuda:
-        return False, ""
-    reason = f"it {blocker}" if blocker else next((why for applies, why in soft if applies), "")
-    if reason:
-        return False, f"train.cuda_graphs=auto: off, since {reason}"
-    return True, "train.cuda_graphs=auto: on (each batch shape captured after its first batch)"
-
 
 @dataclass
 class Static:

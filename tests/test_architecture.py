@@ -139,6 +139,14 @@ def test_only_runtime_asks_whether_there_is_a_gpu():
     assert asking == ["runtime"]
 
 
+def test_only_choices_reads_the_free_memory_and_decides():
+    """Decide once: the free GPU memory is read, and an automatic choice made, in choices.py only."""
+    reading = sorted(n for n, p in modules().items() if re.search(r"\bfree_memory\(\)|mem_get_info\(", p.read_text()))
+    assert reading == ["choices", "runtime"]  # runtime defines the read, choices alone calls it
+    deciding = sorted(n for n, p in modules().items() if re.search(r"^def should_\w+\(", p.read_text(), re.M))
+    assert deciding == ["choices"]
+
+
 def test_no_model_family_attribute_outside_the_model_modules():
     """A Llama-only attribute (`.model.norm`, `.model.layers`, `.lm_head`) breaks other families."""
     pattern = re.compile(r"\.model\.(norm|layers|embed_tokens)\b|\.lm_head\b")

@@ -52,10 +52,12 @@ def gpu_cfg(shape_dir, out, **extra):
 def with_adapters(cfg):
     from samsum_qlora import modeling
 
+    base = modeling.load_model(cfg.model, cfg.quantization, training=True)
     return modeling.attach_new_adapters(
-        modeling.load_model(cfg.model, cfg.quantization, training=True),
+        base,
         cfg.lora,
         cfg.quantization,
+        dequantize=modeling.dequantize_as_configured(base, cfg.quantization),
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         half_precision=cfg.train.bf16,
     )

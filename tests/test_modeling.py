@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import REFERENCE, SMOKE_CONFIG, TINY_MODEL, smoke_overrides
 
-from samsum_qlora import modeling
+from samsum_qlora import choices, modeling
 from samsum_qlora.config import Config, ModelArgs, load_config
 from samsum_qlora.errors import UserError
 
@@ -32,10 +32,12 @@ def lora_parameter_count(hidden: int, kv_dim: int, layers: int, r: int, targets)
 
 
 def with_adapters(cfg):
+    base = modeling.load_model(cfg.model, cfg.quantization, training=True)
     return modeling.attach_new_adapters(
-        modeling.load_model(cfg.model, cfg.quantization, training=True),
+        base,
         cfg.lora,
         cfg.quantization,
+        dequantize=modeling.dequantize_as_configured(base, cfg.quantization),
         gradient_checkpointing=False,
         half_precision=False,
     )
@@ -158,14 +160,14 @@ def test_auto_dequantises_only_what_leaves_half_the_free_memory():
 
     auto, gib = QuantArgs(), 2**30
     assert auto.dequantize_once == "auto"
-    chosen, why = modeling.should_dequantize(auto, int(2.3 * gib), int(20 * gib))
+    chosen, why = choices.should_dequantize(auto, int(2.3 * gib), int(20 * gib))
     assert chosen and "dequantised once (2.3 GiB in bfloat16, 20.0 GiB free on the GPU)" in why
-    chosen, why = modeling.should_dequantize(auto, 14 * gib, int(18.5 * gib))
+    chosen, why = choices.should_dequantize(auto, 14 * gib, int(18.5 * gib))
     assert not chosen and "stays in 4 bits" in why
-    assert modeling.should_dequantize(auto, 14 * gib, None)[0]  # a CPU
-    assert modeling.should_dequantize(QuantArgs(dequantize_once=True), 14 * gib, gib) == (True, "")
-    assert modeling.should_dequantize(QuantArgs(dequantize_once="false"), 1, 100 * gib) == (False, "")
-    assert modeling.should_dequantize(QuantArgs(load_in_4bit=False), 1, 100 * gib) == (False, "")
+    assert choices.should_dequantize(auto, 14 * gib, None)[0]  # a CPU
+    assert choices.should_dequantize(QuantArgs(dequantize_once=True), 14 * gib, gib) == (True, "")
+    assert choices.should_dequantize(QuantArgs(dequantize_once="false"), 1, 100 * gib) == (False, "")
+    assert choices.should_dequantize(QuantArgs(load_in_4bit=False), 1, 100 * gib) == (False, "")
 
 
 def test_auto_counts_the_4bit_layers_in_the_compute_dtype(tmp_path):
@@ -211,14 +213,14 @@ def test_auto_checkpointing_turns_on_only_when_activations_would_not_fit():
     assert auto.gradient_checkpointing == "auto"
     llama_8b = SimpleNamespace(num_hidden_layers=32, hidden_size=4096)
     llama_1b = SimpleNamespace(num_hidden_layers=16, hidden_size=2048)
-    on, why = modeling.should_checkpoint(auto, llama_8b, in_4bit=True, tokens=4096, free=int(18.6 * gib))
+    on, why = choices.should_checkpoint(auto, llama_8b, in_4bit=True, tokens=4096, free=int(18.6 * gib))
     assert on and "on, since a batch of 4,096 tokens would keep about 33.5 GiB of activations and 18.6 GiB is" in why
-    off, why = modeling.should_checkpoint(auto, llama_1b, in_4bit=False, tokens=4096, free=21 * gib)
+    off, why = choices.should_checkpoint(auto, llama_1b, in_4bit=False, tokens=4096, free=21 * gib)
     assert not off and "off, since a batch of 4,096 tokens would keep about 5.6 GiB of activations" in why
-    assert modeling.should_checkpoint(auto, llama_1b, in_4bit=False, tokens=4096, free=5 * gib)[0]  # an 8 GB card
-    assert modeling.should_checkpoint(auto, llama_8b, in_4bit=True, tokens=4096, free=None) == (False, "")
+    assert choices.should_checkpoint(auto, llama_1b, in_4bit=False, tokens=4096, free=5 * gib)[0]  # an 8 GB card
+    assert choices.should_checkpoint(auto, llama_8b, in_4bit=True, tokens=4096, free=None) == (False, "")
     forced = TrainArgs(gradient_checkpointing="false")
-    assert modeling.should_checkpoint(forced, llama_8b, in_4bit=True, tokens=4096, free=gib) == (False, "")
+    assert choices.should_checkpoint(forced, llama_8b, in_4bit=True, tokens=4096, free=gib) == (False, "")
 
 
 def test_graphs_get_room_for_a_second_batchs_activations():
@@ -229,18 +231,21 @@ def test_graphs_get_room_for_a_second_batchs_activations():
 
     gib = 2**30
     llama_1b = SimpleNamespace(num_hidden_layers=16, hidden_size=2048)
-    dequantized = modeling.activation_bytes(llama_1b, in_4bit=False, tokens=4096)
-    four_bit = modeling.activation_bytes(llama_1b, in_4bit=True, tokens=4096)
+    dequantized = choices.activation_bytes(llama_1b, in_4bit=False, tokens=4096)
+    four_bit = choices.activation_bytes(llama_1b, in_4bit=True, tokens=4096)
     assert round(dequantized / gib, 1) == 5.6 and round(four_bit / gib, 1) == 8.4  # what auto printed there
-    assert modeling.graphs_fit(dequantized, int(135.1 * gib)) and modeling.graphs_fit(four_bit, int(137.7 * gib))
-    assert not modeling.graphs_fit(dequantized, 9 * gib)
-    assert modeling.graphs_fit(dequantized, None)  # a CPU: nothing to crowd (and no graphs)
+    assert choices.graphs_fit(dequantized, int(135.1 * gib)) and choices.graphs_fit(four_bit, int(137.7 * gib))
+    assert not choices.graphs_fit(dequantized, 9 * gib)
+    assert choices.graphs_fit(dequantized, None)  # a CPU: nothing to crowd (and no graphs)
 
 
 def test_the_training_model_comes_with_its_checkpointing_decided(tmp_path, tokenizer):
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path, **{"train.gradient_checkpointing": "auto"}))
-    model, args = modeling.training_model(cfg, tokenizer)
+    model, args, chosen = modeling.training_model(cfg, tokenizer)
     assert cfg.train.gradient_checkpointing == "auto" and args.gradient_checkpointing is False  # a CPU
+    # the record the run follows: the same choices, each auto one decided (a CPU: the base dequantised)
+    assert (chosen.gradient_checkpointing, chosen.cuda_graphs) == (args.gradient_checkpointing, args.cuda_graphs)
+    assert chosen.dequantize_once is cfg.quantization.load_in_4bit
     assert not model.get_base_model().is_gradient_checkpointing
 
 

@@ -14,7 +14,7 @@ from chat_families import FAMILIES, LORA_TARGETS, build_family
 from conftest import SMOKE_CONFIG, smoke_overrides
 from test_training import encoded, with_adapters
 
-from samsum_qlora import batching, chat, modeling, step_graphs, training
+from samsum_qlora import batching, chat, choices, modeling, training
 from samsum_qlora.chat import IGNORE_INDEX
 from samsum_qlora.config import TrainArgs, load_config
 from samsum_qlora.errors import UserError
@@ -151,8 +151,8 @@ def test_a_bucketed_batch_attends_without_a_mask(tmp_path, tokenizer, sdpa_calls
 
 def test_auto_captures_only_where_a_graph_computes_the_same_step():
     t = TrainArgs()
-    assert step_graphs.should_capture(t, 0.0, cuda=True, processes=1)[0] is True
-    assert step_graphs.should_capture(t, 0.0, cuda=False, processes=1) == (False, "")  # a CPU: silent
+    assert choices.should_capture(t, 0.0, cuda=True, processes=1)[0] is True
+    assert choices.should_capture(t, 0.0, cuda=False, processes=1) == (False, "")  # a CPU: silent
     for changed, dropout, processes, reason in [
         ({}, 0.05, 1, "lora.lora_dropout is above 0"),
         ({"neftune_noise_alpha": 5.0}, 0.0, 1, "NEFTune"),
@@ -164,22 +164,20 @@ def test_auto_captures_only_where_a_graph_computes_the_same_step():
         ({"room": False}, 0.0, 1, "memory pool"),
     ]:
         room = changed.pop("room", True)
-        chosen, why = step_graphs.should_capture(
+        chosen, why = choices.should_capture(
             dataclasses.replace(t, **changed), dropout, cuda=True, processes=processes, room=room
         )
         assert chosen is False and why.startswith("train.cuda_graphs=auto: off") and reason in why
-    assert step_graphs.should_capture(dataclasses.replace(t, cuda_graphs=False), 0.0, cuda=True, processes=1) == (
+    assert choices.should_capture(dataclasses.replace(t, cuda_graphs=False), 0.0, cuda=True, processes=1) == (
         False,
         "",
     )
     forced = dataclasses.replace(t, cuda_graphs=True)
-    assert step_graphs.should_capture(forced, 0.0, cuda=True, processes=1, room=False)[0]  # true: the user's call
-    assert step_graphs.should_capture(
-        dataclasses.replace(forced, neftune_noise_alpha=5.0), 0.0, cuda=True, processes=1
-    )[0]
+    assert choices.should_capture(forced, 0.0, cuda=True, processes=1, room=False)[0]  # true: the user's call
+    assert choices.should_capture(dataclasses.replace(forced, neftune_noise_alpha=5.0), 0.0, cuda=True, processes=1)[0]
     for cuda, processes, message in [(False, 1, "needs a CUDA GPU"), (True, 2, "torchrun")]:
         with pytest.raises(UserError, match=f"train.cuda_graphs=true .*{message}"):
-            step_graphs.should_capture(forced, 0.0, cuda=cuda, processes=processes)
+            choices.should_capture(forced, 0.0, cuda=cuda, processes=processes)
 
 
 # --- the step, and its fallback ---------------------------------------------------------------------

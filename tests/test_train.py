@@ -37,12 +37,14 @@ def test_outputs_a_person_and_eval_can_use(trained_run):
     assert saved["trainable_parameters"] == 7168 and saved["rows"] == 60
     # the smoke config asks auto to dequantise (a CPU: yes) and turns checkpointing off itself
     # and no CUDA graphs (a CPU)
+    reasons = saved["chosen"].pop("reasons")
     assert saved["chosen"] == {
         "dequantize_once": True,
         "gradient_checkpointing": False,
         "cuda_graphs": False,
         "cuda_graphs_captured": 0,
     }
+    assert len(reasons) == 1 and reasons[0].startswith("quantization.dequantize_once=auto: the 4-bit base is dequant")
     info = json.loads((run_dir / "run.json").read_text())
     assert info["model_shape"]["hidden_size"] == 64 and "transformers" in info["versions"]
     assert not list(run_dir.glob(".*staging*"))
@@ -67,10 +69,12 @@ def test_saved_adapters_reload_to_the_same_logits(tmp_path):
 
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     torch.manual_seed(0)
+    base = modeling.load_model(cfg.model, cfg.quantization, training=False)
     peft_model = modeling.attach_new_adapters(
-        modeling.load_model(cfg.model, cfg.quantization, training=False),
+        base,
         cfg.lora,
         cfg.quantization,
+        dequantize=modeling.dequantize_as_configured(base, cfg.quantization),
         gradient_checkpointing=False,
         half_precision=False,
     )

@@ -23,6 +23,7 @@ def with_adapters(cfg):
         base,
         cfg.lora,
         cfg.quantization,
+        dequantize=modeling.dequantize_as_configured(base, cfg.quantization),
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         half_precision=cfg.train.bf16,
     )

@@ -153,7 +153,7 @@ def test_the_loss_of_the_validation_is_the_models_own(tmp_path):
 
     cfg = load_config(SMOKE_CONFIG, smoke_overrides(tmp_path))
     fmt = modeling.chat_format(cfg)
-    model, t = modeling.training_model(cfg, fmt.tokenizer)
+    model, t, _ = modeling.training_model(cfg, fmt.tokenizer)
     columns, _ = fmt.encode_rows(data.load_rows(cfg.data.source, "validation")[:3], progress=False)
     batch = validation.loss_batches(columns, t, fmt.pad_id)[0]
     train_set, collate = training.training_set(t, columns), training.collator(t, fmt.pad_id)
@@ -189,7 +189,7 @@ cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
 fmt = modeling.chat_format(cfg)
 rows, held = validation.split_rows(cfg)
 torch.manual_seed(0)  # the LoRA A weights too
-model, t = modeling.training_model(cfg, fmt.tokenizer)
+model, t, _ = modeling.training_model(cfg, fmt.tokenizer)
 columns, _ = fmt.encode_rows(rows[:8], progress=False)
 validator = validation.Validator(cfg, held, t)
 train_set, collate = training.training_set(t, columns), training.collator(t, fmt.pad_id)

@@ -175,7 +175,7 @@ def time_training(
     )
     runtime.release_memory(reset_peak=True)
     tokenizer = modeling.load_tokenizer(cfg.model)
-    model, train_args = modeling.training_model(cfg, tokenizer)
+    model, train_args, _ = modeling.training_model(cfg, tokenizer)
     clock, counting = Clock(), Counting(training.collator(train_args, chat.pad_id(tokenizer)))
     trainer = training.build_trainer(train_args, model, train_set, counting, workdir / "ckpt", [clock])
     trainer.train()
@@ -228,10 +228,12 @@ def first_epoch(warm: Timed, tokens_per_s: float, epoch_tokens: int) -> dict:
 def random_adapters(cfg: Config, out: Path) -> Path:
     """Adapters with an effect (B != 0), saved, so eval's loading path reads them like real ones."""
     torch.manual_seed(0)
+    base = modeling.load_model(cfg.model, cfg.quantization, training=False)
     model = modeling.attach_new_adapters(
-        modeling.load_model(cfg.model, cfg.quantization, training=False),
+        base,
         cfg.lora,
         cfg.quantization,
+        dequantize=modeling.dequantize_as_configured(base, cfg.quantization),
         gradient_checkpointing=False,
         half_precision=False,
     )

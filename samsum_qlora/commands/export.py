@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from samsum_qlora import chat, files, gguf_export, layout, model_card, modeling
+from samsum_qlora import chat, choices, files, gguf_export, layout, model_card, modeling
 from samsum_qlora.config import Config, with_overrides
 from samsum_qlora.errors import UserError
 
@@ -83,8 +83,8 @@ def convert_all(converter, merged: Path, staging: Path, outtypes: list[str], fmt
     free = shutil.disk_usage(staging).free
     if needed > free:
         raise UserError(
-            f"no room for the GGUFs in {staging.parent}: they need about {modeling.size(needed)}, "
-            f"{modeling.size(free)} is free"
+            f"no room for the GGUFs in {staging.parent}: they need about {choices.size(needed)}, "
+            f"{choices.size(free)} is free"
         )
     # the template inside the GGUF opens with the trained instruction as its default
     template = gguf_export.with_default_instruction(

@@ -18,6 +18,7 @@ from pathlib import Path
 from samsum_qlora import (
     chat,
     checkpoints,
+    choices,
     data,
     files,
     hf_compat,
@@ -25,7 +26,6 @@ from samsum_qlora import (
     modeling,
     run_chart,
     runtime,
-    step_graphs,
     tracking,
     training,
     validation,
@@ -62,7 +62,7 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
     validator = validation_set(cfg, validation_rows, train_args, rt)
 
     # --- model: the 4-bit base, then fresh LoRA adapters ---
-    model, train_args = modeling.training_model(cfg, fmt.tokenizer, train_args)
+    model, train_args, chosen = modeling.training_model(cfg, fmt.tokenizer, train_args)
     trainable, total = model.get_nb_trainable_parameters()
     rt.say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
@@ -85,6 +85,7 @@ def _train(cfg: Config, run: RunDir, rt: runtime.Runtime, *, overwrite: bool, re
         resume_from=resume_from,
         trainable=trainable,
         args=train_args,
+        chosen=chosen,
     )
     try:
         result = fit(trainer, stop, run, resume_from, rt)
@@ -130,7 +131,7 @@ def start_point(
 
     training.check_precision(cfg.train, runtime.has_cuda(), is_torch_bf16_available_on_device("cpu"))
     # refuses train.cuda_graphs=true where graphs cannot run, before the data and the model load
-    step_graphs.should_capture(cfg.train, cfg.lora.lora_dropout, cuda=runtime.has_cuda(), processes=rt.world_size)
+    choices.should_capture(cfg.train, cfg.lora.lora_dropout, cuda=runtime.has_cuda(), processes=rt.world_size)
     resume_from = checkpoints.start_point(run, config_tree, overwrite=overwrite, resume=resume, warn=rt.say)
     if resume_from is None and rt.is_main:
         shutil.rmtree(run.checkpoints, ignore_errors=True)  # an earlier run's: they must not mix with ours
@@ -221,7 +222,7 @@ def check_finite(model, learning_rate: float) -> None:
         )
 
 
-def train_metrics(trainer, result, seconds: float, stats, *, resume_from, trainable: int, args) -> dict:
+def train_metrics(trainer, result, seconds: float, stats, *, resume_from, trainable: int, args, chosen) -> dict:
     """What train_metrics.json holds; `result` None: the run was stopped (by a signal) before its end."""
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     whole_run = training.run_loss(trainer.state.log_history)
@@ -247,11 +248,9 @@ def train_metrics(trainer, result, seconds: float, stats, *, resume_from, traina
             "max_tokens_per_batch": args.max_tokens_per_batch,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
         },
-        # what the config's "auto" settings chose on this machine
+        # what the config's "auto" settings chose on this machine, and why (choices.decide)
         "chosen": {
-            "dequantize_once": not hf_compat.loaded_in_4bit(trainer.model.get_base_model()),
-            "gradient_checkpointing": args.gradient_checkpointing,
-            "cuda_graphs": args.cuda_graphs,
+            **chosen.record(),
             "cuda_graphs_captured": len(trainer.graphs.graphs) if trainer.graphs is not None else 0,
         },
     }
