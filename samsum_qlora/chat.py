@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from samsum_qlora import files
 from samsum_qlora.errors import UserError
 
 if TYPE_CHECKING:
@@ -47,14 +48,7 @@ def read_template(value: str) -> str:
     path = Path(value).expanduser()
     if not path.is_file():
         raise UserError(f"model.chat_template: {value} is not a file; give a .jinja file or the template's text")
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(
-            f"model.chat_template: {path} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save it as UTF-8"
-        ) from None
+    return files.utf8_text(path.read_bytes(), f"model.chat_template: {path}")
 
 
 def build_messages(

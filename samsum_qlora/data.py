@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samsum_qlora import layout
+from samsum_qlora import files, layout
 from samsum_qlora.errors import UserError
 
 REQUIRED_COLUMNS = ("dialogue", "summary")
@@ -105,13 +105,7 @@ def _text(path: Path) -> str:
 
 
 def _decode(raw: bytes, where: Path | str) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(
-            f"{where} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save the file as UTF-8"
-        ) from None
+    return files.utf8_text(raw, str(where), bom=True)  # a BOM, as spreadsheet programs write, is no text
 
 
 def read_records(path: Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict[str, Any]]:

@@ -151,6 +151,16 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def utf8_text(raw: bytes, where: str, *, bom: bool = False) -> str:
+    """`raw` as UTF-8 text (`bom`: a leading byte-order mark dropped); else a one-line error naming
+    `where` and the line of the first bad byte."""
+    try:
+        return raw.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{where} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save it as UTF-8") from None
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Complete lines only: a line cut off by a crash is dropped. Lines end at "\\n" alone: write_jsonl
     leaves U+2028, U+0085 and the like unescaped inside strings, where splitlines() would cut."""

@@ -80,7 +80,7 @@ def test_json_array_file(tmp_path):
 def test_non_utf8_file_names_the_line_and_encoding(tmp_path):
     good = json.dumps({"dialogue": "A: hi", "summary": "s"}).encode()
     (tmp_path / "train.jsonl").write_bytes(good + b"\n" + good + b"\n" + b'{"dialogue": "caf\xe9", "summary": "s"}\n')
-    with pytest.raises(UserError, match=r"train.jsonl line 3 is not UTF-8 \(byte 0xe9\): save the file as UTF-8"):
+    with pytest.raises(UserError, match=r"train.jsonl line 3 is not UTF-8 \(byte 0xe9\): save it as UTF-8"):
         data.load_rows(str(tmp_path), "train")
     (tmp_path / "train.jsonl").unlink()
     (tmp_path / "train.csv").write_bytes(b"id,dialogue,summary\n1,\xff\xfe,s\n")
