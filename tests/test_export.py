@@ -324,24 +324,6 @@ def test_smollm2_modelfile_and_card(smollm2_export):
 PROOF_ROWS = 50
 
 
-def llama_cpp_summaries(gguf: Path, fmt: chat.ChatFormat, dialogues: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy decoding by llama.cpp from the very prompt ids eval feeds the merged model."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf), n_ctx=fmt.max_length + max_new_tokens, n_threads=2, verbose=False)
-    summaries = []
-    for dialogue in dialogues:
-        new = []
-        for token in llm.generate(fmt.prompt(dialogue), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-            if token in fmt.stop_ids:
-                break
-            new.append(token)
-            if len(new) == max_new_tokens:
-                break
-        summaries.append(fmt.decode(new))
-    return summaries
-
-
 @pytest.fixture(scope="module")
 def llama_cpp():
     """Skips before the expensive fixtures: building llama.cpp on install takes ~22 min on 2 cores."""
@@ -391,7 +373,7 @@ def test_llama_cpp_summarises_as_the_merged_model(llama_cpp, smollm2_export, mer
     merged_cfg, records = merged_predictions
     fmt = modeling.chat_format(merged_cfg)
     ours = [r["prediction"] for r in records]
-    theirs = llama_cpp_summaries(out / f"model-{outtype}.gguf", fmt, [r["dialogue"] for r in records], 64)
+    theirs = gguf_export.llama_cpp_summaries(out / f"model-{outtype}.gguf", fmt, [r["dialogue"] for r in records], 64)
     same = sum(a == b for a, b in zip(ours, theirs))
     references = [r["reference"] for r in records]
     r1_ours, r1_theirs = (100 * rouge(texts, references)["rouge1"] for texts in (ours, theirs))
