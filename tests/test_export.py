@@ -359,8 +359,13 @@ def merged_predictions(smollm2_export, tmp_path_factory):
         "f32",
         "f16",
         "bf16",
-        # the target is not met yet: ROUGE-1 1.00 off with these random adapters (0.34 with trained ones)
-        pytest.param("q8_0", marks=pytest.mark.xfail(strict=True, reason="q8_0 is over 0.3 ROUGE-1 off")),
+        # Not met on 50 rows: ROUGE-1 1.00 off with these random adapters, 0.34 with trained ones, which
+        # are 0.59 off on 200 rows and 0.09 on 400, 95% of resamples within -0.53..0.68 there
+        # (docs/gguf-proof.py): 0.3 is inside the rows' own spread, and 400 rows take ~25 min here.
+        pytest.param(
+            "q8_0",
+            marks=pytest.mark.xfail(strict=True, reason="q8_0 is over 0.3 ROUGE-1 off on these 50 rows (1.00)"),
+        ),
     ],
 )
 def test_llama_cpp_summarises_as_the_merged_model(llama_cpp, smollm2_export, merged_predictions, outtype):
