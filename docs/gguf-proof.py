@@ -16,10 +16,10 @@
    embedding at q8_0; and the q8_0 file's weights, dequantised by transformers, go through eval's
    float32 path (q8_0 weights without llama.cpp's 8-bit activations).
 
-Everything lands in --out: results.json holds every figure, summaries-*.json llama.cpp's summaries in
-the order of eval's predictions.jsonl. A script, not a test: with 200 rows it
-runs for about half an hour on one CPU core, and what it yields is a measurement to read, not a
-pass/fail (tests/test_export.py holds the pass/fail proof on 50 rows).
+Everything lands in --out: results.json holds every figure, summaries-*.json llama.cpp's summaries
+in the order of eval's predictions.jsonl. A script, not a test: with 400 rows it ran for an hour on
+one core of a shared 2-core CPU, and what it yields is a measurement to read, not a pass/fail
+(tests/test_export.py holds the pass/fail proof on 50 rows).
 """
 
 from __future__ import annotations
