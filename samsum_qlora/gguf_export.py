@@ -22,9 +22,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from samsum_qlora import files
 from samsum_qlora.errors import UserError
+
+if TYPE_CHECKING:
+    from samsum_qlora.chat import ChatFormat
 
 OUTTYPES = ("f16", "bf16", "q8_0", "f32")  # llama.cpp's converter writes these itself, no quantize binary needed
 BYTES_PER_WEIGHT = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "f32": 4.0}  # q8_0: 32 int8 weights + one f16 scale
@@ -171,6 +175,27 @@ def read_back(path: Path) -> dict:
         "file_type": value("general.file_type"),
         "tensors": len(reader.tensors),
     }
+
+
+def llama_cpp_summaries(
+    gguf: Path, fmt: ChatFormat, dialogues: list[str], max_new_tokens: int, *, threads: int = 2
+) -> list[str]:
+    """llama.cpp's own greedy summaries (through llama-cpp-python, not a dependency of the package)
+    from the very prompt ids eval feeds the merged model: how a GGUF is checked against its source."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=fmt.max_length + max_new_tokens, n_threads=threads, verbose=False)
+    summaries = []
+    for dialogue in dialogues:
+        new = []
+        for token in llm.generate(fmt.prompt(dialogue), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            if token in fmt.stop_ids:
+                break
+            new.append(token)
+            if len(new) == max_new_tokens:
+                break
+        summaries.append(fmt.decode(new))
+    return summaries
 
 
 def check_end_of_turn(meta: dict, end_of_turn: int, text: str) -> None:

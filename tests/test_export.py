@@ -324,24 +324,6 @@ def test_smollm2_modelfile_and_card(smollm2_export):
 PROOF_ROWS = 50
 
 
-def llama_cpp_summaries(gguf: Path, fmt: chat.ChatFormat, dialogues: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy decoding by llama.cpp from the very prompt ids eval feeds the merged model."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf), n_ctx=fmt.max_length + max_new_tokens, n_threads=2, verbose=False)
-    summaries = []
-    for dialogue in dialogues:
-        new = []
-        for token in llm.generate(fmt.prompt(dialogue), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-            if token in fmt.stop_ids:
-                break
-            new.append(token)
-            if len(new) == max_new_tokens:
-                break
-        summaries.append(fmt.decode(new))
-    return summaries
-
-
 @pytest.fixture(scope="module")
 def llama_cpp():
     """Skips before the expensive fixtures: building llama.cpp on install takes ~22 min on 2 cores."""
@@ -377,8 +359,13 @@ def merged_predictions(smollm2_export, tmp_path_factory):
         "f32",
         "f16",
         "bf16",
-        # the target is not met yet: ROUGE-1 1.00 off with these random adapters (0.34 with trained ones)
-        pytest.param("q8_0", marks=pytest.mark.xfail(strict=True, reason="q8_0 is over 0.3 ROUGE-1 off")),
+        # Not met on 50 rows: ROUGE-1 1.00-1.38 off with these random adapters, 0.34 with trained ones, which
+        # are 0.59 off on 200 rows and 0.09 on 400, 95% of resamples within -0.53..0.68 there
+        # (docs/gguf-proof.py): 0.3 is inside the rows' own spread, and 400 rows take ~25 min here.
+        pytest.param(
+            "q8_0",
+            marks=pytest.mark.xfail(strict=True, reason="q8_0 is over 0.3 ROUGE-1 off on these 50 rows (1.00-1.38)"),
+        ),
     ],
 )
 def test_llama_cpp_summarises_as_the_merged_model(llama_cpp, smollm2_export, merged_predictions, outtype):
@@ -391,14 +378,14 @@ def test_llama_cpp_summarises_as_the_merged_model(llama_cpp, smollm2_export, mer
     merged_cfg, records = merged_predictions
     fmt = modeling.chat_format(merged_cfg)
     ours = [r["prediction"] for r in records]
-    theirs = llama_cpp_summaries(out / f"model-{outtype}.gguf", fmt, [r["dialogue"] for r in records], 64)
+    theirs = gguf_export.llama_cpp_summaries(out / f"model-{outtype}.gguf", fmt, [r["dialogue"] for r in records], 64)
     same = sum(a == b for a, b in zip(ours, theirs))
     references = [r["reference"] for r in records]
     r1_ours, r1_theirs = (100 * rouge(texts, references)["rouge1"] for texts in (ours, theirs))
     print(f"{outtype}: {same} of {len(ours)} summaries identical; ROUGE-1 {r1_theirs:.2f} against {r1_ours:.2f}")
     assert len(ours) == PROOF_ROWS
     # These random adapters ramble to the token limit, so one differing summary moves ROUGE-1 by ~0.5:
-    # token identity is the steadier measure. Measured here: f32 49-50, f16 48-49, bf16 37-44 of 50
+    # token identity is the steadier measure. Measured here: f32 49-50, f16 47-49, bf16 37-44 of 50
     # (float32 sums taken in llama.cpp's order flip a rare near tie even at f32).
     if outtype in ("f32", "f16"):  # f16: 11 bits of mantissa
         assert same >= 0.9 * len(ours)
