@@ -81,8 +81,16 @@ def _config(config_path, overrides, extra: dict | None = None, *, adapters: str 
     return cfg
 
 
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def config_option_with(help: str):
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False), help=help)
+
+
+config_option = config_option_with(CONFIG_HELP)
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+# merge and export: the adapters a new folder is made from
+from_adapters_option = click.option(
+    "--adapters", required=True, type=click.Path(path_type=Path), help="LoRA adapters folder."
+)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -283,14 +291,9 @@ def report(dirs, out_dir, html):
 
 
 @main.command(short_help="Merge LoRA adapters into the base weights and save a plain model.")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="YAML config naming the base model (default: the adapters' adapter_config.json).",
-)
+@config_option_with("YAML config naming the base model (default: the adapters' adapter_config.json).")
 @set_option
-@click.option("--adapters", required=True, type=click.Path(path_type=Path), help="LoRA adapters folder.")
+@from_adapters_option
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="New folder for the merged model."
 )
@@ -314,14 +317,11 @@ def merge(config_path, overrides, adapters, out_dir, dtype):
 
 
 @main.command(short_help="Merge adapters into GGUF files for llama.cpp and Ollama, with a model card.")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="YAML config (default: the run's config.yaml beside the adapters, else their adapter_config.json's base).",
+@config_option_with(
+    "YAML config (default: the run's config.yaml beside the adapters, else their adapter_config.json's base)."
 )
 @set_option
-@click.option("--adapters", required=True, type=click.Path(path_type=Path), help="LoRA adapters folder.")
+@from_adapters_option
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="New folder for the export.")
 @click.option(
     "--outtype",
