@@ -29,7 +29,7 @@ import urllib.request
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from samsum_qlora import runtime
+from samsum_qlora import files
 from samsum_qlora.chat import build_messages
 from samsum_qlora.config import ApiArgs, Config, EvalArgs
 from samsum_qlora.errors import UserError
@@ -322,7 +322,7 @@ def _gather(futures: dict[Future, int], save: Save, stop: threading.Event, desc:
         answer, used, retries = future.result()
         # Whole or not at all: a Ctrl-C between the write and the mark would lose a paid answer
         # (marked, never written) or save it twice (written, not marked).
-        with runtime.interrupts_deferred():
+        with files.signals_wait():
             save([futures[future]], [answer])
             saved.add(future)
             for k in USAGE_KEYS:

@@ -95,7 +95,7 @@ def write_all_or_none(contents: dict[Path, bytes]) -> None:
         for path, data in contents.items():
             staged[path] = path.with_name(f".{path.name}.pending")
             write_bytes(staged[path], data)
-        with _signals_wait():  # a Ctrl-C must not land between two renames
+        with signals_wait():  # a Ctrl-C must not land between two renames
             for path, temporary in staged.items():
                 os.replace(temporary, path)
     finally:
@@ -104,9 +104,10 @@ def write_all_or_none(contents: dict[Path, bytes]) -> None:
 
 
 @contextlib.contextmanager
-def _signals_wait() -> Iterator[None]:
-    """Ctrl-C and SIGTERM that arrive during the block (a few renames) act when it ends. (Blocking
-    them with a signal mask would not do: another thread of the process would take them.)"""
+def signals_wait() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive during the block (a few renames, a write and its mark) act
+    when it ends. (Blocking them with a signal mask would not do: another thread of the process
+    would take them.)"""
     import threading
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread handles them

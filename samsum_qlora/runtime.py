@@ -138,32 +138,6 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C or SIGTERM arriving inside the block takes effect when it ends: a few lines that
-    must run whole (write a paid answer, then mark it written) are not cut between the two."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
-        yield
-        return
-    pending: list[int] = []
-    kinds = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in kinds}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if pending:
-            handler = previous[pending[0]]
-            if callable(handler):
-                handler(pending[0], None)
-            else:
-                signal.raise_signal(pending[0])
-
-
 # --- the processes ---------------------------------------------------------------------------------
 
 
