@@ -201,6 +201,9 @@ for name, p in model.named_parameters():
 metrics = trainer.evaluate()
 out = os.path.join(cfg.train.output_dir, "metrics-rank" + os.environ.get("RANK", "0") + ".json")
 open(out, "w").write(json.dumps(metrics))
+if torch.distributed.is_initialized():  # gloo's threads left running at exit abort the process (seen in CI)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
